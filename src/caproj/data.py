@@ -1,0 +1,340 @@
+"""Datasets as tensors.
+
+`load_data(spec)` turns a spec into train/test splits of uint8 image tensors (N, C, H, W):
+- `digits`: scikit-learn's bundled 8x8 handwritten digits (offline; the demo's default);
+- `cifar10`: torchvision's CIFAR10, downloaded into the cache dir;
+- a directory in ImageFolder layout with `train/` and `test/` (or `val/`) splits;
+- a `.tar.gz`/`.tgz`/`.tar`/`.zip` archive of such a directory, decoded once into the cache.
+
+Decoded images are cached as one `.pt` file per source, so a second load is a single read.
+`Batches` iterates over tensor-resident data; augmentation (random crop with zero padding and
+horizontal flip, fresh randomness per sample) runs on whole batches, not per-sample PIL calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from caproj.errors import CaprojError
+from caproj.utils import atomic_save
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("CAPROJ_CACHE", Path.home() / ".cache" / "caproj"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass
+class Splits:
+    """Train/test images (uint8, N×C×H×W), labels, and how to normalise/augment them."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    flip: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "classes": self.classes, "mean": list(self.mean),
+                "std": list(self.std), "train": len(self.train_y), "test": len(self.test_y)}
+
+
+# ----------------------------------------------------------------------------- sources
+def load_data(spec: str, image_size: int | None = None) -> Splits:
+    """Resolve a data spec (see module doc) into Splits. Raises CaprojError on bad input."""
+    if spec == "digits":
+        return _digits()
+    if spec == "cifar10":
+        return _cifar10()
+    p = Path(spec)
+    if not p.exists():
+        raise CaprojError(f"data not found: {spec!r} (give 'digits', 'cifar10', an ImageFolder "
+                          f"directory with train/ and test/, or an archive of one)")
+    if p.is_dir():
+        return _cached(p, image_size, lambda: _read_folder_tree(_FsTree(p), image_size, spec))
+    if p.name.endswith(ARCHIVE_SUFFIXES):
+        return _cached(p, image_size, lambda: _read_folder_tree(_ArchiveTree(p), image_size, spec))
+    raise CaprojError(f"unsupported data file {spec!r}: expected a directory or one of "
+                      f"{', '.join(ARCHIVE_SUFFIXES)}")
+
+
+def _digits() -> Splits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    g = torch.Generator().manual_seed(0)  # fixed split, independent of the run's seed
+    perm = torch.randperm(len(y), generator=g)
+    n_test = len(y) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    xf = x[tr].float() / 255
+    return Splits("digits", x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)],
+                  (xf.mean().item(),), (xf.std().item(),), crop_padding=1, flip=False)
+
+
+def _cifar10() -> Splits:
+    import torchvision
+
+    root = cache_dir() / "cifar10"
+    try:
+        tr = torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        te = torchvision.datasets.CIFAR10(str(root), train=False, download=True)
+    except Exception as e:  # URLError, socket errors, checksum failures
+        raise CaprojError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: "
+                          f"{str(e)[:120]}); offline? pass a local ImageFolder directory or "
+                          f"archive with --data instead") from None
+
+    def conv(ds: torchvision.datasets.CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor(ds.targets, dtype=torch.int64))
+
+    (trx, tr_y), (tex, te_y) = conv(tr), conv(te)
+    return Splits("cifar10", trx, tr_y, tex, te_y, list(tr.classes), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _cached(src: Path, image_size: int | None, build) -> Splits:
+    h = hashlib.sha256(f"{src.resolve()}|{image_size}|{CACHE_VERSION}".encode())
+    # A directory's fingerprint covers every file below it, not just the top folder's mtime.
+    for f in sorted(src.rglob("*")) if src.is_dir() else [src]:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    key = h.hexdigest()[:16]
+    f = cache_dir() / "tensors" / f"{src.name.split('.')[0]}-{key}.pt"
+    if f.is_file():
+        try:
+            d = torch.load(f, weights_only=True)
+            return Splits(**d)
+        except Exception:
+            f.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt, never trusted
+    splits = build()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(splits.__dict__, f)
+    return splits
+
+
+class _FsTree:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = [str(q.relative_to(root)).replace(os.sep, "/")
+                      for q in sorted(root.rglob("*")) if q.is_file()]
+        self.dirs = {str(q.relative_to(root)).replace(os.sep, "/")
+                     for q in root.rglob("*") if q.is_dir()}
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+
+class _ArchiveTree:
+    """Read members straight from a tar/zip: no 60k small files on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._blobs: dict[str, bytes] = {}
+        try:
+            if path.name.endswith(".zip"):
+                with zipfile.ZipFile(path) as z:
+                    for info in z.infolist():
+                        if not info.is_dir():
+                            self._blobs[info.filename] = z.read(info)
+            else:
+                with tarfile.open(path) as t:
+                    for m in t:
+                        if m.isfile():
+                            fh = t.extractfile(m)
+                            if fh is not None:
+                                self._blobs[m.name] = fh.read()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+            raise CaprojError(f"cannot read archive {path}: {e}") from None
+        # Strip a single common top-level folder (e.g. cifar10/train/... -> train/...).
+        names = [n.lstrip("./") for n in self._blobs]
+        tops = {n.split("/", 1)[0] for n in names}
+        strip = len(tops) == 1 and all("/" in n for n in names) and \
+            not {"train", "test", "val"} & tops
+        self._blobs = {(n.lstrip("./").split("/", 1)[1] if strip else n.lstrip("./")): b
+                       for n, b in self._blobs.items()}
+        self.files = sorted(self._blobs)
+        self.dirs = {"/".join(f.split("/")[:i]) for f in self.files
+                     for i in range(1, f.count("/") + 1)}
+
+    def read(self, rel: str) -> bytes:
+        return self._blobs[rel]
+
+
+def _read_folder_tree(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str) -> Splits:
+    test_name = "test" if "test" in tree.dirs else "val" if "val" in tree.dirs else None
+    if "train" not in tree.dirs or test_name is None:
+        raise CaprojError(f"{spec}: expected ImageFolder splits train/ and test/ (or val/), "
+                          f"found top-level: {sorted(d for d in tree.dirs if '/' not in d)[:8]}")
+    classes = sorted(d.split("/")[1] for d in tree.dirs if d.startswith("train/") and
+                     d.count("/") == 1)
+    if not classes:
+        raise CaprojError(f"{spec}: train/ has no class folders")
+    if len(classes) < 2:
+        raise CaprojError(f"{spec}: train/ has only one class ({classes[0]!r}); "
+                          f"classification needs at least two")
+    test_classes = sorted(d.split("/")[1] for d in tree.dirs
+                          if d.startswith(f"{test_name}/") and d.count("/") == 1)
+    if test_classes != classes:
+        extra = sorted(set(test_classes) ^ set(classes))
+        raise CaprojError(f"{spec}: class folders of train/ and {test_name}/ differ: {extra[:5]}")
+    out = []
+    for split in ("train", test_name):
+        xs, ys = [], []
+        for ci, c in enumerate(classes):
+            files = [f for f in tree.files if f.startswith(f"{split}/{c}/")
+                     and f.lower().endswith(IMG_EXTENSIONS)]
+            if not files:
+                raise CaprojError(f"{spec}: class folder {split}/{c}/ has no images")
+            for f in files:
+                xs.append(_decode(tree.read(f), f, image_size))
+                ys.append(ci)
+        shapes = {x.shape for x in xs}
+        if len(shapes) > 1:
+            raise CaprojError(f"{spec}: images in {split}/ have different sizes "
+                              f"({sorted(shapes)[:3]}...); pass --image-size N to resize")
+        out.append((torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
+                    torch.tensor(ys, dtype=torch.int64)))
+    (trx, tr_y), (tex, te_y) = out
+    if trx.shape[1:] != tex.shape[1:]:
+        raise CaprojError(f"{spec}: train images are {tuple(trx.shape[1:])}, "
+                          f"{test_name} images {tuple(tex.shape[1:])}; pass --image-size N")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if trx.shape[1] == 3 else ((0.5,), (0.5,))
+    pad = 4 if trx.shape[-1] <= 64 else 0  # CIFAR-style crop padding for small images
+    return Splits(Path(spec).name, trx, tr_y, tex, te_y, classes, mean, std, crop_padding=pad)
+
+
+def _decode(blob: bytes, name: str, image_size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im = im.convert("RGB")
+            if image_size is not None:
+                w, h = im.size
+                s = image_size / min(w, h)
+                im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))),
+                               Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - image_size) // 2, (h - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise CaprojError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- batches
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop of a zero-padded batch, as one gather (x: N×C×H×W, any dtype)."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    ni = torch.arange(n, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[ni, ci, rows, cols]
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(mask, x.flip(3), x)
+
+
+class Batches:
+    """Iterate (images float32 normalised, labels) over tensor-resident data.
+
+    Shuffling and augmentation draw from a generator seeded with (seed, epoch), so an epoch's
+    batches are a pure function of the seed and the epoch number (what resume relies on).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *,
+                 train: bool = False, crop_padding: int = 0, flip: bool = False, seed: int = 0,
+                 device: torch.device | str = "cpu", drop_last: bool = False,
+                 channels_last: bool = False) -> None:
+        if len(y) == 0:
+            raise CaprojError("dataset split is empty")
+        if batch_size < 1:
+            raise CaprojError(f"batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.crop_padding, self.flip = crop_padding, flip
+        self.drop_last = drop_last and len(y) >= batch_size
+        self.channels_last = channels_last
+        self.epoch = 0
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(std, device=self.device).view(shape) * 255
+
+    @classmethod
+    def train_of(cls, s: Splits, batch_size: int, **kw) -> Batches:
+        return cls(s.train_x, s.train_y, batch_size, s.mean, s.std, train=True,
+                   crop_padding=s.crop_padding, flip=s.flip, drop_last=True, **kw)
+
+    @classmethod
+    def test_of(cls, s: Splits, batch_size: int = 500, **kw) -> Batches:
+        return cls(s.test_x, s.test_y, batch_size, s.mean, s.std, **kw)
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def normalise(self, xb: torch.Tensor) -> torch.Tensor:
+        out = (xb.float() - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if order is None:
+                xb, yb = self.x[sl], self.y[sl]
+            else:
+                idx = order[sl]
+                xb, yb = self.x[idx], self.y[idx]
+                xb = random_crop(xb, self.crop_padding, gen)
+                if self.flip:
+                    xb = random_flip(xb, gen)
+            yield self.normalise(xb), yb

@@ -1,0 +1,311 @@
+"""Model zoo and checkpoints.
+
+Plain nn.Modules in the style of torchvision's model files:
+- CIFAR ResNet-20/32/44/56/110 (He et al. 2016, "option A" zero-padding shortcuts), the same
+  parameter names as akamaster/pytorch_resnet_cifar10 so its checkpoints load directly;
+- CIFAR VGG-16-BN;
+- `digits-cnn`, the small network of `caproj demo`;
+- any torchvision classification model as `tv:<name>` (e.g. `tv:resnet18`).
+
+Checkpoints: `read_checkpoint` accepts `{"state_dict": {...}}` (with or without DataParallel's
+`module.` prefix), a plain state_dict, or caproj's own format (architecture and, for compressed
+models, the narrower layer shapes inside). Always `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caproj.errors import CaprojError
+
+CHECKPOINT_FORMAT = "caproj-checkpoint-v1"
+
+
+# ----------------------------------------------------------------------------- CIFAR ResNet
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad `pad` channels on each side (no params)."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}"
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = PadShortcut(planes // 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise CaprojError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        widths, in_planes = [], 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            widths.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = widths
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(torch.flatten(self.pool(out), 1))
+
+
+# ----------------------------------------------------------------------------- CIFAR VGG
+VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                              512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+class CifarVGG(nn.Module):
+    """VGG-16 with BatchNorm for 32x32 inputs: 13 convs, 5 max-pools, one linear head."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3,
+                 cfg: list[int | str] | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in cfg or VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False),
+                           nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c = int(v)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# ----------------------------------------------------------------------------- demo CNN
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 digits (the demo): three conv-BN-ReLU layers and a linear head."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+# ----------------------------------------------------------------------------- registry
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    return lambda num_classes=10, in_channels=3: CifarResNet(depth, num_classes, in_channels)
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
+    "vgg16_bn": lambda num_classes=10, in_channels=3: CifarVGG(num_classes, in_channels),
+    "digits-cnn": lambda num_classes=10, in_channels=1: DigitsCNN(num_classes, in_channels),
+}
+
+# Input shape (C, H, W) each architecture is measured at by default.
+DEFAULT_INPUT = {"digits-cnn": (1, 8, 8)}
+
+
+def default_input_shape(arch: str) -> tuple[int, int, int]:
+    if arch in DEFAULT_INPUT:
+        return DEFAULT_INPUT[arch]
+    return (3, 224, 224) if arch.startswith("tv:") else (3, 32, 32)
+
+
+def list_archs() -> list[str]:
+    return sorted(ARCHS) + ["tv:<torchvision model name>"]
+
+
+def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+    if num_classes < 1:
+        raise CaprojError(f"num_classes must be >= 1, got {num_classes}")
+    if arch.startswith("tv:"):
+        import torchvision
+
+        name = arch[3:]
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise CaprojError(f"unknown torchvision classification model {name!r} "
+                              f"(see torchvision.models.list_models())")
+        if in_channels not in (None, 3):
+            raise CaprojError(f"{arch} takes 3 input channels, data has {in_channels}")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if arch not in ARCHS:
+        raise CaprojError(f"unknown architecture {arch!r}; choose one of: "
+                          f"{', '.join(list_archs())}")
+    kw: dict[str, Any] = {"num_classes": num_classes}
+    if in_channels is not None:
+        kw["in_channels"] = in_channels
+    return ARCHS[arch](**kw)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint safely and return {"state_dict": ..., plus caproj metadata if any}."""
+    p = Path(path)
+    if not p.is_file():
+        raise CaprojError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt/truncated/pickled files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaprojError(f"cannot read checkpoint {p}: not a valid weights-only PyTorch file "
+                          f"({msg[:160]})") from None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        raise CaprojError(f"checkpoint {p} holds no state_dict (expected a dict of tensors or "
+                          f"{{'state_dict': ...}})")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CaprojError(f"checkpoint {p}: state_dict contains non-tensor values")
+    return {"state_dict": sd}
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
+    """Raise a one-line error naming the first key/shape that does not fit `model`."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            if k.endswith("num_batches_tracked"):
+                continue
+            raise CaprojError(f"checkpoint does not fit {arch}: missing key {k!r}")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CaprojError(f"checkpoint does not fit {arch}: {k!r} has shape "
+                              f"{tuple(sd[k].shape)} in the checkpoint, {tuple(v.shape)} "
+                              f"in the model")
+    for k in sd:
+        if k not in own:
+            raise CaprojError(f"checkpoint does not fit {arch}: unexpected key {k!r}")
+
+
+def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Replace Conv2d/Linear/BatchNorm2d modules whose stored shapes are narrower (compressed
+    checkpoints keep the original module names, only widths change)."""
+    for name, m in list(model.named_modules()):
+        w = sd.get(f"{name}.weight")
+        if w is None:
+            continue
+        has_bias = f"{name}.bias" in sd
+        new: nn.Module | None = None
+        if isinstance(m, nn.Conv2d) and (tuple(w.shape) != tuple(m.weight.shape)
+                                         or has_bias != (m.bias is not None)):
+            new = nn.Conv2d(w.shape[1] * m.groups, w.shape[0], m.kernel_size, m.stride, m.padding,
+                            m.dilation, m.groups, bias=has_bias)
+        elif isinstance(m, nn.Linear) and (tuple(w.shape) != tuple(m.weight.shape)
+                                           or has_bias != (m.bias is not None)):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and w.shape[0] != m.num_features:
+            new = type(m)(w.shape[0], m.eps, m.momentum)
+        if new is not None:
+            set_submodule(model, name, new.to(w.device))
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def load_model(weights: str | os.PathLike | None, arch: str | None = None,
+               num_classes: int | None = None, in_channels: int | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Build `arch` and load `weights` into it. caproj checkpoints carry their own arch (and
+    compressed widths); foreign ones need `arch`. Returns (model in eval mode, metadata)."""
+    meta: dict[str, Any] = {}
+    if weights is None:
+        if arch is None:
+            raise CaprojError("give --arch (and optionally --weights)")
+        model = build_model(arch, num_classes or 10, in_channels)
+        return model.eval(), {"arch": arch}
+    ck = read_checkpoint(weights)
+    sd = ck["state_dict"]
+    if ck.get("format") == CHECKPOINT_FORMAT:
+        meta = {k: v for k, v in ck.items() if k != "state_dict"}
+        if arch is not None and arch != meta["arch"]:
+            raise CaprojError(f"checkpoint {weights} is a {meta['arch']}, not {arch}")
+        arch = meta["arch"]
+        num_classes = num_classes or meta.get("num_classes")
+        in_channels = in_channels or meta.get("in_channels")
+    if arch is None:
+        raise CaprojError(f"checkpoint {weights} does not name its architecture; pass --arch")
+    if num_classes is None:
+        num_classes = _guess_num_classes(sd)
+    model = build_model(arch, num_classes, in_channels)
+    if meta.get("compressed"):
+        resize_to_state_dict(model, sd)
+    check_state_dict(model, sd, arch)
+    model.load_state_dict(sd, strict=False)
+    meta.setdefault("arch", arch)
+    return model.eval(), meta
+
+
+def _guess_num_classes(sd: dict[str, torch.Tensor]) -> int:
+    """The last 2-D weight in a state_dict is the classifier's (true for every model here)."""
+    last = [v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2]
+    return int(last[-1].shape[0]) if last else 10
+
+
+def make_checkpoint(model: nn.Module, arch: str, **meta: Any) -> dict[str, Any]:
+    """A caproj checkpoint: tensors plus metadata reduced to plain JSON types, so that it always
+    loads with weights_only=True."""
+    import json
+
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    plain = json.loads(json.dumps(meta, default=str))
+    return {"format": CHECKPOINT_FORMAT, "arch": arch, "state_dict": sd, **plain}

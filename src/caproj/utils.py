@@ -1,0 +1,90 @@
+"""Small shared helpers: seeding, devices, atomic file writes, run records."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from caproj.errors import CaprojError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CaprojError(f"unknown device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CaprojError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Validate early that `path` can be written, before any long work starts."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CaprojError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise CaprojError(f"output directory is not writable: {parent}")
+    if p.is_dir():
+        raise CaprojError(f"output path is a directory: {p}")
+    return p
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same directory, then rename: never a half-written file."""
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_record(seed: int | None = None, **extra: Any) -> dict[str, Any]:
+    """What every output carries: seed, versions, command line, machine."""
+    from caproj import __version__
+
+    return {
+        "caproj_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        **extra,
+    }

@@ -1,0 +1,59 @@
+"""Shared fixtures. Real data and weights live in ../shared (never committed); tests that need
+them skip with a clear reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CIFAR_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+MODELS = SHARED / "models"
+
+needs_cifar = pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(),
+                                 reason=f"needs the CIFAR-10 JPEG archive at {CIFAR_ARCHIVE}")
+needs_models = pytest.mark.skipif(not MODELS.is_dir(),
+                                  reason=f"needs the pretrained CIFAR ResNets in {MODELS}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    # One cache for the session (so CIFAR is decoded once), never the user's home cache.
+    os.environ.setdefault("CAPROJ_CACHE", str(tmp_path_factory.mktemp("caproj-cache")))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6,
+                      size: int = 12, splits=("train", "test"), seed: int = 0) -> Path:
+    """A tiny ImageFolder tree of PNGs whose pixels encode class and index."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                arr[0, 0] = (ci * 40, i, 7)
+                Image.fromarray(arr).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    if not CIFAR_ARCHIVE.is_file():
+        pytest.skip(f"needs the CIFAR-10 JPEG archive at {CIFAR_ARCHIVE}")
+    from caproj.data import load_data
+
+    return load_data(str(CIFAR_ARCHIVE))

@@ -1,0 +1,367 @@
+"""Cascaded Projection (Minnehan & Savakis, CVPR 2019), all sites at once.
+
+Stages (each measured in benchmarks/; see RESULTS.md for what each contributes):
+1. calibrate: streamed statistics of every site on calibration images;
+2. init: P from `select` (channel selection, orthonormal) or `pca`;
+3. refit: cascaded closed-form least squares of each consumer - its input taken from the
+   *compressed* prefix, its target the original consumer output - in site order;
+4. optimise: SGD-style (Adam) steps on proxies of P retracted by QR, and optionally the
+   compressed weights, with the mixture loss
+       (1 - kd) CE(labels) + kd KD(original logits) + λ · mean_i ||ŷ_i - y_i||² / ||y_i||²
+   where y_i is site i's consumer output in the original network and ŷ_i in the compressed
+   network fed by its own (cascaded) outputs. Odd and even sites are updated alternately.
+5. finalize: surgery into plain narrower modules, fresh BNs re-estimated on calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from caproj import projection, surgery
+from caproj.data import Batches, Splits
+from caproj.errors import CaprojError
+from caproj.sites import Site
+from caproj.train import bf16_supported, kd_loss
+
+
+@dataclass
+class CapConfig:
+    init: str = "select"  # select | pca
+    calib_images: int = 2000
+    steps: int = 300
+    lr: float = 1e-3  # Adam, projection proxies
+    weight_lr: float = 1e-4  # Adam, relaxed weights
+    batch_size: int = 128
+    recon_weight: float = 1.0
+    kd: float = 0.5  # share of distillation in the classification term
+    kd_temperature: float = 4.0
+    relax: str = "all"  # projection | consumer | all
+    refit: bool = True
+    alternate: bool = True
+    retraction: str = "qr"
+    ridge: float = 1e-4
+    seed: int = 0
+    bf16: bool | None = None
+    log_every: int = 25
+
+    def validate(self) -> None:
+        if self.init not in ("select", "pca"):
+            raise CaprojError(f"init must be select or pca, got {self.init!r}")
+        if self.relax not in ("projection", "consumer", "all"):
+            raise CaprojError(f"relax must be projection, consumer or all, got {self.relax!r}")
+        if self.steps < 0:
+            raise CaprojError(f"cap steps must be >= 0, got {self.steps}")
+        if self.calib_images < 1:
+            raise CaprojError(f"calibration images must be >= 1, got {self.calib_images}")
+        for name in ("lr", "weight_lr", "recon_weight", "ridge"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise CaprojError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v}")
+        if not 0 <= self.kd <= 1:
+            raise CaprojError(f"kd must be in [0, 1], got {self.kd}")
+
+
+class _Stop(Exception):
+    pass
+
+
+def calibration_images(splits: Splits, n: int, device: torch.device, batch: int = 250,
+                       seed: int = 0) -> list[torch.Tensor]:
+    """A fixed random subset of training images (no augmentation), normalised, in batches."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(n, len(splits.train_y))
+    idx = torch.randperm(len(splits.train_y), generator=g)[:n]
+    b = Batches(splits.train_x[idx], splits.train_y[idx], batch, splits.mean, splits.std,
+                device=device)
+    return [x for x, _ in b]
+
+
+class CaP:
+    """Compress `model`'s `sites` to `widths` channels. `model` itself is never modified."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], widths: list[int],
+                 cfg: CapConfig, log: Callable[[str], None] = print) -> None:
+        cfg.validate()
+        if len(widths) != len(sites):
+            raise CaprojError("one width per site needed")
+        for s, k in zip(sites, widths, strict=True):
+            if not 1 <= k <= s.channels:
+                raise CaprojError(f"width {k} for {s.producer} outside [1, {s.channels}]")
+        self.orig = model.eval()
+        for p in self.orig.parameters():
+            p.requires_grad_(False)
+        self.sites, self.widths, self.cfg, self.log = sites, widths, cfg, log
+        self.device = next(model.parameters()).device
+        self.base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.proxies: list[torch.Tensor] = []
+        self.consumer_w: dict[int, torch.Tensor] = {}
+        self.narrow: nn.Module | None = None
+        self.history: list[dict] = []
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def projections(self) -> list[torch.Tensor]:
+        return [projection.retract(a, self.cfg.retraction) if a.shape[0] != a.shape[1] or
+                a.requires_grad else a for a in self.proxies]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return surgery.compressed_tensors(self.orig, self.sites, self.base, self.projections(),
+                                          self.consumer_w)
+
+
+    def _run(self, x: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None):
+        assert self.narrow is not None
+        return functional_call(self.narrow, tensors if tensors is not None else self.tensors(),
+                               (x,), strict=False)
+
+    # ------------------------------------------------------------------ 1+2: stats and init
+    @torch.no_grad()
+    def initialise(self, calib: list[torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        stats = projection.collect_stats(self.orig, self.sites, calib)
+        self.stats = stats
+        ps = []
+        for s, k, st in zip(self.sites, self.widths, stats, strict=True):
+            if k == s.channels:
+                p = torch.eye(k, device=self.device)  # nothing to compress: exact identity
+            elif self.cfg.init == "pca":
+                p = projection.init_pca(st, k)
+            else:
+                w = self.base[f"{s.consumer}.weight"]
+                p = projection.init_select(projection.selection_scores(st, w, s), k)
+            ps.append(p.to(self.device))
+        self.proxies = ps
+        t = self.tensors()
+        self.narrow = surgery.narrow_like(self.orig, t).eval()
+        self.timings["init_s"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ 3: cascaded refit
+    @torch.no_grad()
+    def refit(self, calib: list[torch.Tensor]) -> None:
+        """Closed-form least squares of each consumer, in site order, on the compressed prefix."""
+        t0 = time.perf_counter()
+        assert self.narrow is not None
+        omods = dict(self.orig.named_modules())
+        nmods = dict(self.narrow.named_modules())
+        for i, s in enumerate(self.sites):
+            if self.widths[i] == s.channels:
+                continue  # kept whole: the original consumer is already exact
+            cons_o, cons_n = omods[s.consumer], nmods[s.consumer]
+            gram, cross = None, None
+            tensors = self.tensors()
+            for x in calib:
+                cap: dict[str, torch.Tensor] = {}
+
+                def grab_in(m, inp, cap=cap):
+                    cap["x"] = inp[0]
+                    raise _Stop
+
+                def grab_out(m, inp, out, cap=cap):
+                    cap["y"] = out
+                    raise _Stop
+
+                h = cons_n.register_forward_pre_hook(grab_in)
+                try:
+                    self._run(x, tensors)
+                except _Stop:
+                    pass
+                finally:
+                    h.remove()
+                h = cons_o.register_forward_hook(grab_out)
+                try:
+                    self.orig(x)
+                except _Stop:
+                    pass
+                finally:
+                    h.remove()
+                xin, y = cap["x"].float(), cap["y"].float()
+                if getattr(cons_o, "bias", None) is not None:
+                    y = y - cons_o.bias.view(1, -1, *([1] * (y.dim() - 2)))
+                if isinstance(cons_o, nn.Conv2d):
+                    cols = F.unfold(xin, cons_o.kernel_size, cons_o.dilation, cons_o.padding,
+                                    cons_o.stride)  # N x (c' k k) x L
+                    yy = y.reshape(y.shape[0], y.shape[1], -1)  # N x out x L
+                    g = torch.einsum("nkl,njl->kj", cols, cols)
+                    c = torch.einsum("nkl,nol->ko", cols, yy)
+                else:
+                    xin = xin.reshape(xin.shape[0], -1)
+                    g, c = xin.T @ xin, xin.T @ y
+                gram = g.double() if gram is None else gram + g.double()
+                cross = c.double() if cross is None else cross + c.double()
+            assert gram is not None and cross is not None
+            d = gram.shape[0]
+            ridge = self.cfg.ridge * torch.trace(gram) / d + 1e-12
+            sol = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype,
+                                                               device=gram.device), cross)
+            w_old = self.base[f"{s.consumer}.weight"]
+            w = sol.T.float()
+            if w_old.dim() == 4:
+                w = w.reshape(w_old.shape[0], -1, *w_old.shape[2:])
+            self.consumer_w[i] = w.contiguous()
+        self.timings["refit_s"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ 4: optimisation
+    def _taps(self) -> list[tuple[str, int | None]]:
+        """Per site: the module whose output is compared, and the site whose P lifts it back
+        (when the consumer's own output is projected, i.e. it is also a producer)."""
+        as_producer = {s.producer: j for j, s in enumerate(self.sites)}
+        taps = []
+        for s in self.sites:
+            j = as_producer.get(s.consumer)
+            if j is None:
+                taps.append((s.consumer, None))
+            else:
+                taps.append((self.sites[j].bn or s.consumer, j))
+        return taps
+
+    def optimise(self, splits: Splits, steps: int | None = None) -> list[dict]:
+        cfg = self.cfg
+        steps = cfg.steps if steps is None else steps
+        if steps == 0 or all(k == s.channels for s, k in zip(self.sites, self.widths, strict=True)):
+            return []  # nothing is compressed: keep=1.0 leaves the network exactly as it was
+        assert self.narrow is not None
+        t0 = time.perf_counter()
+        use_bf16 = bf16_supported(self.device) if cfg.bf16 is None else cfg.bf16
+        # Trainable state.
+        groups: list[list[torch.Tensor]] = [[], []]
+        for i, a in enumerate(self.proxies):
+            if a.shape[0] != a.shape[1]:
+                a.requires_grad_(True)
+                groups[i % 2 if cfg.alternate else 0].append(a)
+        wgroups: list[list[torch.Tensor]] = [[], []]
+        if cfg.relax in ("consumer", "all"):
+            for i, s in enumerate(self.sites):
+                if self.widths[i] == s.channels and i not in self.consumer_w:
+                    continue
+                if i not in self.consumer_w:
+                    w = surgery.project_in(self.base[f"{s.consumer}.weight"],
+                                           self.projections()[i].detach(), s)
+                    self.consumer_w[i] = w.contiguous()
+                self.consumer_w[i].requires_grad_(True)
+                wgroups[i % 2 if cfg.alternate else 0].append(self.consumer_w[i])
+        shared: list[torch.Tensor] = []
+        if cfg.relax == "all":
+            consumers = {f"{s.consumer}.weight" for s in self.sites}
+            pnames = {n for n, _ in self.orig.named_parameters()}
+            for k, v in self.base.items():
+                if k in pnames and k not in consumers and v.is_floating_point():
+                    v.requires_grad_(True)
+                    shared.append(v)
+        opts = [torch.optim.Adam([{"params": groups[g], "lr": cfg.lr},
+                                  {"params": wgroups[g], "lr": cfg.weight_lr}])
+                for g in (0, 1) if groups[g] or wgroups[g]]
+        shared_opt = torch.optim.Adam(shared, lr=cfg.weight_lr) if shared else None
+        all_opts = opts + ([shared_opt] if shared_opt else [])
+        for o in all_opts:
+            for g in o.param_groups:
+                g["base_lr"] = g["lr"]
+
+        taps = self._taps()
+        omods, nmods = dict(self.orig.named_modules()), dict(self.narrow.named_modules())
+        got_o: dict[int, torch.Tensor] = {}
+        got_n: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i, (name, _) in enumerate(taps):
+            hooks.append(omods[name].register_forward_hook(
+                lambda m, inp, out, i=i: got_o.__setitem__(i, out)))
+            hooks.append(nmods[name].register_forward_hook(
+                lambda m, inp, out, i=i: got_n.__setitem__(i, out)))
+        batches = Batches.train_of(splits, cfg.batch_size, seed=cfg.seed, device=self.device)
+        it = self._endless(batches)
+        try:
+            for step in range(steps):
+                x, y = next(it)
+                with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
+                                                     enabled=use_bf16):
+                    t_logits = self.orig(x).float()
+                ps = self.projections()
+                tensors = surgery.compressed_tensors(self.orig, self.sites, self.base, ps,
+                                                     self.consumer_w)
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16):
+                    logits = self._run(x, tensors).float()
+                recon = []
+                for i, (_, lift) in enumerate(taps):
+                    yo, yn = got_o[i].float(), got_n[i].float()
+                    if lift is not None:
+                        yn = torch.einsum("ndhw,cd->nchw", yn, ps[lift]) if yn.dim() == 4 \
+                            else yn @ ps[lift].T
+                    recon.append((yn - yo).pow(2).sum() / yo.pow(2).sum().clamp_min(1e-12))
+                rec = torch.stack(recon).mean()
+                ce = F.cross_entropy(logits, y)
+                cls = (1 - cfg.kd) * ce
+                if cfg.kd > 0:
+                    cls = cls + cfg.kd * kd_loss(logits, t_logits, cfg.kd_temperature)
+                loss = cls + cfg.recon_weight * rec
+                if not torch.isfinite(loss):
+                    raise CaprojError(f"CaP loss became {loss.item()} at step {step} (ce "
+                                      f"{ce.item():.4g}, recon {rec.item():.4g}); lower --cap-lr")
+                for o in all_opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                active = opts[step % len(opts)] if opts else None
+                if active is not None:
+                    active.step()
+                if shared_opt is not None:
+                    shared_opt.step()
+                decay = 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))  # cosine to 0
+                for o in all_opts:
+                    for g in o.param_groups:
+                        g["lr"] = g["base_lr"] * decay
+                r = {"step": step, "loss": loss.item(), "ce": ce.item(), "recon": rec.item(),
+                     "acc": (logits.argmax(1) == y).float().mean().item() * 100}
+                self.history.append(r)
+                if cfg.log_every and (step % cfg.log_every == 0 or step == steps - 1):
+                    self.log(f"cap step {step:4d}: loss {r['loss']:.4f} ce {r['ce']:.4f} "
+                             f"recon {r['recon']:.4f} batch acc {r['acc']:.1f}%")
+        finally:
+            for h in hooks:
+                h.remove()
+            for a in self.proxies:
+                a.requires_grad_(False)
+            for w in self.consumer_w.values():
+                w.requires_grad_(False)
+            for v in self.base.values():
+                v.requires_grad_(False)
+        self.timings["optimise_s"] = time.perf_counter() - t0
+        return self.history
+
+    @staticmethod
+    def _endless(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = 0
+        while True:
+            batches.set_epoch(epoch)
+            yield from batches
+            epoch += 1
+
+    # ------------------------------------------------------------------ 5: surgery
+    @torch.no_grad()
+    def finalize(self, calib: list[torch.Tensor]) -> nn.Module:
+        assert self.narrow is not None
+        t = {k: v.detach() for k, v in self.tensors().items()}
+        model = surgery.load_tensors(surgery.narrow_like(self.orig, t), t)
+        surgery.reestimate_bn(model, self.sites, calib)
+        return model.eval()
+
+    def max_orthonormality_error(self) -> float:
+        return max((projection.orthonormality_error(p) for p in self.projections()), default=0.0)
+
+    def run(self, splits: Splits) -> nn.Module:
+        """All stages with this config; returns the compressed nn.Module."""
+        torch.manual_seed(self.cfg.seed)
+        calib = calibration_images(splits, self.cfg.calib_images, self.device, seed=self.cfg.seed)
+        self.initialise(calib)
+        if self.cfg.refit:
+            self.refit(calib)
+        self.optimise(splits)
+        return self.finalize(calib)
+
+    def config(self) -> dict:
+        return asdict(self.cfg)

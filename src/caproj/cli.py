@@ -1,0 +1,292 @@
+"""The `caproj` command line: info, eval, train, compress, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from caproj import __version__
+from caproj.errors import CaprojError
+
+EXAMPLES = {
+    "info": """examples:
+  caproj info --arch resnet56
+  caproj info --arch tv:resnet18 --input-size 3,224,224 --layers
+  caproj info --weights r56-cap.pt --latency""",
+    "eval": """examples:
+  caproj eval --arch resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
+              --data ../shared/data/cifar10-jpeg.tar.gz
+  caproj eval --weights r56-cap.pt --data ../shared/data/cifar10-jpeg.tar.gz""",
+    "train": """examples:
+  caproj train --arch digits-cnn --data digits --epochs 15 --out digits.pt
+  caproj train --arch resnet20 --data ../shared/data/cifar10-jpeg.tar.gz --epochs 3 \\
+               --weights ../shared/models/resnet20-12fca82f.th --lr 0.02 --out r20.pt""",
+    "compress": """examples:
+  caproj compress --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th \\
+                  --data ../shared/data/cifar10-jpeg.tar.gz --target-macs 0.5 \\
+                  --finetune-epochs 3 --out r56-cap.pt
+  caproj compress --weights digits.pt --data digits --keep 0.5 --out digits-cap.pt""",
+    "demo": """examples:
+  caproj demo              # train a small CNN on the bundled digits, then compress it
+  caproj demo --out demo.pt""",
+}
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _input_size(s: str) -> tuple[int, ...]:
+    try:
+        t = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W like 3,32,32, got {s!r}") from None
+    if len(t) != 3 or min(t) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W like 3,32,32, got {s!r}")
+    return t
+
+
+def _add_model_args(p: argparse.ArgumentParser, need_weights: bool = False) -> None:
+    p.add_argument("--arch", help="architecture: resnet20/32/44/56/110, vgg16_bn, digits-cnn, "
+                   "tv:<torchvision name>; optional for caproj checkpoints")
+    p.add_argument("--weights", required=need_weights, help="checkpoint (.th/.pt): caproj's, "
+                   "{'state_dict': ...} with or without 'module.' prefix, or a plain state_dict")
+    p.add_argument("--num-classes", type=_positive_int, help="classes (default: from data/ckpt)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0), recorded")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"caproj: error: {self.prog.removeprefix('caproj ')}: {message}"
+              if self.prog != "caproj" else f"caproj: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="caproj", description="Compress CNNs with Cascaded "
+                                 "Projection and measure them honestly.")
+    ap.add_argument("--version", action="version", version=f"caproj {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = cmd("info", "MACs, params (and optionally per-layer table and latency) of a model")
+    _add_model_args(p)
+    p.add_argument("--input-size", type=_input_size, help="C,H,W (default: per architecture)")
+    p.add_argument("--layers", action="store_true", help="print the per-layer table")
+    p.add_argument("--latency", action="store_true", help="measure CPU/GPU latency, batch 1/64")
+    _add_common(p)
+
+    p = cmd("eval", "top-1 accuracy of a model on a dataset's test split")
+    _add_model_args(p, need_weights=True)
+    p.add_argument("--data", required=True, help="digits | cifar10 | ImageFolder dir | archive")
+    p.add_argument("--image-size", type=_positive_int, help="resize images to this size")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    _add_common(p)
+
+    p = cmd("train", "train or fine-tune a model; writes a caproj checkpoint")
+    _add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-size", type=_positive_int)
+    _add_train_args(p, epochs_flag="--epochs", default_epochs=3)
+    p.add_argument("--out", required=True, help="output checkpoint path (written atomically)")
+    _add_common(p)
+
+    p = cmd("compress", "compress a model with Cascaded Projection, then fine-tune it")
+    _add_model_args(p, need_weights=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-size", type=_positive_int)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
+    budget.add_argument("--target-macs", type=_fraction,
+                        help="fraction of the original MACs to keep (default 0.5)")
+    p.add_argument("--init", choices=("select", "pca"), default="select",
+                   help="initial projection (default select: the best measured start)")
+    p.add_argument("--calib-images", type=_positive_int, default=2000,
+                   help="calibration images for statistics and least squares (default 2000)")
+    p.add_argument("--cap-steps", type=int, default=300,
+                   help="projection optimisation steps (default 300; 0 = closed form only)")
+    p.add_argument("--cap-lr", type=float, default=1e-3, help="Adam lr of CaP optimisation")
+    p.add_argument("--cap-batch-size", type=_positive_int, default=128)
+    p.add_argument("--recon-weight", type=float, default=1.0,
+                   help="λ, weight of the reconstruction term (default 1)")
+    p.add_argument("--relax", choices=("projection", "consumer", "all"), default="all",
+                   help="what CaP optimises besides P: nothing, consumer weights, all weights")
+    _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=0)
+    p.add_argument("--out", required=True)
+    _add_common(p)
+
+    p = cmd("demo", "offline end-to-end demo on the bundled digits data")
+    p.add_argument("--out", help="also save the compressed model here")
+    _add_common(p)
+    return ap
+
+
+def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs: int) -> None:
+    p.add_argument(epochs_flag, dest="epochs", type=int, default=default_epochs,
+                   help=f"epochs (default {default_epochs})")
+    p.add_argument("--lr", type=float, default=0.02, help="peak learning rate (default 0.02)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), default="onecycle")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--kd", type=float, default=0.0, dest="kd_weight",
+                   help="distillation weight from the original model (compress; 0..1)")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
+                   "autocast where the hardware supports it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
+
+
+def _train_config(a: argparse.Namespace):
+    from caproj.train import TrainConfig
+
+    return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule,
+                       label_smoothing=a.label_smoothing, weight_decay=a.weight_decay,
+                       seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
+                       kd_weight=getattr(a, "kd_weight", 0.0), max_steps=a.max_steps)
+
+
+def _fmt_m(v: float, digits: int = 2) -> str:
+    return f"{v / 1e6:.{digits}f} M"
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from caproj import metrics
+    from caproj.models import default_input_shape, load_model
+
+    model, meta = load_model(a.weights, a.arch, a.num_classes)
+    arch = meta["arch"]
+    shape = a.input_size or tuple(meta.get("input_shape") or default_input_shape(arch))
+    s = metrics.summary(model, shape)
+    print(f"{arch}{' (compressed)' if meta.get('compressed') else ''}  input {shape}")
+    print(f"MACs: {_fmt_m(s['macs'])}   params: {_fmt_m(s['params'], 3)}")
+    if a.layers:
+        print(f"{'layer':32s} {'type':14s} {'MACs':>12s} {'params':>10s}  out")
+        for r in metrics.layer_table(model, shape):
+            if r["macs"] or r["params"]:
+                print(f"{r['layer']:32s} {r['type']:14s} {r['macs']:12,d} {r['params']:10,d}  "
+                      f"{r['out_shape']}")
+    if a.latency:
+        for b in (1, 64):
+            lat = metrics.measure_latency(model, shape, b, num_threads=a.threads)
+            print(f"latency batch {b}: {lat.median_ms:.2f} ms median ({lat.runs} runs, "
+                  f"{lat.threads} threads)")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from caproj.data import load_data
+    from caproj.models import load_model
+    from caproj.train import evaluate
+    from caproj.utils import pick_device
+
+    device = pick_device(a.device)
+    data = load_data(a.data, a.image_size)
+    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
+                             data.input_shape[0])
+    _check_fits(model, data)
+    r = evaluate(model.to(device), data, a.batch_size)
+    print(f"{meta['arch']} on {data.name} test ({r['n']} images): top-1 {r['acc']:.2f} %  "
+          f"(loss {r['loss']:.4f})")
+
+
+def _check_fits(model: torch.nn.Module, data) -> None:
+    from caproj.models import _guess_num_classes
+
+    n = _guess_num_classes(model.state_dict())
+    if n != data.num_classes:
+        raise CaprojError(f"model has {n} outputs but data {data.name} has {data.num_classes} "
+                          f"classes")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from caproj.data import load_data
+    from caproj.models import load_model, make_checkpoint
+    from caproj.train import config_dict, evaluate, train
+    from caproj.utils import atomic_save, check_output_path, pick_device, run_record
+
+    check_output_path(a.out)
+    cfg = _train_config(a)
+    cfg.validate()
+    device = pick_device(a.device)
+    data = load_data(a.data, a.image_size)
+    torch.manual_seed(a.seed)
+    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
+                             data.input_shape[0])
+    _check_fits(model, data)
+    model.to(device)
+    hist = train(model, data, cfg)
+    final = hist[-1] if hist else {f"test_{k}": v for k, v in evaluate(model, data).items()}
+    ck = make_checkpoint(model.cpu(), meta["arch"], num_classes=data.num_classes,
+                         in_channels=data.input_shape[0], input_shape=list(data.input_shape),
+                         compressed=bool(meta.get("compressed")), data=data.describe(),
+                         train_config=config_dict(cfg), history=hist,
+                         metrics={"test_acc": final.get("test_acc")}, **run_record(a.seed))
+    atomic_save(ck, a.out)
+    print(f"saved {a.out}: test acc {final.get('test_acc', float('nan')):.2f} %")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    handlers = {"info": cmd_info, "eval": cmd_eval, "train": cmd_train,
+                "compress": _lazy("cmd_compress"), "demo": _lazy("cmd_demo")}
+    t0 = time.perf_counter()
+    try:
+        handlers[args.cmd](args)
+    except CaprojError as e:
+        print(f"caproj: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("caproj: interrupted; no output written", file=sys.stderr)
+        return 130
+    if args.cmd in ("train", "compress", "demo"):
+        print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _lazy(name: str):
+    def run(a: argparse.Namespace) -> None:
+        from caproj import pipeline
+
+        getattr(pipeline, name)(a)
+    return run
+
+
+def dump_json(obj, path: str | Path) -> None:
+    from caproj.utils import atomic_write_text
+
+    atomic_write_text(json.dumps(obj, indent=2, default=str), path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

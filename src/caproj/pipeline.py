@@ -1,0 +1,169 @@
+"""End-to-end jobs behind the CLI:
+data -> model -> sites -> CaP -> surgery -> fine-tune -> report."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from caproj import metrics
+from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
+from caproj.cap import CaP, CapConfig
+from caproj.data import Splits, load_data
+from caproj.errors import CaprojError
+from caproj.models import load_model, make_checkpoint
+from caproj.sites import Site, require_sites
+from caproj.train import TrainConfig, config_dict, evaluate, train
+from caproj.utils import atomic_save, check_output_path, pick_device, run_record, seed_everything
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    sites: list[Site]
+    widths: list[int]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: float | None = None,
+             target_macs: float | None = None, finetune: TrainConfig | None = None,
+             log=print) -> CompressResult:
+    """Compress `model` (left unchanged) with CaP to a keep ratio or a MACs fraction, optionally
+    fine-tune, and report accuracy, MACs and params at each stage."""
+    if keep is None and target_macs is None:
+        target_macs = 0.5
+    shape = splits.input_shape
+    sites = require_sites(model)
+    mm = MacModel.of(model, shape)
+    widths = widths_for_keep(sites, keep) if keep is not None else \
+        widths_for_macs(mm, sites, target_macs)  # type: ignore[arg-type]
+    predicted = predict_macs(mm, sites, widths)
+    rep: dict[str, Any] = {"sites": [str(s) for s in sites], "widths": widths,
+                           "macs_before": mm.total, "params_before": metrics.count_params(model)}
+    log(f"{len(sites)} sites; widths {widths}; predicted MACs {predicted / 1e6:.2f} M "
+        f"({predicted / mm.total:.3f} of {mm.total / 1e6:.2f} M)")
+    t0 = time.perf_counter()
+    cap = CaP(model, sites, widths, cap_cfg, log=log)
+    small = cap.run(splits)
+    rep["compress_seconds"] = time.perf_counter() - t0
+    rep["cap_timings"] = cap.timings
+    rep["orthonormality_error"] = cap.max_orthonormality_error()
+    macs = metrics.count_macs(small, shape)
+    if macs != predicted:
+        raise CaprojError(f"internal error: MACs after surgery {macs} != predicted {predicted}")
+    rep.update(macs_after=macs, params_after=metrics.count_params(small))
+    rep["acc_after_cap"] = evaluate(small, splits)["acc"]
+    log(f"after CaP (no fine-tuning): {rep['acc_after_cap']:.2f} % in "
+        f"{rep['compress_seconds']:.0f} s")
+    if finetune is not None and finetune.epochs > 0:
+        t1 = time.perf_counter()
+        rep["finetune"] = train(small, splits, finetune,
+                                teacher=model if finetune.kd_weight > 0 else None, log=log)
+        rep["finetune_seconds"] = time.perf_counter() - t1
+        rep["acc_after_finetune"] = rep["finetune"][-1]["test_acc"]
+    rep["cap_history"] = cap.history
+    rep["cap_config"] = cap.config()
+    return CompressResult(small, sites, widths, rep)
+
+
+def _latency_pair(orig: nn.Module, small: nn.Module, shape, threads) -> dict[str, float]:
+    """Original vs compressed, interleaved in the same run (see metrics.compare_latency)."""
+    out = {}
+    for b in (1, 64):
+        r = metrics.compare_latency({"before": orig, "after": small}, shape, b,
+                                    rounds=15 if b == 1 else 8, num_threads=threads)
+        out[f"latency_b{b}_before_ms"] = r["before"]["median_ms"]
+        out[f"latency_b{b}_after_ms"] = r["after"]["median_ms"]
+        out[f"latency_b{b}_speedup"] = r["after"]["speedup"]
+    return out
+
+
+def cmd_compress(a: argparse.Namespace) -> None:
+    from caproj.cli import _check_fits, _train_config
+
+    check_output_path(a.out)
+    cap_cfg = CapConfig(init=a.init, calib_images=a.calib_images, steps=a.cap_steps,
+                        lr=a.cap_lr, batch_size=a.cap_batch_size, recon_weight=a.recon_weight,
+                        relax=a.relax, seed=a.seed, bf16=False if a.no_bf16 else None)
+    cap_cfg.validate()
+    ft = _train_config(a)
+    ft.validate()
+    device = pick_device(a.device)
+    data = load_data(a.data, a.image_size)
+    seed_everything(a.seed)
+    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
+                             data.input_shape[0])
+    _check_fits(model, data)
+    if meta.get("compressed"):
+        raise CaprojError(f"{a.weights} is already compressed; compress the original model")
+    model.to(device)
+    acc0 = evaluate(model, data)["acc"]
+    print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
+    res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs, finetune=ft)
+    rep = res.report
+    rep["acc_before"] = acc0
+    rep.update(_latency_pair(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
+    ck = make_checkpoint(res.model.cpu(), meta["arch"], num_classes=data.num_classes,
+                         in_channels=data.input_shape[0], input_shape=list(data.input_shape),
+                         compressed=True, data=data.describe(), train_config=config_dict(ft),
+                         metrics={k: v for k, v in rep.items() if k not in ("cap_history",)},
+                         cap_history=rep["cap_history"], **run_record(a.seed))
+    atomic_save(ck, a.out)
+    print(format_report(rep))
+    print(f"saved {a.out}")
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    def row(name, before, after, fmt):
+        ratio = before / after if after else float("nan")
+        return f"  {name:22s} {fmt(before):>12s} {fmt(after):>12s}   {ratio:5.2f}x"
+
+    acc_final = rep.get("acc_after_finetune", rep["acc_after_cap"])
+    lines = [f"  {'':22s} {'original':>12s} {'compressed':>12s}   ratio",
+             f"  {'top-1 accuracy':22s} {rep['acc_before']:11.2f}% {acc_final:11.2f}%"
+             + (f"   (after CaP, before fine-tuning: {rep['acc_after_cap']:.2f} %)"
+                if "acc_after_finetune" in rep else ""),
+             row("MACs", rep["macs_before"], rep["macs_after"], lambda v: f"{v / 1e6:.2f} M"),
+             row("params", rep["params_before"], rep["params_after"], lambda v: f"{v / 1e6:.3f} M")]
+    for b in (1, 64):
+        k = f"latency_b{b}"
+        if f"{k}_before_ms" in rep:
+            lines.append(f"  {'latency batch ' + str(b):22s} {rep[f'{k}_before_ms']:9.2f} ms "
+                         f"{rep[f'{k}_after_ms']:9.2f} ms   {rep[f'{k}_speedup']:5.2f}x "
+                         f"(median of interleaved rounds)")
+    return "\n".join(lines)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    """Train digits-cnn on scikit-learn's digits, then compress it to half its MACs with CaP."""
+    if a.out:
+        check_output_path(a.out)
+    device = pick_device(a.device)
+    seed_everything(a.seed)
+    data = load_data("digits")
+    model, _ = load_model(None, "digits-cnn", data.num_classes, 1)
+    model.to(device)
+    print(f"digits: {len(data.train_y)} train / {len(data.test_y)} test images of 8x8")
+    train(model, data, TrainConfig(epochs=15, lr=0.05, batch_size=64, seed=a.seed),
+          log=lambda s: None)
+    acc = evaluate(model, data)["acc"]
+    print(f"trained digits-cnn: {acc:.2f} % test accuracy")
+    cap_cfg = CapConfig(calib_images=1000, steps=60, batch_size=64, seed=a.seed, log_every=0)
+    ft = TrainConfig(epochs=5, lr=0.02, batch_size=64, seed=a.seed, kd_weight=0.5)
+    res = compress(model, data, cap_cfg, target_macs=0.5, finetune=ft, log=lambda s: None)
+    rep = res.report
+    rep["acc_before"] = acc
+    rep.update(_latency_pair(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
+    print(f"CaP to 50 % MACs ({len(res.sites)} sites, widths {res.widths}):")
+    print(format_report(rep))
+    if a.out:
+        ck = make_checkpoint(res.model.cpu(), "digits-cnn", num_classes=10, in_channels=1,
+                             input_shape=[1, 8, 8], compressed=True, data=data.describe(),
+                             metrics={k: v for k, v in rep.items() if k != "cap_history"},
+                             **run_record(a.seed))
+        atomic_save(ck, a.out)
+        print(f"saved {a.out}")

@@ -1,0 +1,142 @@
+"""Surgery: turn decided sites into plain, narrower modules.
+
+For a site with projection P (c x c'):
+- the producer's BN is folded, the producer becomes P^T W_f (c' filters) and a fresh BN(c')
+  carries the bias P^T b_f (re-estimated on calibration data afterwards, see `reestimate_bn`);
+- the consumer reads c' channels with weight W_c P (or a refitted weight of that shape).
+
+`compressed_tensors` computes all tensors of the narrow network from the original tensors and
+the P matrices, differentiably: CaP optimises through it and the final surgery uses it too, so
+the optimised network and the saved one cannot disagree. Module names never change, so a
+compressed state_dict loads into the original architecture after `resize_to_state_dict`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from caproj.models import resize_to_state_dict
+from caproj.sites import Site
+
+
+def project_in(w: torch.Tensor, p: torch.Tensor, site: Site) -> torch.Tensor:
+    """Consumer weight reading the projected channels: W P (per spatial slot for Linear)."""
+    if w.dim() == 2:
+        w3 = w.reshape(w.shape[0], site.channels, site.spatial)
+        return torch.einsum("ocs,cd->ods", w3, p).reshape(w.shape[0], -1)
+    return torch.einsum("ocij,cd->odij", w, p)
+
+
+def fold_bn(w: torch.Tensor, b: torch.Tensor | None, t: Mapping[str, torch.Tensor], bn: str,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = t[f"{bn}.weight"] / torch.sqrt(t[f"{bn}.running_var"] + eps)
+    b0 = b if b is not None else torch.zeros_like(scale)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return w * scale.view(shape), (b0 - t[f"{bn}.running_mean"]) * scale + t[f"{bn}.bias"]
+
+
+def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, torch.Tensor],
+                       projections: list[torch.Tensor],
+                       consumer_weights: Mapping[int, torch.Tensor] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """All parameters and buffers of the narrow network (keys as in model.state_dict()).
+
+    base: the original network's tensors (may be trainable copies).
+    consumer_weights[i]: site i's consumer weight in the original output space and projected
+    input space (shape of W_c P); defaults to W_c P.
+    """
+    mods = dict(model.named_modules())
+    out = dict(base)
+    for i, s in enumerate(sites):
+        key = f"{s.consumer}.weight"
+        if consumer_weights is not None and i in consumer_weights:
+            out[key] = consumer_weights[i]
+        else:
+            out[key] = project_in(out[key], projections[i], s)
+    for i, s in enumerate(sites):
+        p = projections[i]
+        w, b = out[f"{s.producer}.weight"], out.get(f"{s.producer}.bias")
+        if s.bn:
+            eps = mods[s.bn].eps  # type: ignore[union-attr]
+            w, b = fold_bn(w, b, out, s.bn, eps)
+            k = p.shape[1]
+            out[f"{s.bn}.weight"] = torch.ones(k, dtype=w.dtype, device=w.device)
+            out[f"{s.bn}.running_mean"] = torch.zeros(k, dtype=w.dtype, device=w.device)
+            out[f"{s.bn}.running_var"] = torch.full((k,), 1 - eps, dtype=w.dtype, device=w.device)
+        elif b is None:
+            b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        out[f"{s.producer}.weight"] = (p.T @ w.reshape(w.shape[0], -1)).reshape(-1, *w.shape[1:])
+        out[f"{s.bn}.bias" if s.bn else f"{s.producer}.bias"] = p.T @ b
+    return out
+
+
+def narrow_like(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of `model` whose layers have the shapes of `tensors` (values not loaded)."""
+    narrow = copy.deepcopy(model)
+    resize_to_state_dict(narrow, tensors)
+    return narrow.to(next(iter(tensors.values())).device)
+
+
+def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    # contiguous: einsum/matmul results can carry odd strides, which slow convolutions down
+    sd = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    for k, v in model.state_dict().items():  # num_batches_tracked etc.
+        sd.setdefault(k, v)
+    model.load_state_dict(sd)
+    return model
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.Tensor]) -> None:
+    """Give each site's fresh BN real running statistics without changing the eval function:
+    with the producer output y, BN(y) = y + beta before; afterwards mean m, var v,
+    gamma = sqrt(v + eps), beta' = beta + m, so BN(y) = y + beta still, and fine-tuning starts
+    from properly normalised activations."""
+    mods = dict(model.named_modules())
+    todo = [s for s in sites if s.bn]
+    acc = {s.bn: [0.0, 0.0, 0] for s in todo}
+    hooks = []
+    for s in todo:
+        def hook(m, i, o, key=s.bn):
+            o = o.detach().float()
+            dims = [d for d in range(o.dim()) if d != 1]
+            a = acc[key]
+            a[0] = a[0] + o.sum(dims)
+            a[1] = a[1] + o.pow(2).sum(dims)
+            a[2] += o.numel() // o.shape[1]
+        hooks.append(mods[s.producer].register_forward_hook(hook))
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for s in todo:
+        bn: nn.BatchNorm2d = mods[s.bn]  # type: ignore[assignment]
+        s1, s2, n = acc[s.bn]
+        if n == 0:
+            continue
+        m = s1 / n
+        v = (s2 / n - m * m).clamp_min(0)
+        bn.running_mean.copy_(m)
+        bn.running_var.copy_(v)
+        bn.weight.copy_(torch.sqrt(v + bn.eps))
+        bn.bias.add_(m)
+
+
+def apply(model: nn.Module, sites: list[Site], projections: list[torch.Tensor],
+          calib: Iterable[torch.Tensor] | None = None,
+          consumer_weights: Mapping[int, torch.Tensor] | None = None) -> nn.Module:
+    """Surgery as one call: the narrow nn.Module for these sites and projections."""
+    base = {k: v.detach() for k, v in model.state_dict().items()}
+    t = compressed_tensors(model, sites, base, [p.detach() for p in projections],
+                           consumer_weights)
+    narrow = load_tensors(narrow_like(model, t), t)
+    if calib is not None:
+        reestimate_bn(narrow, sites, calib)
+    return narrow.eval()

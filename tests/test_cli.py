@@ -1,0 +1,138 @@
+"""The command line, as a user runs it: exit codes, one-line errors, files written or not."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from caproj.models import build_model, make_checkpoint
+
+from conftest import CIFAR_ARCHIVE, MODELS, needs_cifar, needs_models
+
+
+def caproj(*args, cwd=None, timeout=600):
+    exe = shutil.which("caproj")
+    cmd = [exe] if exe else [sys.executable, "-m", "caproj.cli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_readme_demo_command():
+    r = caproj("demo")
+    assert r.returncode == 0, r.stderr
+    acc = [float(v) for v in re.findall(r"([\d.]+)%", r.stdout)]
+    assert "trained digits-cnn" in r.stdout and "CaP to 50 % MACs" in r.stdout
+    assert acc[0] > 90 and acc[1] > 90  # the compressed net still reads digits
+    assert re.search(r"MACs\s+1\.79 M\s+0\.8\d M\s+2\.0\dx", r.stdout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "digits.pt"
+    r = caproj("train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "3",
+               "--lr", "0.05", "--batch-size", "64", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_train_writes_a_checkpoint_that_eval_reads(trained):
+    ck = torch.load(trained, weights_only=True)
+    assert ck["arch"] == "digits-cnn" and ck["seed"] == 0 and "caproj_version" in ck
+    r = caproj("eval", "--weights", trained, "--data", "digits")
+    assert r.returncode == 0, r.stderr
+    acc = float(re.search(r"top-1 ([\d.]+) %", r.stdout).group(1))
+    assert acc == pytest.approx(ck["metrics"]["test_acc"], abs=0.01) and acc > 80
+
+
+def test_train_few_steps_on_tiny_image_folder(tmp_path, image_folder):
+    out = tmp_path / "r20.pt"
+    r = caproj("train", "--arch", "resnet20", "--data", image_folder, "--epochs", "1",
+               "--batch-size", "4", "--max-steps", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out, weights_only=True)["num_classes"] == 3
+
+
+def test_compress_round_trips_through_eval(trained, tmp_path):
+    out = tmp_path / "small.pt"
+    r = caproj("compress", "--weights", trained, "--data", "digits", "--keep", "0.5",
+               "--cap-steps", "10", "--cap-batch-size", "64", "--calib-images", "300",
+               "--finetune-epochs", "1", "--batch-size", "64", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(out, weights_only=True)
+    assert ck["compressed"] and ck["metrics"]["widths"] == [16, 32, 32]
+    r2 = caproj("eval", "--weights", out, "--data", "digits")
+    assert r2.returncode == 0, r2.stderr
+    acc = float(re.search(r"top-1 ([\d.]+) %", r2.stdout).group(1))
+    assert acc == pytest.approx(ck["metrics"]["acc_after_finetune"], abs=0.01)
+    info = caproj("info", "--weights", out)
+    assert "(compressed)" in info.stdout and "params: 0.01" in info.stdout
+
+
+def test_info_resnet56_numbers():
+    r = caproj("info", "--arch", "resnet56")
+    assert "MACs: 125.49 M" in r.stdout and "params: 0.853 M" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "--arch", "resnet57"], "unknown architecture 'resnet57'"),
+    (["eval", "--arch", "resnet20", "--weights", "nope.th", "--data", "digits"],
+     "checkpoint not found: nope.th"),
+    (["compress", "--arch", "resnet20", "--weights", "w.th", "--data", "digits", "--keep", "0",
+      "--out", "o.pt"], "must be in (0, 1], got 0"),
+    (["compress", "--arch", "resnet20", "--weights", "w.th", "--data", "digits", "--keep",
+      "1.5", "--out", "o.pt"], "must be in (0, 1], got 1.5"),
+    (["compress", "--arch", "resnet20", "--weights", "w.th", "--data", "digits", "--keep",
+      "nan", "--out", "o.pt"], "must be in (0, 1], got nan"),
+    (["train", "--arch", "digits-cnn", "--data", "digits", "--out", "missing-dir/x.pt"],
+     "output directory does not exist: missing-dir"),
+    (["eval", "--arch", "resnet20", "--weights", "corrupt.th", "--data", "digits"],
+     "cannot read checkpoint corrupt.th"),
+    (["eval", "--arch", "resnet20", "--weights", "w.th", "--data", "nowhere/"],
+     "data not found"),
+    (["eval", "--arch", "resnet20", "--weights", "w.th", "--data", "digits"],
+     "checkpoint does not fit resnet20: 'conv1.weight' has shape (16, 3, 3, 3) in the "
+     "checkpoint, (16, 1, 3, 3)"),
+    (["compress", "--arch", "digits-cnn", "--weights", "w.th", "--data", "digits",
+      "--target-macs", "0.001", "--out", "o.pt"], "target-macs 0.001 is unreachable"),
+])
+def test_bad_input_one_line_error_no_output(tmp_path, args, message):
+    torch.save(build_model("resnet20").state_dict(), tmp_path / "w.th")
+    if "digits-cnn" in args and "w.th" in args:
+        torch.save(make_checkpoint(build_model("digits-cnn"), "digits-cnn"), tmp_path / "w.th")
+    (tmp_path / "corrupt.th").write_bytes(b"\x80\x04garbage")
+    r = caproj(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caproj: error:"), r.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "o.pt").exists() and not list(tmp_path.glob(".o.pt*"))
+
+
+def test_read_only_output_directory(tmp_path, trained):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        r = caproj("train", "--weights", trained, "--data", "digits", "--out", ro / "x.pt")
+        assert r.returncode == 2 and "not writable" in r.stderr
+    finally:
+        ro.chmod(0o700)
+
+
+@needs_cifar
+@needs_models
+@pytest.mark.parametrize("name, acc", [
+    ("resnet20-12fca82f", 81.03), ("resnet20-cifar10jpeg", 88.25),
+    ("resnet56-4bfd9763", 83.20), ("resnet56-cifar10jpeg", 89.95),
+])
+def test_eval_reproduces_published_jpeg_accuracy(name, acc):
+    r = caproj("eval", "--arch", name.split("-")[0], "--weights", MODELS / f"{name}.th",
+               "--data", CIFAR_ARCHIVE)
+    assert r.returncode == 0, r.stderr
+    assert float(re.search(r"top-1 ([\d.]+) %", r.stdout).group(1)) == pytest.approx(acc, abs=0.05)

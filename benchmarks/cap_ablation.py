@@ -33,10 +33,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 VARIANTS = {  # name -> CapConfig overrides for the optimisation stage (from select + refit)
     "P only (paper), Adam 1e-3": dict(relax="projection", lr=1e-3),
-    "P + consumer, w-lr 1e-5": dict(relax="consumer", lr=1e-3, weight_lr=1e-5),
-    "P + all, w-lr 1e-5": dict(relax="all", lr=1e-3, weight_lr=1e-5),
-    "P + all, w-lr 3e-5": dict(relax="all", lr=1e-3, weight_lr=3e-5),
-    "P + all, w-lr 1e-4": dict(relax="all", lr=1e-3, weight_lr=1e-4),
+    "P + consumer, Adam w-lr 1e-5": dict(relax="consumer", lr=1e-3, weight_lr=1e-5),
+    "P + all, Adam w-lr 1e-5": dict(relax="all", lr=1e-3, weight_lr=1e-5),
+    "P + all, Adam w-lr 1e-4": dict(relax="all", lr=1e-3, weight_lr=1e-4),
+    "P + all, SGD w-lr 0.003": dict(relax="all", lr=1e-3, weight_opt="sgd", weight_lr=0.003),
+    "P + all, SGD w-lr 0.01": dict(relax="all", lr=1e-3, weight_opt="sgd", weight_lr=0.01),
+    "P + all, Adam w-lr 3e-4": dict(relax="all", lr=1e-3, weight_lr=3e-4),
+    "P + all, Adam w-lr 1e-4, no KD": dict(relax="all", lr=1e-3, weight_lr=1e-4, kd=0.0),
+    "P + all, Adam w-lr 1e-3": dict(relax="all", lr=1e-3, weight_lr=1e-3),
+    "P fixed (selection), all weights, Adam 3e-4": dict(relax="all", lr=0.0, weight_lr=3e-4),
+    "P + all, Adam w-lr 3e-5": dict(relax="all", lr=1e-3, weight_lr=3e-5),
 }
 
 
@@ -81,6 +87,10 @@ def main() -> None:
         record(f"{init} init only", cap.finalize(calib), time.perf_counter() - t0)
         cap.refit(calib)
         record(f"{init} + cascaded LS refit", cap.finalize(calib), time.perf_counter() - t0)
+        cap.cfg.bn_recalibrate = True
+        record(f"{init} + cascaded LS refit + BN recalibration", cap.finalize(calib),
+               time.perf_counter() - t0)
+        cap.cfg.bn_recalibrate = False
         if init == "select":
             refit_state = (copy.deepcopy(cap), time.perf_counter() - t0)
     assert refit_state is not None
@@ -91,12 +101,19 @@ def main() -> None:
         for k, v in VARIANTS[name].items():
             setattr(cap.cfg, k, v)
         t0 = time.perf_counter()
-        cap.optimise(data, a.steps)
+        try:
+            cap.optimise(data, a.steps)
+        except Exception as e:  # a diverging variant is a result too
+            rows.append({"variant": f"select + refit + {name}", "error": str(e)})
+            print(f"select + refit + {name}: FAILED: {e}", flush=True)
+            continue
         h = cap.history
-        record(f"select + refit + {name}", cap.finalize(calib),
-               refit_state[1] + time.perf_counter() - t0, steps=a.steps,
-               recon_first=h[0]["recon"], recon_last=sum(r["recon"] for r in h[-10:]) / 10,
-               config=cap.config())
+        secs = refit_state[1] + time.perf_counter() - t0
+        extra = dict(steps=a.steps, recon_first=h[0]["recon"],
+                     recon_last=sum(r["recon"] for r in h[-10:]) / 10, config=cap.config())
+        record(f"select + refit + {name}", cap.finalize(calib), secs, **extra)
+        cap.cfg.bn_recalibrate = True
+        record(f"select + refit + {name} + BN recal", cap.finalize(calib), secs, **extra)
 
 
 if __name__ == "__main__":

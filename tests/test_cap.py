@@ -207,6 +207,7 @@ def test_reconstruction_falls_and_p_stays_orthonormal(digits_model):
     assert sum(rec[-5:]) / 5 < 0.9 * sum(rec[:5]) / 5
     assert cap.max_orthonormality_error() <= 1e-5
     assert out(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert all(p.requires_grad for p in model.parameters())  # the user's model is untouched
 
 
 def test_refit_beats_plain_projection(digits_model):

@@ -136,3 +136,42 @@ def test_eval_reproduces_published_jpeg_accuracy(name, acc):
                "--data", CIFAR_ARCHIVE)
     assert r.returncode == 0, r.stderr
     assert float(re.search(r"top-1 ([\d.]+) %", r.stdout).group(1)) == pytest.approx(acc, abs=0.05)
+
+
+def test_bench_writes_cells_table_plot_and_resumes(trained, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--weights", trained, "--data", "digits", "--methods", "cap,l1,svd",
+            "--targets", "0.5", "--cap-steps", "5", "--finetune-epochs", "1", "--max-steps", "3",
+            "--batch-size", "64", "--out-dir", out]
+    r = caproj(*args)
+    assert r.returncode == 0, r.stderr
+    cells = sorted(p.name for p in out.glob("*.json"))
+    assert cells == ["cap-0.5.json", "l1-0.5.json", "svd-0.5.json"]
+    table = (out / "results.md").read_text()
+    assert table.count("| 0.5 |") == 3 and "1 epoch(s)" in table
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    cap = json.loads((out / "cap-0.5.json").read_text())
+    svd = json.loads((out / "svd-0.5.json").read_text())
+    for c in (cap, svd):
+        assert abs(c["macs"] / c["macs_original"] - 0.5) <= 0.005
+        assert c["seed"] == 0 and "command" in c and c["latency_b1_speedup"] > 0
+    # the factorised model keeps full-width activations plus its extra rank-r maps
+    assert svd["peak_activation_bytes"] >= cap["peak_activation_bytes"]
+    before = (out / "l1-0.5.json").read_text()
+    (out / "cap-0.5.json").unlink()  # as if the run had been killed during this cell
+    r2 = caproj(*args)
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout.count("not recomputed") == 2 and (out / "cap-0.5.json").is_file()
+    assert (out / "l1-0.5.json").read_text() == before
+
+
+def test_bench_rejects_bad_targets_and_methods(trained, tmp_path):
+    r = caproj("bench", "--weights", trained, "--data", "digits", "--targets", "0.5,2",
+               "--out-dir", tmp_path / "b")
+    assert r.returncode == 2 and "(0, 1], got 2.0" in r.stderr
+    r = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "cap,magic",
+               "--out-dir", tmp_path / "b")
+    assert r.returncode == 2 and "unknown method 'magic'" in r.stderr
+    assert not (tmp_path / "b").exists()  # refused before any work or output

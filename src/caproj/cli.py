@@ -32,6 +32,13 @@ EXAMPLES = {
                   --data ../shared/data/cifar10-jpeg.tar.gz --target-macs 0.5 \\
                   --finetune-epochs 3 --out r56-cap.pt
   caproj compress --weights digits.pt --data digits --keep 0.5 --out digits-cap.pt""",
+    "bench": """examples:
+  caproj bench --arch resnet20 --weights ../shared/models/resnet20-cifar10jpeg.th \\
+               --data ../shared/data/cifar10-jpeg.tar.gz --out-dir bench-r20
+  caproj bench --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th \\
+               --data ../shared/data/cifar10-jpeg.tar.gz --methods cap,tp-l2 \\
+               --targets 0.5 --finetune-epochs 3 --out-dir bench-r56
+  (re-running the same command resumes: finished cells are kept)""",
     "demo": """examples:
   caproj demo              # train a small CNN on the bundled digits, then compress it
   caproj demo --out demo.pt""",
@@ -132,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial projection (default select: the best measured start)")
     p.add_argument("--calib-images", type=_positive_int, default=2000,
                    help="calibration images for statistics and least squares (default 2000)")
-    p.add_argument("--cap-steps", type=int, default=300,
-                   help="projection optimisation steps (default 300; 0 = closed form only)")
-    p.add_argument("--cap-lr", type=float, default=1e-3, help="Adam lr of CaP optimisation")
+    p.add_argument("--cap-steps", type=int, default=600,
+                   help="projection optimisation steps (default 600; 0 = closed form only)")
+    p.add_argument("--cap-lr", type=float, default=1e-3,
+                   help="Adam lr of the projection proxies (default 1e-3)")
+    p.add_argument("--cap-weight-lr", type=float, default=3e-4,
+                   help="Adam lr of the relaxed weights during CaP (default 3e-4)")
     p.add_argument("--cap-batch-size", type=_positive_int, default=128)
     p.add_argument("--recon-weight", type=float, default=1.0,
                    help="λ, weight of the reconstruction term (default 1)")
@@ -142,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what CaP optimises besides P: nothing, consumer weights, all weights")
     _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--report", help="also write the full report (JSON) here")
+    _add_common(p)
+
+    p = cmd("bench", "compare CaP with pruning, factorisation and Torch-Pruning side by side")
+    _add_model_args(p, need_weights=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--methods", default="cap,cp,pca,l1,fpgm,taylor,svd,tp-l2",
+                   help="comma-separated: cap, cp, pca, l1, fpgm, taylor, svd, tp-l2")
+    p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
+    p.add_argument("--cap-steps", type=int, default=600)
+    _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=1)
+    p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
     _add_common(p)
 
     p = cmd("demo", "offline end-to-end demo on the bundled digits data")
@@ -256,10 +279,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress in logs
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     handlers = {"info": cmd_info, "eval": cmd_eval, "train": cmd_train,
-                "compress": _lazy("cmd_compress"), "demo": _lazy("cmd_demo")}
+                "compress": _lazy("cmd_compress"), "demo": _lazy("cmd_demo"),
+                "bench": _lazy("cmd_bench")}
     t0 = time.perf_counter()
     try:
         handlers[args.cmd](args)
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("caproj: interrupted; no output written", file=sys.stderr)
         return 130
-    if args.cmd in ("train", "compress", "demo"):
+    if args.cmd in ("train", "compress", "demo", "bench"):
         print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

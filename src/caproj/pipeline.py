@@ -86,8 +86,11 @@ def cmd_compress(a: argparse.Namespace) -> None:
     from caproj.cli import _check_fits, _train_config
 
     check_output_path(a.out)
+    if a.report:
+        check_output_path(a.report)
     cap_cfg = CapConfig(init=a.init, calib_images=a.calib_images, steps=a.cap_steps,
-                        lr=a.cap_lr, batch_size=a.cap_batch_size, recon_weight=a.recon_weight,
+                        lr=a.cap_lr, weight_lr=a.cap_weight_lr, batch_size=a.cap_batch_size,
+                        recon_weight=a.recon_weight,
                         relax=a.relax, seed=a.seed, bf16=False if a.no_bf16 else None)
     cap_cfg.validate()
     ft = _train_config(a)
@@ -113,6 +116,11 @@ def cmd_compress(a: argparse.Namespace) -> None:
                          metrics={k: v for k, v in rep.items() if k not in ("cap_history",)},
                          cap_history=rep["cap_history"], **run_record(a.seed))
     atomic_save(ck, a.out)
+    if a.report:
+        from caproj.cli import dump_json
+
+        dump_json({"arch": meta["arch"], "data": data.describe(), **rep, **run_record(a.seed)},
+                  a.report)
     print(format_report(rep))
     print(f"saved {a.out}")
 
@@ -167,3 +175,39 @@ def cmd_demo(a: argparse.Namespace) -> None:
                              **run_record(a.seed))
         atomic_save(ck, a.out)
         print(f"saved {a.out}")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from caproj import bench
+    from caproj.cli import _check_fits, _train_config
+
+    try:
+        targets = [float(t) for t in a.targets.split(",")]
+    except ValueError:
+        raise CaprojError(f"--targets must be comma-separated numbers, got {a.targets!r}") from None
+    for t in targets:
+        if not 0 < t <= 1:
+            raise CaprojError(f"--targets values must be in (0, 1], got {t}")
+    from caproj.methods import METHODS
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise CaprojError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    out = Path(a.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CaprojError(f"--out-dir {out} exists and is not a directory")
+    ft = _train_config(a)
+    ft.validate()
+    device = pick_device(a.device)
+    data = load_data(a.data, a.image_size)
+    seed_everything(a.seed)
+    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
+                             data.input_shape[0])
+    _check_fits(model, data)
+    cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0,
+                        bf16=False if a.no_bf16 else None)
+    bench.run(model.to(device), data, meta["arch"], methods, targets, ft, cap_cfg, out)
+    print((out / "results.md").read_text())

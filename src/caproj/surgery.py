@@ -129,6 +129,27 @@ def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
         bn.bias.add_(m)
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Replace every BN's running statistics by those of this network's own features (a
+    cumulative average over the calibration batches); affine parameters are kept."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in bns:
+        m.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for m, (mom, tr) in zip(bns, saved, strict=True):
+            m.momentum = mom
+            m.train(tr)
+
+
 def apply(model: nn.Module, sites: list[Site], projections: list[torch.Tensor],
           calib: Iterable[torch.Tensor] | None = None,
           consumer_weights: Mapping[int, torch.Tensor] | None = None) -> nn.Module:

@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--weights")
     ap.add_argument("--data", default=str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
     ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--channel-multiple", type=int, default=1,
+                    help="1 reproduces the recorded ablations; the CLI default is 8")
     ap.add_argument("--calib-images", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variants", default="all", help="comma-separated indices or 'all'")
@@ -64,7 +66,8 @@ def main() -> None:
     data = load_data(a.data)
     model, _ = load_model(weights, a.arch)
     sites = require_sites(model)
-    widths = widths_for_macs(MacModel.of(model, data.input_shape), sites, a.target_macs)
+    widths = widths_for_macs(MacModel.of(model, data.input_shape), sites, a.target_macs,
+                             a.channel_multiple)
     calib = calibration_images(data, a.calib_images, torch.device("cpu"), seed=a.seed)
     rows: list[dict] = []
 

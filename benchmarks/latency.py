@@ -31,8 +31,9 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet56")
     ap.add_argument("--compressed", help="compressed caproj checkpoint")
     ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--channel-multiple", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--forms", default="eager,fold_bn,freeze")
+    ap.add_argument("--forms", default="eager,fold_bn,fold_bn_cl,freeze,onnxruntime")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -43,11 +44,14 @@ def main() -> None:
         small, _ = load_model(a.compressed)
     else:
         sites = require_sites(orig)
-        widths = widths_for_macs(MacModel.of(orig, shape), sites, a.target_macs)
+        widths = widths_for_macs(MacModel.of(orig, shape), sites, a.target_macs,
+                                 a.channel_multiple)
         small = surgery.apply(orig, sites, [torch.eye(s.channels)[:, :k]
                                             for s, k in zip(sites, widths, strict=True)])
     macs = (metrics.count_macs(orig, shape), metrics.count_macs(small, shape))
-    print(f"MACs {macs[0] / 1e6:.2f} M -> {macs[1] / 1e6:.2f} M ({macs[0] / macs[1]:.2f}x)")
+    widths = [m.out_channels for n, m in small.named_modules() if n.endswith("conv1")][1:]
+    print(f"MACs {macs[0] / 1e6:.2f} M -> {macs[1] / 1e6:.2f} M ({macs[0] / macs[1]:.2f}x); "
+          f"block widths {widths}")
     rows = []
     for form in a.forms.split(","):
         o, s = (deploy.for_inference(m, form, shape) for m in (orig, small))
@@ -63,6 +67,7 @@ def main() -> None:
                   f"{row['compressed_ms']:7.2f} ms  speed-up {row['speedup']:.2f}x", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"arch": a.arch, "macs": macs, "rows": rows,
+                                       "widths": widths,
                                        "threads": a.threads, **run_record(0)}, indent=2))
 
 

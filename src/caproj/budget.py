@@ -45,47 +45,86 @@ def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
     return total
 
 
-def widths_for_keep(sites: list[Site], keep: float) -> list[int]:
+def site_step(c: int, multiple: int) -> int:
+    """Width granularity of a site: `multiple`, but never coarser than a quarter of it."""
+    return max(1, min(multiple, c // 4))
+
+
+def _round_width(x: float, c: int, step: int) -> int:
+    return max(step, min(c, int(round(x / step)) * step))
+
+
+def widths_for_keep(sites: list[Site], keep: float, multiple: int = 1) -> list[int]:
     if not (math.isfinite(keep) and 0 < keep <= 1):
         raise CaprojError(f"keep must be in (0, 1], got {keep}")
-    return [max(1, min(s.channels, round(keep * s.channels))) for s in sites]
+    if multiple < 1:
+        raise CaprojError(f"channel multiple must be >= 1, got {multiple}")
+    if keep == 1:
+        return [s.channels for s in sites]
+    return [_round_width(keep * s.channels, s.channels, site_step(s.channels, multiple))
+            for s in sites]
 
 
-def widths_for_macs(mm: MacModel, sites: list[Site], target: float) -> list[int]:
-    """Uniform keep ratio solved by bisection, then single channels added greedily (least
-    compressed site last) until the MACs fraction is as close to `target` as possible from below."""
+def widths_for_macs(mm: MacModel, sites: list[Site], target: float,
+                    multiple: int = 1) -> list[int]:
+    """Uniform keep ratio solved by bisection, then widths grown one step at a time, least-kept
+    site first, while the MACs stay at or below `target`.
+
+    `multiple` > 1 keeps widths at multiples of it where a site is wide enough (the CLI's
+    default is 8): CPU convolution kernels block channels in groups of 8/16 and odd widths
+    measured markedly slower (benchmarks/RESULTS.md). If those steps cannot land within 1 % of
+    the target, single channels finish the job on as few sites as needed."""
     if not (math.isfinite(target) and 0 < target <= 1):
         raise CaprojError(f"target-macs must be in (0, 1], got {target}")
+    if multiple < 1:
+        raise CaprojError(f"channel multiple must be >= 1, got {multiple}")
     goal = target * mm.total
+    steps = [site_step(s.channels, multiple) for s in sites]
     floor = predict_macs(mm, sites, [1] * len(sites))
     if floor > goal:
         raise CaprojError(f"target-macs {target} is unreachable: keeping one channel per site "
                           f"still leaves {floor / mm.total:.3f} of the MACs (the other layers "
                           f"are not compressible here)")
+
+    def uniform(r: float) -> list[int]:
+        return [_round_width(r * s.channels, s.channels, st) for s, st in zip(sites, steps,
+                                                                              strict=True)]
+
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if predict_macs(mm, sites, widths_for_keep(sites, max(mid, 1e-9))) <= goal:
-            lo = mid
-        else:
-            hi = mid
-    widths = widths_for_keep(sites, max(lo, 1e-9))
+        lo, hi = (mid, hi) if predict_macs(mm, sites, uniform(mid)) <= goal else (lo, mid)
+    widths = uniform(lo)
+    if predict_macs(mm, sites, widths) > goal and multiple > 1:
+        return widths_for_macs(mm, sites, target, 1)  # too coarse for this target
+
+    def grow(widths: list[int], step_of) -> list[int]:
+        while True:
+            for i in sorted(range(len(sites)), key=lambda i: widths[i] / sites[i].channels):
+                w2 = widths.copy()
+                w2[i] = min(sites[i].channels, widths[i] + step_of(i))
+                if w2[i] != widths[i] and predict_macs(mm, sites, w2) <= goal:
+                    widths = w2
+                    break
+            else:
+                return widths
+
+    widths = grow(widths, lambda i: steps[i])
+    if abs(predict_macs(mm, sites, widths) / mm.total - target) > 0.01 * target:
+        widths = grow(widths, lambda i: 1)
     cur = predict_macs(mm, sites, widths)
-    while True:
-        best = None
-        for i in sorted(range(len(sites)), key=lambda i: widths[i] / sites[i].channels):
+    if abs(cur / mm.total - target) > 0.01 * target:  # tiny widths: try one channel above
+        above = []
+        for i in range(len(sites)):
             if widths[i] < sites[i].channels:
                 w2 = widths.copy()
                 w2[i] += 1
-                m = predict_macs(mm, sites, w2)
-                if m <= goal:
-                    best = (i, m)
-                    break
-        if best is None:
-            break
-        widths[best[0]] += 1
-        cur = best[1]
+                above.append((predict_macs(mm, sites, w2), w2))
+        if above:
+            m, w2 = min(above, key=lambda t: t[0])
+            if abs(m / mm.total - target) <= 0.01 * target:
+                widths, cur = w2, m
     if abs(cur / mm.total - target) > 0.01 * target:
         raise CaprojError(f"target-macs {target} cannot be met within 1 % with these sites "
-                          f"(closest: {cur / mm.total:.4f})")
+                          f"(closest below: {cur / mm.total:.4f})")
     return widths

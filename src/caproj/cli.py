@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--image-size", type=_positive_int)
     _add_train_args(p, epochs_flag="--epochs", default_epochs=3)
+    p.add_argument("--teacher", help="checkpoint to distil from (with --kd W), e.g. the "
+                   "original model when fine-tuning a compressed one")
     p.add_argument("--out", required=True, help="output checkpoint path (written atomically)")
     _add_common(p)
 
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
     budget.add_argument("--target-macs", type=_fraction,
                         help="fraction of the original MACs to keep (default 0.5)")
+    p.add_argument("--channel-multiple", type=_positive_int, default=8,
+                   help="keep widths at multiples of this where a site is wide enough "
+                   "(default 8: fast CPU kernels; 1 = any width)")
     p.add_argument("--init", choices=("select", "pca"), default="select",
                    help="initial projection (default select: the best measured start)")
     p.add_argument("--calib-images", type=_positive_int, default=2000,
@@ -163,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: cap, cp, pca, l1, fpgm, taylor, svd, tp-l2")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=int, default=600)
+    p.add_argument("--channel-multiple", type=_positive_int, default=8)
     _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=1)
     p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
     _add_common(p)
@@ -182,7 +188,8 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--kd", type=float, default=0.0, dest="kd_weight",
-                   help="distillation weight from the original model (compress; 0..1)")
+                   help="distillation weight (0..1) from the original model (compress) "
+                   "or from --teacher (train)")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
                    "autocast where the hardware supports it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -265,8 +272,16 @@ def cmd_train(a: argparse.Namespace) -> None:
     model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
                              data.input_shape[0])
     _check_fits(model, data)
+    teacher = None
+    if cfg.kd_weight > 0:
+        if not a.teacher:
+            raise CaprojError("--kd needs --teacher CHECKPOINT")
+        teacher, _ = load_model(a.teacher, meta["arch"], data.num_classes, data.input_shape[0])
+        teacher.to(device)
+    elif a.teacher:
+        raise CaprojError("--teacher is used only with --kd W (W > 0)")
     model.to(device)
-    hist = train(model, data, cfg)
+    hist = train(model, data, cfg, teacher=teacher)
     final = hist[-1] if hist else {f"test_{k}": v for k, v in evaluate(model, data).items()}
     ck = make_checkpoint(model.cpu(), meta["arch"], num_classes=data.num_classes,
                          in_channels=data.input_shape[0], input_shape=list(data.input_shape),

@@ -1,10 +1,14 @@
 """Inference-time forms of a model, for latency measured the way it would be deployed.
 
 Thin layers are overhead-bound at batch 1: in eager PyTorch every conv, BN, ReLU and add is a
-separate dispatch. `fold_bn` removes the BatchNorms (torch.fx conv-bn fusion); `freeze`
-additionally traces and freezes the graph with TorchScript so that conv+add+ReLU run as fused
-oneDNN ops without Python in between. The same transform is applied to original and compressed
-models before they are compared (see benchmarks/latency.py for what each form gives).
+separate dispatch. The forms, each applied alike to original and compressed models before they
+are compared (benchmarks/latency.py measures them all):
+- `eager`: the module as it is;
+- `fold_bn`: BatchNorms folded into the convs (torch.fx conv-bn fusion);
+- `fold_bn_cl`: the same, run channels_last (oneDNN's fast layout on CPU);
+- `freeze`: BN folded, traced and frozen with TorchScript (fused conv+ReLU);
+- `onnxruntime`: BN folded, exported to ONNX and run by onnxruntime, whose per-op overhead is a
+  fraction of eager PyTorch's (the batch-1 winner on this machine).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from caproj.errors import CaprojError
 
-FORMS = ("eager", "fold_bn", "freeze")
+FORMS = ("eager", "fold_bn", "fold_bn_cl", "freeze", "onnxruntime")
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -35,11 +39,71 @@ def freeze(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
+class ChannelsLast(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | None = None,
+                opset: int = 17) -> bytes:
+    """ONNX bytes of `model` (BN folded, dynamic batch), checked by onnx.checker; also written
+    atomically to `path` if given."""
+    import io
+
+    try:
+        import onnx
+    except ImportError:
+        raise CaprojError("ONNX export needs onnx: pip install -e '.[export]'") from None
+    m = fold_bn(model).cpu()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.zeros(1, *input_shape),), buf, dynamo=False,
+                          input_names=["input"], output_names=["logits"], opset_version=opset,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    data = buf.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    if path is not None:
+        from caproj.utils import atomic_write_bytes
+
+        atomic_write_bytes(data, path)
+    return data
+
+
+class OnnxRuntimeModule(nn.Module):
+    """Runs an ONNX export in onnxruntime behind a torch-style forward (CPU tensors)."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...],
+                 threads: int | None = None) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CaprojError("onnxruntime is not installed: pip install -e '.[export]'") from None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(export_onnx(model, input_shape), so,
+                                            providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"input": x.detach().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+
 def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...]) -> nn.Module:
     if form == "eager":
         return model.eval()
     if form == "fold_bn":
         return fold_bn(model)
+    if form == "fold_bn_cl":
+        return ChannelsLast(fold_bn(model))
     if form == "freeze":
         return freeze(model, input_shape)
+    if form == "onnxruntime":
+        return OnnxRuntimeModule(model, input_shape)
     raise CaprojError(f"unknown inference form {form!r}; choose one of {', '.join(FORMS)}")

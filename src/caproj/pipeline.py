@@ -31,7 +31,7 @@ class CompressResult:
 
 def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: float | None = None,
              target_macs: float | None = None, finetune: TrainConfig | None = None,
-             log=print) -> CompressResult:
+             channel_multiple: int = 8, log=print) -> CompressResult:
     """Compress `model` (left unchanged) with CaP to a keep ratio or a MACs fraction, optionally
     fine-tune, and report accuracy, MACs and params at each stage."""
     if keep is None and target_macs is None:
@@ -39,8 +39,8 @@ def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: floa
     shape = splits.input_shape
     sites = require_sites(model)
     mm = MacModel.of(model, shape)
-    widths = widths_for_keep(sites, keep) if keep is not None else \
-        widths_for_macs(mm, sites, target_macs)  # type: ignore[arg-type]
+    widths = widths_for_keep(sites, keep, channel_multiple) if keep is not None else \
+        widths_for_macs(mm, sites, target_macs, channel_multiple)  # type: ignore[arg-type]
     predicted = predict_macs(mm, sites, widths)
     rep: dict[str, Any] = {"sites": [str(s) for s in sites], "widths": widths,
                            "macs_before": mm.total, "params_before": metrics.count_params(model)}
@@ -70,15 +70,28 @@ def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: floa
     return CompressResult(small, sites, widths, rep)
 
 
-def _latency_pair(orig: nn.Module, small: nn.Module, shape, threads) -> dict[str, float]:
-    """Original vs compressed, interleaved in the same run (see metrics.compare_latency)."""
-    out = {}
-    for b in (1, 64):
-        r = metrics.compare_latency({"before": orig, "after": small}, shape, b,
-                                    rounds=15 if b == 1 else 8, num_threads=threads)
-        out[f"latency_b{b}_before_ms"] = r["before"]["median_ms"]
-        out[f"latency_b{b}_after_ms"] = r["after"]["median_ms"]
-        out[f"latency_b{b}_speedup"] = r["after"]["speedup"]
+DEPLOY_FORMS = ("eager", "fold_bn_cl", "onnxruntime")
+
+
+def latency_report(orig: nn.Module, small: nn.Module, shape, threads,
+                   forms: tuple[str, ...] = DEPLOY_FORMS) -> dict[str, float]:
+    """Original vs compressed in each inference form, interleaved in the same run
+    (metrics.compare_latency), batch 1 and 64. Forms whose runtime is missing are skipped."""
+    from caproj import deploy
+
+    out: dict[str, float] = {}
+    for form in forms:
+        try:
+            o, s = (deploy.for_inference(m, form, shape) for m in (orig, small))
+        except CaprojError:
+            continue  # e.g. onnxruntime not installed
+        for b in (1, 64):
+            r = metrics.compare_latency({"before": o, "after": s}, shape, b,
+                                        rounds=15 if b == 1 else 8, num_threads=threads)
+            key = f"latency_{form}_b{b}"
+            out[f"{key}_before_ms"] = r["before"]["median_ms"]
+            out[f"{key}_after_ms"] = r["after"]["median_ms"]
+            out[f"{key}_speedup"] = r["after"]["speedup"]
     return out
 
 
@@ -106,10 +119,11 @@ def cmd_compress(a: argparse.Namespace) -> None:
     model.to(device)
     acc0 = evaluate(model, data)["acc"]
     print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
-    res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs, finetune=ft)
+    res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs, finetune=ft,
+                   channel_multiple=a.channel_multiple)
     rep = res.report
     rep["acc_before"] = acc0
-    rep.update(_latency_pair(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
+    rep.update(latency_report(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
     ck = make_checkpoint(res.model.cpu(), meta["arch"], num_classes=data.num_classes,
                          in_channels=data.input_shape[0], input_shape=list(data.input_shape),
                          compressed=True, data=data.describe(), train_config=config_dict(ft),
@@ -137,12 +151,15 @@ def format_report(rep: dict[str, Any]) -> str:
                 if "acc_after_finetune" in rep else ""),
              row("MACs", rep["macs_before"], rep["macs_after"], lambda v: f"{v / 1e6:.2f} M"),
              row("params", rep["params_before"], rep["params_after"], lambda v: f"{v / 1e6:.3f} M")]
-    for b in (1, 64):
-        k = f"latency_b{b}"
-        if f"{k}_before_ms" in rep:
-            lines.append(f"  {'latency batch ' + str(b):22s} {rep[f'{k}_before_ms']:9.2f} ms "
-                         f"{rep[f'{k}_after_ms']:9.2f} ms   {rep[f'{k}_speedup']:5.2f}x "
-                         f"(median of interleaved rounds)")
+    for form in DEPLOY_FORMS:
+        for b in (1, 64):
+            k = f"latency_{form}_b{b}"
+            if f"{k}_before_ms" in rep:
+                lines.append(f"  {f'latency {form} b{b}':22s} {rep[f'{k}_before_ms']:9.2f} ms "
+                             f"{rep[f'{k}_after_ms']:9.2f} ms   {rep[f'{k}_speedup']:5.2f}x")
+    if any(k.startswith("latency_") for k in rep):
+        lines.append("  (latency: medians of interleaved rounds; ratio = median of per-round "
+                     "ratios)")
     return "\n".join(lines)
 
 
@@ -165,7 +182,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
     res = compress(model, data, cap_cfg, target_macs=0.5, finetune=ft, log=lambda s: None)
     rep = res.report
     rep["acc_before"] = acc
-    rep.update(_latency_pair(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
+    rep.update(latency_report(model.cpu(), res.model.cpu(), data.input_shape, a.threads,
+                              forms=("eager",)))
     print(f"CaP to 50 % MACs ({len(res.sites)} sites, widths {res.widths}):")
     print(format_report(rep))
     if a.out:
@@ -209,5 +227,6 @@ def cmd_bench(a: argparse.Namespace) -> None:
     _check_fits(model, data)
     cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0,
                         bf16=False if a.no_bf16 else None)
-    bench.run(model.to(device), data, meta["arch"], methods, targets, ft, cap_cfg, out)
+    bench.run(model.to(device), data, meta["arch"], methods, targets, ft, cap_cfg, out,
+              channel_multiple=a.channel_multiple)
     print((out / "results.md").read_text())

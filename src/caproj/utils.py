@@ -61,6 +61,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     p = check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")

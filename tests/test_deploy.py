@@ -34,3 +34,57 @@ def test_recalibrate_bn_sets_statistics_of_own_features():
     assert torch.allclose(m.bn1.running_mean, feats.mean((0, 2, 3)), atol=1e-4)
     assert torch.allclose(m.bn1.running_var, feats.var((0, 2, 3)), rtol=1e-2)
     assert not m.training and m.bn1.momentum == 0.1
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_compressed_checkpoint_round_trip(tmp_path, fmt):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from caproj.models import make_checkpoint
+    from caproj.sites import require_sites
+
+    torch.manual_seed(0)
+    m = randomise_bn(build_model("resnet20"))
+    sites = require_sites(m)
+    small = surgery.apply(m, sites, [torch.eye(s.channels)[:, : s.channels // 2] for s in sites],
+                          calib=[torch.randn(8, 3, 32, 32)])
+    torch.save(make_checkpoint(small, "resnet20", compressed=True, input_shape=[3, 32, 32]),
+               tmp_path / "c.pt")
+    out = tmp_path / f"c.{fmt}"
+    r = subprocess.run([sys.executable, "-m", "caproj.cli", "export", "--weights",
+                        str(tmp_path / "c.pt"), "--format", fmt, "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = small(x)
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(out))
+        onnx.checker.check_model(model)
+        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # standard ops only
+        ops = {n.op_type for n in model.graph.node}
+        assert "Conv" in ops and "BatchNormalization" not in ops  # BN folded into the convs
+        got = ort.InferenceSession(str(out)).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref.numpy()).max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    else:
+        got = torch.export.load(str(out)).module()(x)
+        assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_onnx_export_of_torchvision_resnet18():
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = randomise_bn(build_model("tv:resnet18"))
+    data = deploy.export_onnx(m, (3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    got = ort.InferenceSession(data).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x)
+    assert (torch.from_numpy(got) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max())

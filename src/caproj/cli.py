@@ -39,6 +39,10 @@ EXAMPLES = {
                --data ../shared/data/cifar10-jpeg.tar.gz --methods cap,tp-l2 \\
                --targets 0.5 --finetune-epochs 3 --out-dir bench-r56
   (re-running the same command resumes: finished cells are kept)""",
+    "export": """examples:
+  caproj export --weights r56-cap.pt --format onnx --out r56-cap.onnx
+  caproj export --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th \\
+                --format pt2 --out r56.pt2     # torch.export program""",
     "demo": """examples:
   caproj demo              # train a small CNN on the bundled digits, then compress it
   caproj demo --out demo.pt""",
@@ -173,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
     _add_common(p)
 
+    p = cmd("export", "export a (compressed) model for deployment: ONNX or torch.export")
+    _add_model_args(p, need_weights=True)
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx")
+    p.add_argument("--input-size", type=_input_size, help="C,H,W (default: from checkpoint)")
+    p.add_argument("--out", required=True)
+    _add_common(p)
+
     p = cmd("demo", "offline end-to-end demo on the bundled digits data")
     p.add_argument("--out", help="also save the compressed model here")
     _add_common(p)
@@ -292,6 +303,39 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"saved {a.out}: test acc {final.get('test_acc', float('nan')):.2f} %")
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    """BN folded; ONNX is checked by onnx.checker and compared with PyTorch in onnxruntime."""
+    from caproj import deploy
+    from caproj.models import default_input_shape, load_model
+    from caproj.utils import check_output_path
+
+    check_output_path(a.out)
+    model, meta = load_model(a.weights, a.arch, a.num_classes)
+    shape = a.input_size or tuple(meta.get("input_shape") or default_input_shape(meta["arch"]))
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    if a.format == "onnx":
+        deploy.export_onnx(model, shape, a.out)
+        out = deploy.OnnxRuntimeModule(model, shape)(x)
+    else:
+        tmp = Path(a.out).with_name(f".{Path(a.out).name}.tmp.pt2")
+        try:
+            program = torch.export.export(deploy.fold_bn(model), (x,),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, tmp)
+            out = torch.export.load(tmp).module()(x)
+            tmp.replace(a.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    diff = (out - ref).abs().max().item()
+    if diff > 1e-4 * max(1.0, ref.abs().max().item()):
+        Path(a.out).unlink(missing_ok=True)
+        raise CaprojError(f"exported {a.format} model differs from PyTorch by {diff:.3g}; "
+                          f"nothing written")
+    print(f"wrote {a.out} ({a.format}, input {shape}); max abs diff to PyTorch {diff:.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress in logs
@@ -299,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     handlers = {"info": cmd_info, "eval": cmd_eval, "train": cmd_train,
                 "compress": _lazy("cmd_compress"), "demo": _lazy("cmd_demo"),
-                "bench": _lazy("cmd_bench")}
+                "bench": _lazy("cmd_bench"), "export": cmd_export}
     t0 = time.perf_counter()
     try:
         handlers[args.cmd](args)

@@ -97,7 +97,7 @@ def test_info_resnet56_numbers():
      "checkpoint does not fit resnet20: 'conv1.weight' has shape (16, 3, 3, 3) in the "
      "checkpoint, (16, 1, 3, 3)"),
     (["compress", "--arch", "digits-cnn", "--weights", "w.th", "--data", "digits",
-      "--target-macs", "0.001", "--out", "o.pt"], "target-macs 0.001 is unreachable"),
+      "--target-macs", "0.0001", "--out", "o.pt"], "target-macs 0.0001 is unreachable"),
 ])
 def test_bad_input_one_line_error_no_output(tmp_path, args, message):
     torch.save(build_model("resnet20").state_dict(), tmp_path / "w.th")
@@ -175,3 +175,15 @@ def test_bench_rejects_bad_targets_and_methods(trained, tmp_path):
                "--out-dir", tmp_path / "b")
     assert r.returncode == 2 and "unknown method 'magic'" in r.stderr
     assert not (tmp_path / "b").exists()  # refused before any work or output
+
+
+def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatch):
+    from caproj import utils
+    from caproj.errors import CaprojError
+
+    real = os.access
+    monkeypatch.setattr(utils.os, "access",
+                        lambda p, mode: False if mode == os.W_OK else real(p, mode))
+    with pytest.raises(CaprojError, match="output directory is not writable"):
+        utils.atomic_save({"a": 1}, tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())

@@ -244,19 +244,27 @@ def cmd_info(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    from caproj.train import evaluate
+
+    data, model, meta = _data_and_model(a)
+    r = evaluate(model, data, a.batch_size)
+    print(f"{meta['arch']} on {data.name} test ({r['n']} images): top-1 {r['acc']:.2f} %  "
+          f"(loss {r['loss']:.4f})")
+
+
+def _data_and_model(a: argparse.Namespace):
+    """The data and model of a job, checked against each other; model on the chosen device."""
     from caproj.data import load_data
     from caproj.models import load_model
-    from caproj.train import evaluate
-    from caproj.utils import pick_device
+    from caproj.utils import pick_device, seed_everything
 
     device = pick_device(a.device)
     data = load_data(a.data, a.image_size)
+    seed_everything(a.seed)
     model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
                              data.input_shape[0])
     _check_fits(model, data)
-    r = evaluate(model.to(device), data, a.batch_size)
-    print(f"{meta['arch']} on {data.name} test ({r['n']} images): top-1 {r['acc']:.2f} %  "
-          f"(loss {r['loss']:.4f})")
+    return data, model.to(device), meta
 
 
 def _check_fits(model: torch.nn.Module, data) -> None:
@@ -269,20 +277,15 @@ def _check_fits(model: torch.nn.Module, data) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from caproj.data import load_data
     from caproj.models import load_model, make_checkpoint
     from caproj.train import config_dict, evaluate, train
-    from caproj.utils import atomic_save, check_output_path, pick_device, run_record
+    from caproj.utils import atomic_save, check_output_path, run_record
 
     check_output_path(a.out)
     cfg = _train_config(a)
     cfg.validate()
-    device = pick_device(a.device)
-    data = load_data(a.data, a.image_size)
-    torch.manual_seed(a.seed)
-    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
-                             data.input_shape[0])
-    _check_fits(model, data)
+    data, model, meta = _data_and_model(a)
+    device = next(model.parameters()).device
     teacher = None
     if cfg.kd_weight > 0:
         if not a.teacher:
@@ -291,7 +294,6 @@ def cmd_train(a: argparse.Namespace) -> None:
         teacher.to(device)
     elif a.teacher:
         raise CaprojError("--teacher is used only with --kd W (W > 0)")
-    model.to(device)
     hist = train(model, data, cfg, teacher=teacher)
     final = hist[-1] if hist else {f"test_{k}": v for k, v in evaluate(model, data).items()}
     ck = make_checkpoint(model.cpu(), meta["arch"], num_classes=data.num_classes,

@@ -96,7 +96,7 @@ def latency_report(orig: nn.Module, small: nn.Module, shape, threads,
 
 
 def cmd_compress(a: argparse.Namespace) -> None:
-    from caproj.cli import _check_fits, _train_config
+    from caproj.cli import _data_and_model, _train_config
 
     check_output_path(a.out)
     if a.report:
@@ -108,15 +108,9 @@ def cmd_compress(a: argparse.Namespace) -> None:
     cap_cfg.validate()
     ft = _train_config(a)
     ft.validate()
-    device = pick_device(a.device)
-    data = load_data(a.data, a.image_size)
-    seed_everything(a.seed)
-    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
-                             data.input_shape[0])
-    _check_fits(model, data)
+    data, model, meta = _data_and_model(a)
     if meta.get("compressed"):
         raise CaprojError(f"{a.weights} is already compressed; compress the original model")
-    model.to(device)
     acc0 = evaluate(model, data)["acc"]
     print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
     res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs, finetune=ft,
@@ -199,7 +193,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from pathlib import Path
 
     from caproj import bench
-    from caproj.cli import _check_fits, _train_config
+    from caproj.cli import _data_and_model, _train_config
 
     try:
         targets = [float(t) for t in a.targets.split(",")]
@@ -219,14 +213,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
         raise CaprojError(f"--out-dir {out} exists and is not a directory")
     ft = _train_config(a)
     ft.validate()
-    device = pick_device(a.device)
-    data = load_data(a.data, a.image_size)
-    seed_everything(a.seed)
-    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
-                             data.input_shape[0])
-    _check_fits(model, data)
+    data, model, meta = _data_and_model(a)
     cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0,
                         bf16=False if a.no_bf16 else None)
-    bench.run(model.to(device), data, meta["arch"], methods, targets, ft, cap_cfg, out,
+    bench.run(model, data, meta["arch"], methods, targets, ft, cap_cfg, out,
               channel_multiple=a.channel_multiple)
     print((out / "results.md").read_text())

@@ -16,6 +16,7 @@ from torch import nn
 
 from caproj.errors import CaprojError
 from caproj.sites import Site
+from caproj.utils import run_with_hooks
 
 
 def retract(a: torch.Tensor, method: str = "qr") -> torch.Tensor:
@@ -73,13 +74,7 @@ def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
         hooks.append(tap.register_forward_hook(lambda m, i, o, st=st: st.add_response(o)))
         hooks.append(mods[s.consumer].register_forward_pre_hook(
             lambda m, i, st=st, c=s.channels: st.add_consumer_input(i[0], c)))
-    model.eval()
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, hooks)
     return stats
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from caproj.models import resize_to_state_dict
 from caproj.sites import Site
+from caproj.utils import run_with_hooks
 
 
 def project_in(w: torch.Tensor, p: torch.Tensor, site: Site) -> torch.Tensor:
@@ -109,13 +110,7 @@ def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
             a[1] = a[1] + o.pow(2).sum(dims)
             a[2] += o.numel() // o.shape[1]
         hooks.append(mods[s.producer].register_forward_hook(hook))
-    model.eval()
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, hooks)
     for s in todo:
         bn: nn.BatchNorm2d = mods[s.bn]  # type: ignore[assignment]
         s1, s2, n = acc[s.bn]

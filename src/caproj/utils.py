@@ -7,8 +7,9 @@ import platform
 import random
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -47,44 +48,43 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same directory, then rename: never a half-written file."""
+def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temp file in the same directory, then rename: never a half-written file."""
     p = check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    _atomic(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    p = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic(path, lambda f: f.write(data))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    p = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    atomic_write_bytes(text.encode(), path)
+
+
+@torch.no_grad()
+def run_with_hooks(model: torch.nn.Module, batches: Iterable[torch.Tensor],
+                   hooks: list[Any]) -> None:
+    """Forward every batch in eval mode, then remove the (already registered) hooks."""
+    model.eval()
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def run_record(seed: int | None = None, **extra: Any) -> dict[str, Any]:

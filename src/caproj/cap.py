@@ -111,25 +111,23 @@ class CaP:
 
     # ------------------------------------------------------------------ helpers
     def projections(self) -> list[torch.Tensor]:
-        return [projection.retract(a, self.cfg.retraction) if a.shape[0] != a.shape[1] or
-                a.requires_grad else a for a in self.proxies]
+        """Retracted proxies; square ones (sites kept whole) are the identity and stay fixed."""
+        return [projection.retract(a, self.cfg.retraction) if a.shape[0] != a.shape[1] else a
+                for a in self.proxies]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return surgery.compressed_tensors(self.orig, self.sites, self.base, self.projections(),
                                           self.consumer_w)
 
-
-    def _run(self, x: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None):
+    def _run(self, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.narrow is not None
-        return functional_call(self.narrow, tensors if tensors is not None else self.tensors(),
-                               (x,), strict=False)
+        return functional_call(self.narrow, tensors, (x,), strict=False)
 
     # ------------------------------------------------------------------ 1+2: stats and init
     @torch.no_grad()
     def initialise(self, calib: list[torch.Tensor]) -> None:
         t0 = time.perf_counter()
         stats = projection.collect_stats(self.orig, self.sites, calib)
-        self.stats = stats
         ps = []
         for s, k, st in zip(self.sites, self.widths, stats, strict=True):
             if k == s.channels:

@@ -71,8 +71,8 @@ def widths_for_macs(mm: MacModel, sites: list[Site], target: float,
     site first, while the MACs stay at or below `target`.
 
     `multiple` > 1 keeps widths at multiples of it where a site is wide enough (the CLI's
-    default is 8): CPU convolution kernels block channels in groups of 8/16 and odd widths
-    measured markedly slower (benchmarks/RESULTS.md). If those steps cannot land within 1 % of
+    default is 8): CPU convolution kernels block channels in groups of 8/16 (the measured effect
+    is within noise so far, benchmarks/RESULTS.md). If those steps cannot land within 1 % of
     the target, single channels finish the job on as few sites as needed."""
     if not (math.isfinite(target) and 0 < target <= 1):
         raise CaprojError(f"target-macs must be in (0, 1], got {target}")

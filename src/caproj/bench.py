@@ -54,7 +54,8 @@ def run_cell(model: nn.Module, splits: Splits, method: str, target: float, ft: T
     log(f"  {method} @ {target:g}: {rec['acc_before_finetune']:.2f} % before fine-tuning "
         f"({seconds:.0f} s)")
     t1 = time.perf_counter()
-    hist = train(small, splits, ft, log=lambda s: None) if ft.epochs else []
+    teacher = model if ft.kd_weight > 0 else None  # distil from the original, as compress does
+    hist = train(small, splits, ft, teacher=teacher, log=lambda s: None) if ft.epochs else []
     rec["finetune_seconds"] = time.perf_counter() - t1
     rec["finetune_history"] = hist
     rec["acc_after_finetune"] = hist[-1]["test_acc"] if hist else rec["acc_before_finetune"]
@@ -89,7 +90,11 @@ def run(model: nn.Module, splits: Splits, arch: str, methods: list[str], targets
         for method in methods:
             path = cell_path(out_dir, method, target)
             if path.is_file():
-                cells.append(json.loads(path.read_text()))
+                done = json.loads(path.read_text())
+                if done.get("finetune_config") != config_dict(ft):
+                    raise CaprojError(f"{path} was fine-tuned with another recipe "
+                                      f"({done.get('finetune_config')}); use a new --out-dir")
+                cells.append(done)
                 log(f"  {method} @ {target:g}: done earlier ({path.name}), not recomputed")
                 continue
             rec = run_cell(model, splits, method, target, ft, cap_cfg, base_acc, log,
@@ -108,11 +113,13 @@ def report(cells: list[dict], out_dir: Path) -> str:
         raise CaprojError(f"no benchmark cells in {out_dir}")
     cells = sorted(cells, key=lambda c: (-c["target_macs"], -c["acc_after_finetune"]))
     epochs = cells[0]["finetune_config"]["epochs"]
+    ftc = cells[0]["finetune_config"]
     lines = [f"Original: {cells[0]['arch']}, {cells[0]['acc_original']:.2f} %, "
              f"{cells[0]['macs_original'] / 1e6:.2f} M MACs. Fine-tune budget for every method: "
-             f"{epochs} epoch(s), SGD nesterov, {cells[0]['finetune_config']['schedule']} lr "
-             f"{cells[0]['finetune_config']['lr']}, batch "
-             f"{cells[0]['finetune_config']['batch_size']}, crop+flip.", "",
+             f"{epochs} epoch(s), SGD nesterov, {ftc['schedule']} lr {ftc['lr']}, batch "
+             f"{ftc['batch_size']}, crop+flip"
+             + (f", KD {ftc['kd_weight']} from the original" if ftc.get('kd_weight') else "")
+             + (", BN statistics frozen" if ftc.get('freeze_bn') else "") + ".", "",
              "Speed-ups: PyTorch CPU, BN folded + channels_last, against the original in the "
              "same form, interleaved in the same run.", "",
              "| target | method | MACs (M) | params (M) | top-1 before FT | top-1 after FT | "

@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cap-steps", type=int, default=600)
     p.add_argument("--channel-multiple", type=_positive_int, default=8)
     _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=1)
+    p.set_defaults(lr=0.005, kd_weight=0.5)  # the same fine-tune recipe as compress, for all
     p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
     _add_common(p)
 
@@ -205,6 +206,10 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs
     p.add_argument("--kd", type=float, default=0.0, dest="kd_weight",
                    help="distillation weight (0..1) from the original model (compress) "
                    "or from --teacher (train); default %(default)s")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="sgd (nesterov, default) or adam (AdamW)")
+    p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "
+                   "fixed while training (affine parameters still learn)")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
                    "autocast where the hardware supports it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -217,7 +222,9 @@ def _train_config(a: argparse.Namespace):
     return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule,
                        label_smoothing=a.label_smoothing, weight_decay=a.weight_decay,
                        seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
-                       kd_weight=getattr(a, "kd_weight", 0.0), max_steps=a.max_steps)
+                       kd_weight=getattr(a, "kd_weight", 0.0), max_steps=a.max_steps,
+                       freeze_bn=getattr(a, "freeze_bn", False),
+                       optimizer=getattr(a, "optimizer", "sgd"))
 
 
 def _fmt_m(v: float, digits: int = 2) -> str:

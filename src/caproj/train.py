@@ -32,6 +32,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # onecycle | cosine | constant
+    optimizer: str = "sgd"  # sgd (nesterov) | adam (AdamW: the optimiser CaP itself runs)
     label_smoothing: float = 0.0
     seed: int = 0
     bf16: bool | None = None  # None: on where the hardware runs bf16 fast
@@ -40,6 +41,9 @@ class TrainConfig:
     kd_weight: float = 0.0  # weight of distillation from `teacher` (0 = plain cross-entropy)
     kd_temperature: float = 4.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    # BatchNorm keeps its running statistics while training (affine still learned), so the
+    # network being fine-tuned is exactly the one that was evaluated (no batch-statistics shift)
+    freeze_bn: bool = False
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -49,6 +53,8 @@ class TrainConfig:
         if self.schedule not in ("onecycle", "cosine", "constant"):
             raise CaprojError(f"schedule must be onecycle, cosine or constant, "
                               f"got {self.schedule!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise CaprojError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
         if not 0 <= self.label_smoothing < 1:
             raise CaprojError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.kd_weight <= 1:
@@ -135,9 +141,13 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() > 1 else no_decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                              nesterov=cfg.momentum > 0)
     sched = make_scheduler(opt, cfg, total)
     fwd = torch.compile(model) if cfg.compile else model
     if teacher is not None:
@@ -148,6 +158,10 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
         if step >= total:
             break
         model.train()
+        if cfg.freeze_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         batches.set_epoch(epoch)
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         bar = progress(batches, min(steps_per_epoch, total - step),

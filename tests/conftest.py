@@ -4,6 +4,9 @@ them skip with a clear reason when it is absent."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +60,24 @@ def cifar():
     from caproj.data import load_data
 
     return load_data(str(CIFAR_ARCHIVE))
+
+
+def caproj(*args, cwd=None, timeout=600):
+    """Run the CLI as a user does; returns the CompletedProcess."""
+    return subprocess.run(caproj_cmd(*args), capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def caproj_cmd(*args) -> list[str]:
+    exe = shutil.which("caproj")
+    return ([exe] if exe else [sys.executable, "-m", "caproj.cli"]) + [str(a) for a in args]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A digits-cnn trained by the CLI (the demo's model), shared by the CLI tests."""
+    out = tmp_path_factory.mktemp("train") / "digits.pt"
+    r = caproj("train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "3",
+               "--lr", "0.05", "--batch-size", "64", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out

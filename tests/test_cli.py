@@ -2,23 +2,13 @@
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from caproj.models import build_model, make_checkpoint
 
-from conftest import CIFAR_ARCHIVE, MODELS, needs_cifar, needs_models
-
-
-def caproj(*args, cwd=None, timeout=600):
-    exe = shutil.which("caproj")
-    cmd = [exe] if exe else [sys.executable, "-m", "caproj.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+from conftest import CIFAR_ARCHIVE, MODELS, caproj, needs_cifar, needs_models
 
 
 def test_readme_demo_command():
@@ -28,15 +18,6 @@ def test_readme_demo_command():
     assert "trained digits-cnn" in r.stdout and "CaP to 50 % MACs" in r.stdout
     assert acc[0] > 90 and acc[1] > 90  # the compressed net still reads digits
     assert re.search(r"MACs\s+1\.79 M\s+0\.8\d M\s+2\.0\dx", r.stdout)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "digits.pt"
-    r = caproj("train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "3",
-               "--lr", "0.05", "--batch-size", "64", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def test_train_writes_a_checkpoint_that_eval_reads(trained):

@@ -148,3 +148,18 @@ def test_cifar_archive_shapes(cifar):
     assert cifar.train_x.shape == (50000, 3, 32, 32) and cifar.test_x.shape == (10000, 3, 32, 32)
     assert cifar.classes[0] == "airplane" and cifar.classes[-1] == "truck"
     assert torch.bincount(cifar.test_y).tolist() == [1000] * 10
+
+
+def test_batches_resume_mid_epoch_yields_the_same_remaining_batches():
+    x = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(70)
+    tr = D.Batches(x, y, 10, (0.5,) * 3, (0.25,) * 3, train=True, crop_padding=2, flip=True,
+                   seed=5, drop_last=True)
+    tr.set_epoch(2)
+    full = list(tr)
+    tr.set_epoch(2, start=4)
+    rest = list(tr)
+    assert len(rest) == len(full) - 4
+    for (xa, ya), (xb, yb) in zip(full[4:], rest, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert len(list(tr)) == len(full)  # `start` applies to one iteration only

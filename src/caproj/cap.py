@@ -28,6 +28,7 @@ from torch.func import functional_call
 from caproj import projection, surgery
 from caproj.data import Batches, Splits
 from caproj.errors import CaprojError
+from caproj.resume import Checkpointer, raise_if_stopped, rng_state, set_rng_state
 from caproj.sites import Site
 from caproj.train import bf16_supported, kd_loss
 
@@ -154,6 +155,7 @@ class CaP:
         for i, s in enumerate(self.sites):
             if self.widths[i] == s.channels:
                 continue  # kept whole: the original consumer is already exact
+            raise_if_stopped("the least-squares refit")
             cons_o, cons_n = omods[s.consumer], nmods[s.consumer]
             gram, cross = None, None
             tensors = self.tensors()
@@ -222,13 +224,43 @@ class CaP:
                 taps.append((self.sites[j].bn or s.consumer, j))
         return taps
 
-    def optimise(self, splits: Splits, steps: int | None = None) -> list[dict]:
+    def fingerprint(self) -> dict:
+        """What a saved optimisation state must match to be resumed by this run."""
+        return {"cap": asdict(self.cfg), "widths": self.widths,
+                "sites": [s.producer for s in self.sites],
+                "weights": sum(float(v.double().sum()) for v in self.base.values()
+                               if v.is_floating_point())}
+
+    def _load_state(self, st: dict) -> None:
+        self.proxies = [v.to(self.device) for v in st["proxies"]]
+        self.consumer_w = {int(i): v.to(self.device) for i, v in st["consumer_w"].items()}
+        for k, v in st["base"].items():
+            self.base[k] = v.to(self.device)
+        self.history = list(st["history"])
+
+    def _state(self, opts: list[torch.optim.Optimizer]) -> dict:
+        return {"proxies": [a.detach().clone() for a in self.proxies],
+                "consumer_w": {i: w.detach().clone() for i, w in self.consumer_w.items()},
+                "base": {k: v.detach().clone() for k, v in self.base.items()
+                         if v.is_floating_point()},
+                "opts": [o.state_dict() for o in opts], "history": self.history,
+                "rng": rng_state()}
+
+    def optimise(self, splits: Splits, steps: int | None = None,
+                 checkpoint: Checkpointer | None = None, state: dict | None = None) -> list[dict]:
+        """The mixture-loss optimisation. With a `checkpoint`, the state is saved every
+        `checkpoint.every` steps and on SIGTERM/SIGINT; `state` (from `checkpoint.load()`)
+        continues a saved run."""
         cfg = self.cfg
         steps = cfg.steps if steps is None else steps
         if steps == 0 or all(k == s.channels for s, k in zip(self.sites, self.widths, strict=True)):
             return []  # nothing is compressed: keep=1.0 leaves the network exactly as it was
         assert self.narrow is not None
         t0 = time.perf_counter()
+        start = 0
+        if state is not None:
+            self._load_state(state)
+            start = state["step"]
         use_bf16 = bf16_supported(self.device) if cfg.bf16 is None else cfg.bf16
         # Trainable state.
         groups: list[list[torch.Tensor]] = [[], []]
@@ -271,6 +303,12 @@ class CaP:
         for o in all_opts:
             for g in o.param_groups:
                 g["base_lr"] = g["lr"]
+        if state is not None:
+            for o, sd in zip(all_opts, state["opts"], strict=True):
+                o.load_state_dict(sd)
+            set_rng_state(state["rng"])
+        elif checkpoint is not None:
+            checkpoint.save(0, self._state(all_opts))  # init + refit done: never redo them
 
         taps = self._taps()
         omods, nmods = dict(self.orig.named_modules()), dict(self.narrow.named_modules())
@@ -283,9 +321,9 @@ class CaP:
             hooks.append(nmods[name].register_forward_hook(
                 lambda m, inp, out, i=i: got_n.__setitem__(i, out)))
         batches = Batches.train_of(splits, cfg.batch_size, seed=cfg.seed, device=self.device)
-        it = self._endless(batches)
+        it = self._endless(batches, start)
         try:
-            for step in range(steps):
+            for step in range(start, steps):
                 x, y = next(it)
                 with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=use_bf16):
@@ -309,8 +347,12 @@ class CaP:
                     cls = cls + cfg.kd * kd_loss(logits, t_logits, cfg.kd_temperature)
                 loss = cls + cfg.recon_weight * rec
                 if not torch.isfinite(loss):
+                    last = (f"; last good state: {checkpoint.path} (step "
+                            f"{step - step % checkpoint.every})"
+                            if checkpoint is not None and checkpoint.path else "")
                     raise CaprojError(f"CaP loss became {loss.item()} at step {step} (ce "
-                                      f"{ce.item():.4g}, recon {rec.item():.4g}); lower --cap-lr")
+                                      f"{ce.item():.4g}, recon {rec.item():.4g}); lower "
+                                      f"--cap-lr / --cap-weight-lr{last}")
                 for o in all_opts:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
@@ -329,6 +371,8 @@ class CaP:
                 if cfg.log_every and (step % cfg.log_every == 0 or step == steps - 1):
                     self.log(f"cap step {step:4d}: loss {r['loss']:.4f} ce {r['ce']:.4f} "
                              f"recon {r['recon']:.4f} batch acc {r['acc']:.1f}%")
+                if checkpoint is not None and checkpoint.due(step + 1):
+                    checkpoint.save(step + 1, self._state(all_opts))
         finally:
             for h in hooks:
                 h.remove()
@@ -342,12 +386,13 @@ class CaP:
         return self.history
 
     @staticmethod
-    def _endless(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = 0
+    def _endless(batches: Batches, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches forever, from the `start`-th (epochs of `len(batches)` steps)."""
+        epoch, offset = divmod(start, len(batches))
         while True:
-            batches.set_epoch(epoch)
+            batches.set_epoch(epoch, offset)
             yield from batches
-            epoch += 1
+            epoch, offset = epoch + 1, 0
 
     # ------------------------------------------------------------------ 5: surgery
     @torch.no_grad()
@@ -364,15 +409,17 @@ class CaP:
     def max_orthonormality_error(self) -> float:
         return max((projection.orthonormality_error(p) for p in self.projections()), default=0.0)
 
-    def run(self, splits: Splits) -> nn.Module:
-        """All stages with this config; returns the compressed nn.Module."""
+    def run(self, splits: Splits, checkpoint: Checkpointer | None = None) -> nn.Module:
+        """All stages with this config; returns the compressed nn.Module. With a
+        `checkpoint` the optimisation saves its state and resumes from it (see caproj.resume)."""
         torch.manual_seed(self.cfg.seed)
         calib = calibration_images(splits, self.cfg.calib_images, self.device, seed=self.cfg.seed)
         self.initialise(calib)
-        if self.cfg.refit:
+        st = checkpoint.load() if checkpoint is not None else None
+        if st is None and self.cfg.refit:
             self.refit(calib)
-        self.optimise(splits)
-        return self.finalize(calib)
+        self.optimise(splits, checkpoint=checkpoint, state=st)
+        return self.finalize(calib)  # the caller removes the state once all its work is saved
 
     def config(self) -> dict:
         return asdict(self.cfg)

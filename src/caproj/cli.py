@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="checkpoint to distil from (with --kd W), e.g. the "
                    "original model when fine-tuning a compressed one")
     p.add_argument("--out", required=True, help="output checkpoint path (written atomically)")
+    _add_resume_args(p)
     _add_common(p)
 
     p = cmd("compress", "compress a model with Cascaded Projection, then fine-tune it")
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(lr=0.005, kd_weight=0.5)
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
+    _add_resume_args(p)
     _add_common(p)
 
     p = cmd("bench", "compare CaP with pruning, factorisation and Torch-Pruning side by side")
@@ -214,6 +216,14 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs
                    "autocast where the hardware supports it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
+
+
+def _add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its "
+                   "state file (<out>.*state.pt, written every --save-every steps and on "
+                   "SIGTERM/Ctrl-C)")
+    p.add_argument("--save-every", type=_positive_int, default=50,
+                   help="steps between state saves (default %(default)s)")
 
 
 def _train_config(a: argparse.Namespace):
@@ -305,14 +315,21 @@ def cmd_train(a: argparse.Namespace) -> None:
         teacher.to(device)
     elif a.teacher:
         raise CaprojError("--teacher is used only with --kd W (W > 0)")
-    hist = train(model, data, cfg, teacher=teacher)
+    from caproj.resume import Checkpointer, stop_on_signal
+
+    ck = Checkpointer(f"{a.out}.state.pt", {"train": config_dict(cfg), "data": data.describe(),
+                                           "weights": str(a.weights), "teacher": a.teacher},
+                      a.save_every, a.resume)
+    with stop_on_signal():
+        hist = train(model, data, cfg, teacher=teacher, checkpoint=ck)
     final = hist[-1] if hist else {f"test_{k}": v for k, v in evaluate(model, data).items()}
-    ck = make_checkpoint(model.cpu(), meta["arch"], num_classes=data.num_classes,
-                         in_channels=data.input_shape[0], input_shape=list(data.input_shape),
-                         compressed=bool(meta.get("compressed")), data=data.describe(),
-                         train_config=config_dict(cfg), history=hist,
-                         metrics={"test_acc": final.get("test_acc")}, **run_record(a.seed))
-    atomic_save(ck, a.out)
+    out = make_checkpoint(model.cpu(), meta["arch"], num_classes=data.num_classes,
+                          in_channels=data.input_shape[0], input_shape=list(data.input_shape),
+                          compressed=bool(meta.get("compressed")), data=data.describe(),
+                          train_config=config_dict(cfg), history=hist,
+                          metrics={"test_acc": final.get("test_acc")}, **run_record(a.seed))
+    atomic_save(out, a.out)
+    ck.finish()
     print(f"saved {a.out}: test acc {final.get('test_acc', float('nan')):.2f} %")
 
 
@@ -362,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers[args.cmd](args)
     except CaprojError as e:
         print(f"caproj: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("caproj: interrupted; no output written", file=sys.stderr)
         return 130

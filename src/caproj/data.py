@@ -298,7 +298,7 @@ class Batches:
         self.crop_padding, self.flip = crop_padding, flip
         self.drop_last = drop_last and len(y) >= batch_size
         self.channels_last = channels_last
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(std, device=self.device).view(shape) * 255
@@ -316,8 +316,9 @@ class Batches:
         n = len(self.y)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields this epoch's batches from index `start` on (resume)."""
+        self.epoch, self.start = epoch, start
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
         out = (xb.float() - self.mean) / self.std
@@ -327,8 +328,18 @@ class Batches:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
         order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        start, self.start = self.start, 0
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if i < start:  # skipped (resume): draw the same random numbers, touch no images
+                if order is not None:
+                    m = len(order[sl])
+                    if self.crop_padding > 0:  # as random_crop: dy, then dx
+                        for _ in range(2):
+                            torch.randint(0, 2 * self.crop_padding + 1, (m,), generator=gen)
+                    if self.flip:
+                        torch.rand(m, generator=gen)
+                continue
             if order is None:
                 xb, yb = self.x[sl], self.y[sl]
             else:

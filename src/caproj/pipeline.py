@@ -16,6 +16,7 @@ from caproj.cap import CaP, CapConfig
 from caproj.data import Splits, load_data
 from caproj.errors import CaprojError
 from caproj.models import load_model, make_checkpoint
+from caproj.resume import Checkpointer, stop_on_signal
 from caproj.sites import Site, require_sites
 from caproj.train import TrainConfig, config_dict, evaluate, train
 from caproj.utils import atomic_save, check_output_path, pick_device, run_record, seed_everything
@@ -31,9 +32,15 @@ class CompressResult:
 
 def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: float | None = None,
              target_macs: float | None = None, finetune: TrainConfig | None = None,
-             channel_multiple: int = 8, log=print) -> CompressResult:
+             channel_multiple: int = 8, log=print, state_prefix: str | None = None,
+             resume: bool = False, save_every: int = 50) -> CompressResult:
     """Compress `model` (left unchanged) with CaP to a keep ratio or a MACs fraction, optionally
-    fine-tune, and report accuracy, MACs and params at each stage."""
+    fine-tune, and report accuracy, MACs and params at each stage.
+
+    With `state_prefix`, CaP's optimisation and the fine-tuning save their state to
+    `<prefix>.cap-state.pt` / `<prefix>.ft-state.pt` every `save_every` steps and on
+    SIGTERM/SIGINT; `resume=True` continues from them. The caller calls `finish_states` once
+    the result is saved."""
     if keep is None and target_macs is None:
         target_macs = 0.5
     shape = splits.input_shape
@@ -48,7 +55,15 @@ def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: floa
         f"({predicted / mm.total:.3f} of {mm.total / 1e6:.2f} M)")
     t0 = time.perf_counter()
     cap = CaP(model, sites, widths, cap_cfg, log=log)
-    small = cap.run(splits)
+    cap_ck = ft_ck = None
+    if state_prefix is not None:
+        cap_ck = Checkpointer(f"{state_prefix}.cap-state.pt", cap.fingerprint(), save_every,
+                              resume, log)
+        ft_ck = Checkpointer(f"{state_prefix}.ft-state.pt",
+                             {"cap": cap.fingerprint(),
+                              "finetune": config_dict(finetune) if finetune else None},
+                             save_every, resume, log)
+    small = cap.run(splits, checkpoint=cap_ck)
     rep["compress_seconds"] = time.perf_counter() - t0
     rep["cap_timings"] = cap.timings
     rep["orthonormality_error"] = cap.max_orthonormality_error()
@@ -62,12 +77,19 @@ def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: floa
     if finetune is not None and finetune.epochs > 0:
         t1 = time.perf_counter()
         rep["finetune"] = train(small, splits, finetune,
-                                teacher=model if finetune.kd_weight > 0 else None, log=log)
+                                teacher=model if finetune.kd_weight > 0 else None, log=log,
+                                checkpoint=ft_ck)
         rep["finetune_seconds"] = time.perf_counter() - t1
         rep["acc_after_finetune"] = rep["finetune"][-1]["test_acc"]
     rep["cap_history"] = cap.history
     rep["cap_config"] = cap.config()
     return CompressResult(small, sites, widths, rep)
+
+
+def finish_states(state_prefix: str) -> None:
+    """Remove `compress`'s state files: call after its result is safely written."""
+    for kind in ("cap", "ft"):
+        Checkpointer(f"{state_prefix}.{kind}-state.pt", {}).finish()
 
 
 DEPLOY_FORMS = ("eager", "fold_bn_cl", "onnxruntime")
@@ -113,8 +135,10 @@ def cmd_compress(a: argparse.Namespace) -> None:
         raise CaprojError(f"{a.weights} is already compressed; compress the original model")
     acc0 = evaluate(model, data)["acc"]
     print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
-    res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs, finetune=ft,
-                   channel_multiple=a.channel_multiple)
+    with stop_on_signal():
+        res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs,
+                       finetune=ft, channel_multiple=a.channel_multiple, state_prefix=a.out,
+                       resume=a.resume, save_every=a.save_every)
     rep = res.report
     rep["acc_before"] = acc0
     rep.update(latency_report(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
@@ -129,6 +153,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
 
         dump_json({"arch": meta["arch"], "data": data.describe(), **rep, **run_record(a.seed)},
                   a.report)
+    finish_states(a.out)
     print(format_report(rep))
     print(f"saved {a.out}")
 

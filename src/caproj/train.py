@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from caproj.data import Batches, Splits
 from caproj.errors import CaprojError
+from caproj.resume import Checkpointer, rng_state, set_rng_state
 from caproj.utils import seed_everything
 
 
@@ -121,8 +122,13 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
 
 
 def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module | None = None,
-          log: Callable[[str], None] = print, eval_each_epoch: bool = True) -> list[dict]:
-    """Train `model` in place on `splits.train`. Returns one record per epoch."""
+          log: Callable[[str], None] = print, eval_each_epoch: bool = True,
+          checkpoint: Checkpointer | None = None) -> list[dict]:
+    """Train `model` in place on `splits.train`. Returns one record per epoch.
+
+    With a `checkpoint`, the whole training state is saved every `checkpoint.every` steps and on
+    SIGTERM/SIGINT, and a resumed call continues from the saved step to the same result.
+    """
     cfg.validate()
     if cfg.kd_weight > 0 and teacher is None:
         raise CaprojError("kd_weight > 0 needs a teacher model")
@@ -153,8 +159,17 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
     if teacher is not None:
         teacher.eval()
     history: list[dict] = []
-    step = 0
-    for epoch in range(cfg.epochs):
+    step, first_epoch, first_batch = 0, 0, 0
+    partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
+    st = checkpoint.load() if checkpoint is not None else None
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        history, partial = st["history"], st["partial"]
+        step, first_epoch, first_batch = st["step"], st["epoch"], st["batch"]
+        set_rng_state(st["rng"])
+    for epoch in range(first_epoch, cfg.epochs):
         if step >= total:
             break
         model.train()
@@ -162,11 +177,15 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        batches.set_epoch(epoch)
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = progress(batches, min(steps_per_epoch, total - step),
+        start = first_batch if epoch == first_epoch else 0
+        batches.set_epoch(epoch, start)
+        if start == 0:
+            partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
+        t0 = time.perf_counter() - partial["seconds"]
+        seen, loss_sum, correct = partial["seen"], partial["loss_sum"], partial["correct"]
+        bar = progress(batches, min(steps_per_epoch - start, total - step),
                        f"epoch {epoch + 1}/{cfg.epochs}")
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar, start=start):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = fwd(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
@@ -186,6 +205,13 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
+            if checkpoint is not None and checkpoint.due(step):
+                checkpoint.save(step, {
+                    "model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "history": history, "epoch": epoch,
+                    "batch": i + 1, "rng": rng_state(),
+                    "partial": {"seen": seen, "loss_sum": loss_sum, "correct": correct,
+                                "seconds": time.perf_counter() - t0}})
             if step >= total:
                 break
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
@@ -201,7 +227,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
             + f" ({rec['seconds']:.0f} s, {rec['images_per_s']:.0f} img/s)")
     if cfg.channels_last:
         model.to(memory_format=torch.contiguous_format)
-    return history
+    return history  # the caller removes the checkpoint's state once the result is saved
 
 
 def config_dict(cfg: TrainConfig) -> dict:

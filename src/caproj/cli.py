@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handlers[args.cmd](args)
     except CaprojError as e:
-        print(f"caproj: error: {e}", file=sys.stderr)
+        print(f"caproj: error: {'; '.join(str(e).split(chr(10)))}", file=sys.stderr)  # 1 line
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("caproj: interrupted; no output written", file=sys.stderr)

@@ -178,7 +178,9 @@ class _ArchiveTree:
                             if fh is not None:
                                 self._blobs[m.name] = fh.read()
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-            raise CaprojError(f"cannot read archive {path}: {e}") from None
+            first = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else ""
+            raise CaprojError(f"cannot read archive {path}: {first or type(e).__name__} "
+                              f"(not a tar.gz/tar/zip file, or truncated)") from None
         # Strip a single common top-level folder (e.g. cifar10/train/... -> train/...).
         names = [n.lstrip("./") for n in self._blobs]
         tops = {n.split("/", 1)[0] for n in names}

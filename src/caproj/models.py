@@ -200,8 +200,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt/truncated/pickled files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = msg.split(". ")[0][:120]  # torch's first sentence says what is wrong
         raise CaprojError(f"cannot read checkpoint {p}: not a valid weights-only PyTorch file "
-                          f"({msg[:160]})") from None
+                          f"({msg})") from None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

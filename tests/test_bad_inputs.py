@@ -1,0 +1,37 @@
+"""Every bad input in bad_inputs_cases.CASES gets exit 2, one line naming the problem, and no
+output file (the table of messages in docs/bad-inputs.md is generated from the same cases)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from bad_inputs_cases import CASES, OUTPUTS, make_files
+
+from conftest import ROOT, caproj
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    make_files(d)
+    return d
+
+
+@pytest.mark.parametrize("what, args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line_and_no_output(files, what, args, message):
+    r = caproj(*args, cwd=files)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caproj: error:"), r.stderr
+    assert message in lines[0]
+    for name in OUTPUTS:
+        assert not (files / name).exists(), f"{name} written by a refused run"
+    assert not list(files.glob(".o.*"))  # no temp file left behind
+
+
+def test_docs_table_lists_every_case():
+    doc = (ROOT / "docs" / "bad-inputs.md").read_text()
+    rows = re.findall(r"^\| \d+ \| (.+?) \|", doc, flags=re.M)
+    assert rows == [c[0] for c in CASES], "regenerate: python scripts/bad_inputs_table.py"
+    assert len(rows) >= 15

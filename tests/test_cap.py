@@ -230,3 +230,30 @@ def test_same_seed_same_weights(digits_model):
     a = CaP(model, sites, widths_for_keep(sites, 0.5), cfg).run(data).state_dict()
     b = CaP(model, sites, widths_for_keep(sites, 0.5), cfg).run(data).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reorthonormalise_replaces_drifted_proxies_keeping_p(digits_model, monkeypatch):
+    from caproj import projection
+
+    model, data = digits_model
+    sites = require_sites(model)
+    cfg = CapConfig(steps=0, calib_images=128, log_every=0, bf16=False)
+    cap = CaP(model, sites, widths_for_keep(sites, 0.5), cfg)
+    cap.run(data)
+    with torch.no_grad():  # a proxy far from orthonormal (what long float32 runs could drift to)
+        cap.proxies[0].mul_(torch.linspace(1, 1e3, cap.proxies[0].shape[1]))
+    before = [p.clone() for p in cap.projections()]
+    assert cap.reorthonormalise() == 0  # QR of a well-posed proxy is orthonormal: nothing to do
+    real = projection.retract
+
+    def drifting(a, method="qr"):  # simulate float32 drift of the retraction
+        q = real(a, method)
+        return q * 1.001 if a.dtype == torch.float32 else q
+
+    monkeypatch.setattr(projection, "retract", drifting)
+    n = cap.reorthonormalise()
+    monkeypatch.setattr(projection, "retract", real)
+    assert n == sum(a.shape[0] != a.shape[1] for a in cap.proxies) > 0
+    for a, p in zip(cap.proxies, before, strict=True):
+        assert projection.orthonormality_error(a) <= 1e-5  # the proxy is now P itself
+        torch.testing.assert_close(real(a), p, atol=1e-5, rtol=0)

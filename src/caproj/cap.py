@@ -365,6 +365,8 @@ class CaP:
                 for o in all_opts:
                     for g in o.param_groups:
                         g["lr"] = g["base_lr"] * decay
+                if (step + 1) % 25 == 0:
+                    self.reorthonormalise()
                 r = {"step": step, "loss": loss.item(), "ce": ce.item(), "recon": rec.item(),
                      "acc": (logits.argmax(1) == y).float().mean().item() * 100}
                 self.history.append(r)
@@ -405,6 +407,21 @@ class CaP:
         if self.cfg.bn_recalibrate and compressed:
             surgery.recalibrate_bn(model, calib)
         return model.eval()
+
+    @torch.no_grad()
+    def reorthonormalise(self, tol: float = 1e-5) -> int:
+        """Guard against float32 drift: a proxy whose retraction is off orthonormal by more than
+        `tol` is replaced by its retraction computed in float64 (the same P, re-conditioned).
+        Returns how many were replaced (counted in `timings['reorthonormalised']`)."""
+        n = 0
+        for a in self.proxies:
+            if a.shape[0] == a.shape[1]:
+                continue
+            if projection.orthonormality_error(projection.retract(a, self.cfg.retraction)) > tol:
+                a.copy_(projection.retract(a.double(), self.cfg.retraction).to(a.dtype))
+                n += 1
+        self.timings["reorthonormalised"] = self.timings.get("reorthonormalised", 0) + n
+        return n
 
     def max_orthonormality_error(self) -> float:
         return max((projection.orthonormality_error(p) for p in self.projections()), default=0.0)

@@ -195,8 +195,12 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
                     loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(
                         out.float(), t_out, cfg.kd_temperature)
             if not torch.isfinite(loss):
+                last = (f"; last good state: {checkpoint.path} (step "
+                        f"{step - step % checkpoint.every})" if checkpoint is not None
+                        and checkpoint.path is not None and checkpoint.path.exists() else "")
                 raise CaprojError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; "
-                                  f"lower the learning rate (now {sched.get_last_lr()[0]:.4g})")
+                                  f"lower the learning rate (now {sched.get_last_lr()[0]:.4g})"
+                                  f"{last}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

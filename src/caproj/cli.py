@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from caproj import __version__
+from caproj import __version__, dist
 from caproj.errors import CaprojError
 
 EXAMPLES = {
@@ -277,9 +277,9 @@ def _data_and_model(a: argparse.Namespace):
     """The data and model of a job, checked against each other; model on the chosen device."""
     from caproj.data import load_data
     from caproj.models import load_model
-    from caproj.utils import pick_device, seed_everything
+    from caproj.utils import local_device, pick_device, seed_everything
 
-    device = pick_device(a.device)
+    device = local_device(pick_device(a.device))
     data = load_data(a.data, a.image_size)
     seed_everything(a.seed)
     model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
@@ -328,7 +328,8 @@ def cmd_train(a: argparse.Namespace) -> None:
                           compressed=bool(meta.get("compressed")), data=data.describe(),
                           train_config=config_dict(cfg), history=hist,
                           metrics={"test_acc": final.get("test_acc")}, **run_record(a.seed))
-    atomic_save(out, a.out)
+    if dist.is_main():
+        atomic_save(out, a.out)
     ck.finish()
     print(f"saved {a.out}: test acc {final.get('test_acc', float('nan')):.2f} %")
 
@@ -376,16 +377,37 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": _lazy("cmd_bench"), "export": cmd_export}
     t0 = time.perf_counter()
     try:
+        _join_torchrun(args)
         handlers[args.cmd](args)
     except CaprojError as e:
-        print(f"caproj: error: {'; '.join(str(e).split(chr(10)))}", file=sys.stderr)  # 1 line
+        where = f" (rank {dist.rank()})" if dist.world() > 1 else ""
+        print(f"caproj: error{where}: {'; '.join(str(e).split(chr(10)))}",  # one line
+              file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("caproj: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
     if args.cmd in ("train", "compress", "demo", "bench"):
         print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; rank 0 alone prints."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if args.cmd not in ("train", "compress"):
+        raise CaprojError(f"{args.cmd} runs in one process; only train and compress run "
+                          f"under torchrun")
+    from caproj.utils import pick_device
+
+    dist.init_from_env(pick_device(args.device))
+    if not dist.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
 
 
 def _lazy(name: str):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from caproj import dist
 from caproj.errors import CaprojError
 from caproj.utils import atomic_save
 
@@ -117,20 +118,24 @@ class Checkpointer:
         return st
 
     def due(self, step: int) -> bool:
-        """After `step` steps are done: save now? (every `every` steps, or on a stop signal;
-        `save` then raises Interrupted)."""
-        return self.path is not None and (step % self.every == 0 or stop_requested() is not None)
+        """After `step` steps are done: save now? (every `every` steps, or when any rank got a
+        stop signal; `save` then raises Interrupted). Called by every rank at every step."""
+        if self.path is None:
+            return False
+        self._stopping = dist.any_rank(stop_requested() is not None)
+        return step % self.every == 0 or self._stopping
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         if self.path is None:
             return
-        atomic_save({"fingerprint": self.fingerprint, "step": step, **state}, self.path)
-        sig = stop_requested()
-        if sig is not None:
+        if dist.is_main():
+            atomic_save({"fingerprint": self.fingerprint, "step": step, **state}, self.path)
+        if getattr(self, "_stopping", False) or stop_requested() is not None:
+            sig = stop_requested() or signal.SIGTERM
             raise Interrupted(f"stopped by {signal.Signals(sig).name} after step {step}; state "
                               f"saved to {self.path}; rerun the same command with --resume",
                               sig)
 
     def finish(self) -> None:
-        if self.path is not None and self.path.exists():
+        if self.path is not None and dist.is_main() and self.path.exists():
             self.path.unlink()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from caproj import dist
 from caproj.data import Batches, Splits
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, rng_state, set_rng_state
@@ -81,8 +82,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def progress(iterable, total: int, desc: str):
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(),
-                dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False,
+                disable=not sys.stderr.isatty() or not dist.is_main(), dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -155,7 +156,13 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                               nesterov=cfg.momentum > 0)
     sched = make_scheduler(opt, cfg, total)
-    fwd = torch.compile(model) if cfg.compile else model
+    if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch
+        dist.shard(torch.empty(cfg.batch_size))  # refuses a batch that does not split evenly
+        net: nn.Module = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
+    fwd = torch.compile(net) if cfg.compile else net
     if teacher is not None:
         teacher.eval()
     history: list[dict] = []
@@ -172,7 +179,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
     for epoch in range(first_epoch, cfg.epochs):
         if step >= total:
             break
-        model.train()
+        net.train()
         if cfg.freeze_bn:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -186,6 +193,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
         bar = progress(batches, min(steps_per_epoch - start, total - step),
                        f"epoch {epoch + 1}/{cfg.epochs}")
         for i, (x, y) in enumerate(bar, start=start):
+            x, y = dist.shard(x), dist.shard(y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = fwd(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
@@ -194,7 +202,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
                         t_out = teacher(x).float()  # type: ignore[misc]
                     loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(
                         out.float(), t_out, cfg.kd_temperature)
-            if not torch.isfinite(loss):
+            if dist.any_rank(not torch.isfinite(loss)):
                 last = (f"; last good state: {checkpoint.path} (step "
                         f"{step - step % checkpoint.every})" if checkpoint is not None
                         and checkpoint.path is not None and checkpoint.path.exists() else "")
@@ -218,6 +226,10 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
                                 "seconds": time.perf_counter() - t0}})
             if step >= total:
                 break
+        if dist.world() > 1:  # the epoch's numbers over the global batches
+            tot = dist.all_reduce_(torch.tensor([seen, loss_sum, correct], dtype=torch.float64,
+                                                device=device))
+            seen, loss_sum, correct = int(tot[0]), float(tot[1]), int(tot[2])
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_acc": 100.0 * correct / max(seen, 1),
                "seconds": time.perf_counter() - t0,

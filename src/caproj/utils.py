@@ -35,6 +35,13 @@ def pick_device(name: str | None = None) -> torch.device:
     return dev
 
 
+def local_device(dev: torch.device) -> torch.device:
+    """`cuda` without an index means this process's GPU (torchrun's LOCAL_RANK)."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
 def check_output_path(path: str | os.PathLike) -> Path:
     """Validate early that `path` can be written, before any long work starts."""
     p = Path(path)

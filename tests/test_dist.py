@@ -1,0 +1,46 @@
+"""torchrun: two gloo processes train on shards of the same global batch and end where one
+process does (batch statistics frozen, so the computation is the same up to summation order)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import caproj, caproj_cmd
+
+TRAIN = ["train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "2", "--batch-size",
+         "64", "--freeze-bn", "--no-bf16", "--threads", "1"]
+
+
+def _torchrun(*args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *caproj_cmd(*args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+
+
+def test_two_processes_match_one(tmp_path):
+    r2 = _torchrun(*TRAIN, "--out", "ddp.pt", cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert r2.stdout.count("saved ddp.pt") == 1  # rank 0 alone prints and writes
+    r1 = caproj(*TRAIN, "--out", "one.pt", cwd=tmp_path)
+    assert r1.returncode == 0, r1.stderr
+    a = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    b = torch.load(tmp_path / "one.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) < 0.5
+    assert a["history"][-1]["train_loss"] < a["history"][0]["train_loss"]
+
+
+def test_uneven_batch_and_single_process_commands_are_refused(tmp_path):
+    r = _torchrun("train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "1",
+                  "--batch-size", "63", "--out", "x.pt", cwd=tmp_path)
+    assert r.returncode != 0 and "does not split evenly over 2 processes" in r.stderr
+    r = _torchrun("eval", "--arch", "digits-cnn", "--data", "digits", "--weights", "x.pt",
+                  cwd=tmp_path)
+    assert r.returncode != 0 and "only train and compress run under torchrun" in r.stderr
+    assert not (tmp_path / "x.pt").exists()

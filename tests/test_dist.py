@@ -1,5 +1,5 @@
-"""torchrun: two gloo processes train on shards of the same global batch and end where one
-process does (batch statistics frozen, so the computation is the same up to summation order)."""
+"""torchrun: two gloo processes train (and compress) on shards of the same global batch and end
+where one process does (batch statistics frozen: the same computation up to summation order)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,20 @@ def test_uneven_batch_and_single_process_commands_are_refused(tmp_path):
                   cwd=tmp_path)
     assert r.returncode != 0 and "only train and compress run under torchrun" in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_compress_under_torchrun_matches_one_process(trained, tmp_path):
+    args = ["compress", "--weights", trained, "--data", "digits", "--target-macs", "0.5",
+            "--cap-steps", "20", "--cap-batch-size", "64", "--finetune-epochs", "1",
+            "--batch-size", "64", "--freeze-bn", "--no-bf16", "--threads", "1"]
+    r2 = _torchrun(*args, "--out", "ddp.pt", cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    r1 = caproj(*args, "--out", "one.pt", cwd=tmp_path)
+    assert r1.returncode == 0, r1.stderr
+    a = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    b = torch.load(tmp_path / "one.pt", weights_only=True)
+    # statistics, least squares and BN re-estimation all-reduced; CaP gradients summed
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-3, atol=1e-4, msg=k)
+    for k in ("acc_after_cap", "acc_after_finetune"):
+        assert abs(a["metrics"][k] - b["metrics"][k]) < 0.5

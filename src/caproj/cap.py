@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from caproj import projection, surgery
+from caproj import dist, projection, surgery
 from caproj.data import Batches, Splits
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, raise_if_stopped, rng_state, set_rng_state
@@ -199,6 +199,8 @@ class CaP:
                 gram = g.double() if gram is None else gram + g.double()
                 cross = c.double() if cross is None else cross + c.double()
             assert gram is not None and cross is not None
+            dist.all_reduce_(gram)
+            dist.all_reduce_(cross)
             d = gram.shape[0]
             ridge = self.cfg.ridge * torch.trace(gram) / d + 1e-12
             sol = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype,
@@ -325,6 +327,7 @@ class CaP:
         try:
             for step in range(start, steps):
                 x, y = next(it)
+                x, y = dist.shard(x), dist.shard(y)  # torchrun: this rank's share
                 with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=use_bf16):
                     t_logits = self.orig(x).float()
@@ -339,13 +342,20 @@ class CaP:
                     if lift is not None:
                         yn = torch.einsum("ndhw,cd->nchw", yn, ps[lift]) if yn.dim() == 4 \
                             else yn @ ps[lift].T
-                    recon.append((yn - yo).pow(2).sum() / yo.pow(2).sum().clamp_min(1e-12))
+                    # over ranks: Σ_r ||ŷ - y||²_r / Σ_r ||y||²_r (y is a constant)
+                    den = dist.all_reduce_(yo.pow(2).sum().detach())
+                    recon.append((yn - yo).pow(2).sum() / den.clamp_min(1e-12))
                 rec = torch.stack(recon).mean()
                 ce = F.cross_entropy(logits, y)
                 cls = (1 - cfg.kd) * ce
                 if cfg.kd > 0:
                     cls = cls + cfg.kd * kd_loss(logits, t_logits, cfg.kd_temperature)
-                loss = cls + cfg.recon_weight * rec
+                # This rank's share of the global loss: gradients are summed over ranks below.
+                local = cls / dist.world() + cfg.recon_weight * rec
+                loss = dist.all_reduce_(local.detach().clone())
+                if dist.world() > 1:
+                    ce = dist.all_reduce_(ce.detach().clone(), average=True)
+                    rec = dist.all_reduce_(rec.detach().clone())
                 if not torch.isfinite(loss):
                     last = (f"; last good state: {checkpoint.path} (step "
                             f"{step - step % checkpoint.every})"
@@ -355,7 +365,13 @@ class CaP:
                                       f"--cap-lr / --cap-weight-lr{last}")
                 for o in all_opts:
                     o.zero_grad(set_to_none=True)
-                loss.backward()
+                local.backward()
+                if dist.world() > 1:
+                    for o in all_opts:
+                        for g in o.param_groups:
+                            for t in g["params"]:
+                                if t.grad is not None:
+                                    dist.all_reduce_(t.grad)
                 for o in opts[step % len(opts)] if opts else ():
                     if o is not None:
                         o.step()
@@ -431,6 +447,7 @@ class CaP:
         `checkpoint` the optimisation saves its state and resumes from it (see caproj.resume)."""
         torch.manual_seed(self.cfg.seed)
         calib = calibration_images(splits, self.cfg.calib_images, self.device, seed=self.cfg.seed)
+        calib = calib[dist.rank()::dist.world()]  # torchrun: statistics are all-reduced
         self.initialise(calib)
         st = checkpoint.load() if checkpoint is not None else None
         if st is None and self.cfg.refit:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from caproj import metrics
+from caproj import dist, metrics
 from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
 from caproj.cap import CaP, CapConfig
 from caproj.data import Splits, load_data
@@ -141,6 +141,8 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        resume=a.resume, save_every=a.save_every)
     rep = res.report
     rep["acc_before"] = acc0
+    if not dist.is_main():
+        return  # torchrun: rank 0 measures and writes
     rep.update(latency_report(model.cpu(), res.model.cpu(), data.input_shape, a.threads))
     ck = make_checkpoint(res.model.cpu(), meta["arch"], num_classes=data.num_classes,
                          in_channels=data.input_shape[0], input_shape=list(data.input_shape),

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from caproj import dist
 from caproj.errors import CaprojError
 from caproj.sites import Site
 from caproj.utils import run_with_hooks
@@ -54,6 +55,16 @@ class SiteStats:
         self.mean += z.sum(1).double()
         self.count += z.shape[1]
 
+    def all_reduce(self) -> None:
+        """Sum the statistics of every rank (torchrun), so each holds the global ones."""
+        if dist.world() == 1:
+            return
+        for t in (self.second, self.mean, self.energy):
+            dist.all_reduce_(t)
+        n = dist.all_reduce_(torch.tensor([self.count, self.count_in], dtype=torch.float64,
+                                          device=self.second.device))
+        self.count, self.count_in = int(n[0]), int(n[1])
+
     def add_consumer_input(self, x: torch.Tensor, c: int) -> None:
         x = x.detach().float()
         x = x.reshape(x.shape[0], c, -1) if x.dim() == 2 else x.reshape(*x.shape[:2], -1)
@@ -75,6 +86,8 @@ def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
         hooks.append(mods[s.consumer].register_forward_pre_hook(
             lambda m, i, st=st, c=s.channels: st.add_consumer_input(i[0], c)))
     run_with_hooks(model, batches, hooks)
+    for st in stats:
+        st.all_reduce()
     return stats
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from caproj import dist
 from caproj.models import resize_to_state_dict
 from caproj.sites import Site
 from caproj.utils import run_with_hooks
@@ -114,6 +115,13 @@ def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
     for s in todo:
         bn: nn.BatchNorm2d = mods[s.bn]  # type: ignore[assignment]
         s1, s2, n = acc[s.bn]
+        if dist.world() > 1:  # torchrun: every rank saw its share of the calibration batches
+            s1 = dist.all_reduce_(torch.as_tensor(s1, dtype=torch.float32,
+                                                  device=bn.weight.device).clone())
+            s2 = dist.all_reduce_(torch.as_tensor(s2, dtype=torch.float32,
+                                                  device=bn.weight.device).clone())
+            n = int(dist.all_reduce_(torch.tensor([float(n)], dtype=torch.float64,
+                                                  device=bn.weight.device)).item())
         if n == 0:
             continue
         m = s1 / n

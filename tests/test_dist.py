@@ -22,14 +22,19 @@ def _torchrun(*args, cwd):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
 
 
-def test_two_processes_match_one(tmp_path):
-    r2 = _torchrun(*TRAIN, "--out", "ddp.pt", cwd=tmp_path)
+def _two_and_one(args, tmp_path):
+    """The same command under torchrun (2 processes) and in one process: both checkpoints."""
+    r2 = _torchrun(*args, "--out", "ddp.pt", cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert r2.stdout.count("saved ddp.pt") == 1  # rank 0 alone prints and writes
-    r1 = caproj(*TRAIN, "--out", "one.pt", cwd=tmp_path)
+    r1 = caproj(*args, "--out", "one.pt", cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr
-    a = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    b = torch.load(tmp_path / "one.pt", weights_only=True)
+    return (torch.load(tmp_path / "ddp.pt", weights_only=True),
+            torch.load(tmp_path / "one.pt", weights_only=True))
+
+
+def test_two_processes_match_one(tmp_path):
+    a, b = _two_and_one(TRAIN, tmp_path)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) < 0.5
@@ -50,12 +55,7 @@ def test_compress_under_torchrun_matches_one_process(trained, tmp_path):
     args = ["compress", "--weights", trained, "--data", "digits", "--target-macs", "0.5",
             "--cap-steps", "20", "--cap-batch-size", "64", "--finetune-epochs", "1",
             "--batch-size", "64", "--freeze-bn", "--no-bf16", "--threads", "1"]
-    r2 = _torchrun(*args, "--out", "ddp.pt", cwd=tmp_path)
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    r1 = caproj(*args, "--out", "one.pt", cwd=tmp_path)
-    assert r1.returncode == 0, r1.stderr
-    a = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    b = torch.load(tmp_path / "one.pt", weights_only=True)
+    a, b = _two_and_one(args, tmp_path)
     # statistics, least squares and BN re-estimation all-reduced; CaP gradients summed
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-3, atol=1e-4, msg=k)

@@ -118,15 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("eval", "top-1 accuracy of a model on a dataset's test split")
     _add_model_args(p, need_weights=True)
-    p.add_argument("--data", required=True, help="digits | cifar10 | ImageFolder dir | archive")
-    p.add_argument("--image-size", type=_positive_int, help="resize images to this size")
+    _add_data_args(p)
     p.add_argument("--batch-size", type=_positive_int, default=500)
     _add_common(p)
 
     p = cmd("train", "train or fine-tune a model; writes a caproj checkpoint")
     _add_model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-size", type=_positive_int)
+    _add_data_args(p)
     _add_train_args(p, epochs_flag="--epochs", default_epochs=3)
     p.add_argument("--teacher", help="checkpoint to distil from (with --kd W), e.g. the "
                    "original model when fine-tuning a compressed one")
@@ -136,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("compress", "compress a model with Cascaded Projection, then fine-tune it")
     _add_model_args(p, need_weights=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-size", type=_positive_int)
+    _add_data_args(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
     budget.add_argument("--target-macs", type=_fraction,
@@ -171,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("bench", "compare CaP with pruning, factorisation and Torch-Pruning side by side")
     _add_model_args(p, need_weights=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-size", type=_positive_int)
+    _add_data_args(p)
     p.add_argument("--methods", default="cap,cp,pca,l1,fpgm,taylor,svd,tp-l2",
                    help="comma-separated: cap, cp, pca, l1, fpgm, taylor, svd, tp-l2")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
@@ -216,6 +212,11 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs
                    "autocast where the hardware supports it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="digits | cifar10 | ImageFolder dir | archive")
+    p.add_argument("--image-size", type=_positive_int, help="resize images to this size")
 
 
 def _add_resume_args(p: argparse.ArgumentParser) -> None:

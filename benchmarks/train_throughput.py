@@ -43,13 +43,18 @@ def plain_loop(root: Path, steps: int, warmup: int, workers: int) -> float:
     model = build_model("resnet20").train()
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True,
                           weight_decay=5e-4)
-    it = iter(dl)
+    return _images_per_s(iter(dl), lambda x, y: F.cross_entropy(model(x), y), opt, steps,
+                         warmup)
+
+
+def _images_per_s(it, loss_fn, opt, steps: int, warmup: int) -> float:
+    """Train steps of batch 128 from `it`; images/s over `steps` after `warmup` steps."""
     t0 = None
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
         x, y = next(it)
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,19 +71,12 @@ def engine_loop(data, steps: int, warmup: int, channels_last: bool, bf16: bool,
                           weight_decay=5e-4)
     fwd = torch.compile(model) if compile else model
     batches = Batches.train_of(data, 128, channels_last=channels_last)
-    it = iter(batches)
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        x, y = next(it)
+
+    def loss_fn(x, y):
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(fwd(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    assert t0 is not None
-    return steps * 128 / (time.perf_counter() - t0)
+            return F.cross_entropy(fwd(x).float(), y)
+
+    return _images_per_s(iter(batches), loss_fn, opt, steps, warmup)
 
 
 def main() -> None:

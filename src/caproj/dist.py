@@ -48,14 +48,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def check_divisible(batch: int) -> None:
+    w = world()
+    if batch % w:
+        raise CaprojError(f"batch of {batch} does not split evenly over {w} processes; "
+                          f"use a batch size divisible by {w}")
+
+
 def shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's equal share of a global batch (dim 0)."""
     w = world()
     if w == 1:
         return t
-    if len(t) % w:
-        raise CaprojError(f"batch of {len(t)} does not split evenly over {w} processes; "
-                          f"use a batch size divisible by {w}")
+    check_divisible(len(t))
     n = len(t) // w
     return t[rank() * n:(rank() + 1) * n]
 

@@ -94,6 +94,7 @@ class Checkpointer:
         self.path = Path(path) if path is not None else None
         self.fingerprint = json.dumps(fingerprint, sort_keys=True, default=str)
         self.every, self.resume, self.log = every, resume, log
+        self._stopping = False  # set by `due` when any rank got a stop signal
 
     def load(self) -> dict[str, Any] | None:
         """The saved state if resuming and one exists (checked against this run's settings)."""
@@ -130,7 +131,7 @@ class Checkpointer:
             return
         if dist.is_main():
             atomic_save({"fingerprint": self.fingerprint, "step": step, **state}, self.path)
-        if getattr(self, "_stopping", False) or stop_requested() is not None:
+        if self._stopping or stop_requested() is not None:
             sig = stop_requested() or signal.SIGTERM
             raise Interrupted(f"stopped by {signal.Signals(sig).name} after step {step}; state "
                               f"saved to {self.path}; rerun the same command with --resume",

@@ -157,7 +157,7 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
                               nesterov=cfg.momentum > 0)
     sched = make_scheduler(opt, cfg, total)
     if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch
-        dist.shard(torch.empty(cfg.batch_size))  # refuses a batch that does not split evenly
+        dist.check_divisible(cfg.batch_size)
         net: nn.Module = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     else:

@@ -82,6 +82,15 @@ CASES: list[tuple[str, list[str], str]] = [
     ("output path is a directory",
      ["train", "--arch", "resnet20", "--data", "rgb3", "--out", "rgb3"],
      "output path is a directory: rgb3"),
+    ("safetensors checkpoint truncated",
+     ["eval", "--weights", "truncated.safetensors", "--data", "rgb3"],
+     "cannot read safetensors checkpoint truncated.safetensors"),
+    ("--stream on an archive (streaming reads a directory)",
+     ["eval", "--arch", "resnet20", "--weights", "r20.th", "--data", "garbage.tar.gz",
+      "--stream"], "is not a directory"),
+    ("--stream on a folder without val/ or test/",
+     ["eval", "--arch", "resnet20", "--weights", "r20.th", "--data", "train_only", "--stream"],
+     "expected ImageFolder splits train/ and val/ (or test/)"),
     ("export input size malformed",
      ["export", "--arch", "resnet20", "--weights", "r20.th", "--input-size", "3,x",
       "--out", "o.onnx"], "expected C,H,W like 3,32,32, got '3,x'"),
@@ -119,6 +128,12 @@ def make_files(d: Path) -> None:
                d / "shufflenet.th")
     (d / "garbage.tar.gz").write_bytes(b"garbage")
     _images(d / "rgb3", "abc")
+    from safetensors.torch import save_file
+
+    save_file(build_model("resnet20", num_classes=3).state_dict(), d / "r20.safetensors")
+    data = (d / "r20.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (d / "train_only" / "train" / "a").mkdir(parents=True)
     _images(d / "one_class", "a")
     _images(d / "empty_classes", "ab", per_class=0)
     for split in ("train", "test"):

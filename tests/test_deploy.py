@@ -36,7 +36,7 @@ def test_recalibrate_bn_sets_statistics_of_own_features():
     assert not m.training and m.bn1.momentum == 0.1
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors", "pt2"])
 def test_export_compressed_checkpoint_round_trip(tmp_path, fmt):
     import subprocess
     import sys
@@ -72,19 +72,43 @@ def test_export_compressed_checkpoint_round_trip(tmp_path, fmt):
         assert "Conv" in ops and "BatchNormalization" not in ops  # BN folded into the convs
         got = ort.InferenceSession(str(out)).run(None, {"input": x.numpy()})[0]
         assert np.abs(got - ref.numpy()).max() <= 1e-4 * max(1.0, ref.abs().max().item())
+        return
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(x)
+    elif fmt == "safetensors":  # weights + metadata: caproj rebuilds the narrower model
+        from caproj.models import load_model
+
+        loaded, meta = load_model(out)
+        assert meta["arch"] == "resnet20" and meta["compressed"]
+        got = loaded(x)
     else:
         got = torch.export.load(str(out)).module()(x)
-        assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no temp left
 
 
-def test_onnx_export_of_torchvision_resnet18():
+def test_export_refuses_a_mismatch_and_writes_nothing(tmp_path, monkeypatch):
+    m = randomise_bn(build_model("resnet20"))
+    monkeypatch.setitem(deploy._WRITERS, "onnx", lambda *a: torch.zeros(2, 10) + 5)
+    with pytest.raises(CaprojError, match="differs from PyTorch .* nothing written"):
+        deploy.export(m, "onnx", tmp_path / "m.onnx", (3, 32, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_export_of_compressed_torchvision_resnet18():
     import onnxruntime as ort
+
+    from caproj.sites import require_sites
 
     torch.manual_seed(0)
     m = randomise_bn(build_model("tv:resnet18"))
-    data = deploy.export_onnx(m, (3, 64, 64))
+    sites = require_sites(m)
+    small = surgery.apply(m, sites, [torch.eye(s.channels)[:, : s.channels // 2] for s in sites],
+                          calib=[torch.randn(4, 3, 64, 64)])
+    assert small.layer1[0].conv1.out_channels == 32
+    data = deploy.export_onnx(small, (3, 64, 64))
     x = torch.randn(2, 3, 64, 64)
     got = ort.InferenceSession(data).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
-        ref = m(x)
+        ref = small(x)
     assert (torch.from_numpy(got) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max())

@@ -20,7 +20,7 @@ from torch import nn
 from caproj import metrics
 from caproj.budget import MacModel, widths_for_macs
 from caproj.cap import CapConfig
-from caproj.data import Splits
+from caproj.data import Data
 from caproj.errors import CaprojError
 from caproj.methods import METHODS, run_method
 from caproj.sites import require_sites
@@ -32,7 +32,7 @@ def cell_path(out_dir: Path, method: str, target: float) -> Path:
     return out_dir / f"{method}-{target:g}.json"
 
 
-def run_cell(model: nn.Module, splits: Splits, method: str, target: float, ft: TrainConfig,
+def run_cell(model: nn.Module, splits: Data, method: str, target: float, ft: TrainConfig,
              cap_cfg: CapConfig, base_acc: float, log=print,
              channel_multiple: int = 8) -> dict[str, Any]:
     shape = splits.input_shape
@@ -76,7 +76,7 @@ def run_cell(model: nn.Module, splits: Splits, method: str, target: float, ft: T
     return rec
 
 
-def run(model: nn.Module, splits: Splits, arch: str, methods: list[str], targets: list[float],
+def run(model: nn.Module, splits: Data, arch: str, methods: list[str], targets: list[float],
         ft: TrainConfig, cap_cfg: CapConfig, out_dir: Path, log=print,
         channel_multiple: int = 8) -> list[dict]:
     for m in methods:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from caproj import dist, projection, surgery
-from caproj.data import Batches, Splits
+from caproj.data import Batches, Data
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, raise_if_stopped, rng_state, set_rng_state
 from caproj.sites import Site
@@ -78,15 +78,10 @@ class _Stop(Exception):
     pass
 
 
-def calibration_images(splits: Splits, n: int, device: torch.device, batch: int = 250,
+def calibration_images(splits: Data, n: int, device: torch.device, batch: int = 250,
                        seed: int = 0) -> list[torch.Tensor]:
     """A fixed random subset of training images (no augmentation), normalised, in batches."""
-    g = torch.Generator().manual_seed(seed)
-    n = min(n, len(splits.train_y))
-    idx = torch.randperm(len(splits.train_y), generator=g)[:n]
-    b = Batches(splits.train_x[idx], splits.train_y[idx], batch, splits.mean, splits.std,
-                device=device)
-    return [x for x, _ in b]
+    return [x for x, _ in Batches.subset_of(splits, n, batch, seed=seed, device=device)]
 
 
 class CaP:
@@ -248,7 +243,7 @@ class CaP:
                 "opts": [o.state_dict() for o in opts], "history": self.history,
                 "rng": rng_state()}
 
-    def optimise(self, splits: Splits, steps: int | None = None,
+    def optimise(self, splits: Data, steps: int | None = None,
                  checkpoint: Checkpointer | None = None, state: dict | None = None) -> list[dict]:
         """The mixture-loss optimisation. With a `checkpoint`, the state is saved every
         `checkpoint.every` steps and on SIGTERM/SIGINT; `state` (from `checkpoint.load()`)
@@ -327,7 +322,8 @@ class CaP:
         try:
             for step in range(start, steps):
                 x, y = next(it)
-                x, y = dist.shard(x), dist.shard(y)  # torchrun: this rank's share
+                if not batches.sharded:  # torchrun: this rank's share
+                    x, y = dist.shard(x), dist.shard(y)
                 with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=use_bf16):
                     t_logits = self.orig(x).float()
@@ -442,7 +438,7 @@ class CaP:
     def max_orthonormality_error(self) -> float:
         return max((projection.orthonormality_error(p) for p in self.projections()), default=0.0)
 
-    def run(self, splits: Splits, checkpoint: Checkpointer | None = None) -> nn.Module:
+    def run(self, splits: Data, checkpoint: Checkpointer | None = None) -> nn.Module:
         """All stages with this config; returns the compressed nn.Module. With a
         `checkpoint` the optimisation saves its state and resumes from it (see caproj.resume)."""
         torch.manual_seed(self.cfg.seed)

@@ -9,6 +9,15 @@
 Decoded images are cached as one `.pt` file per source, so a second load is a single read.
 `Batches` iterates over tensor-resident data; augmentation (random crop with zero padding and
 horizontal flip, fresh randomness per sample) runs on whole batches, not per-sample PIL calls.
+
+Data too big for memory (ImageNet) is streamed instead: `load_data(dir, stream=True)` gives a
+`Stream` of two torchvision ImageFolders read by DataLoader workers, ImageNet-style transforms
+(RandomResizedCrop + flip for training; resize to 256/224 of the size + center crop for eval),
+pinned memory on CUDA. `Batches.train_of`/`test_of` and the calibration subset accept either, so
+every job runs on both. A streamed epoch is still a pure function of (seed, epoch): the order
+comes from one generator and each image's augmentation from a seed of (seed, epoch, index), so a
+resumed run sees the same images as an uninterrupted one whatever the worker count. Under
+torchrun each rank reads only its share of every global batch.
 """
 
 from __future__ import annotations
@@ -27,10 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from caproj.errors import CaprojError
+from caproj.stream import IMAGENET_MEAN, IMAGENET_STD, Stream, StreamBatches
 from caproj.utils import atomic_save
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 CACHE_VERSION = 1
@@ -71,9 +79,16 @@ class Splits:
                 "std": list(self.std), "train": len(self.train_y), "test": len(self.test_y)}
 
 
+Data = Splits | Stream  # what jobs take: tensors in memory, or a streamed ImageFolder
+
+
 # ----------------------------------------------------------------------------- sources
-def load_data(spec: str, image_size: int | None = None) -> Splits:
-    """Resolve a data spec (see module doc) into Splits. Raises CaprojError on bad input."""
+def load_data(spec: str, image_size: int | None = None, stream: bool = False,
+              workers: int | None = None) -> Splits | Stream:
+    """Resolve a data spec (see module doc) into Splits, or a Stream of an ImageFolder
+    directory with `stream`. Raises CaprojError on bad input."""
+    if stream:
+        return Stream.of(spec, image_size or 224, workers)
     if spec == "digits":
         return _digits()
     if spec == "cifar10":
@@ -227,7 +242,8 @@ def _read_folder_tree(tree: _FsTree | _ArchiveTree, image_size: int | None, spec
         shapes = {x.shape for x in xs}
         if len(shapes) > 1:
             raise CaprojError(f"{spec}: images in {split}/ have different sizes "
-                              f"({sorted(shapes)[:3]}...); pass --image-size N to resize")
+                              f"({sorted(shapes)[:3]}...); pass --image-size N to resize, "
+                              f"or --stream for data too big for memory")
         out.append((torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
                     torch.tensor(ys, dtype=torch.int64)))
     (trx, tr_y), (tex, te_y) = out
@@ -305,14 +321,33 @@ class Batches:
         self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(std, device=self.device).view(shape) * 255
 
+    sharded = False  # batches hold the global batch; torchrun callers take their share
+
     @classmethod
-    def train_of(cls, s: Splits, batch_size: int, **kw) -> Batches:
+    def train_of(cls, s: Splits | Stream, batch_size: int, **kw) -> Batches | StreamBatches:
+        """Shuffled, augmented training batches (a Stream's are already this rank's share)."""
+        if isinstance(s, Stream):
+            return StreamBatches(s, s.train_samples, batch_size, train=True, drop_last=True,
+                                 shard=True, **kw)
         return cls(s.train_x, s.train_y, batch_size, s.mean, s.std, train=True,
                    crop_padding=s.crop_padding, flip=s.flip, drop_last=True, **kw)
 
     @classmethod
-    def test_of(cls, s: Splits, batch_size: int = 500, **kw) -> Batches:
+    def test_of(cls, s: Splits | Stream, batch_size: int = 500, **kw) -> Batches | StreamBatches:
+        if isinstance(s, Stream):
+            return StreamBatches(s, s.test_samples, batch_size, **kw)
         return cls(s.test_x, s.test_y, batch_size, s.mean, s.std, **kw)
+
+    @classmethod
+    def subset_of(cls, s: Splits | Stream, n: int, batch_size: int, seed: int = 0,
+                  **kw) -> Batches | StreamBatches:
+        """A fixed random subset of n training images, unaugmented (calibration data)."""
+        g = torch.Generator().manual_seed(seed)
+        n_train = len(s.train_samples) if isinstance(s, Stream) else len(s.train_y)
+        idx = torch.randperm(n_train, generator=g)[:min(n, n_train)]
+        if isinstance(s, Stream):
+            return StreamBatches(s, [s.train_samples[i] for i in idx.tolist()], batch_size, **kw)
+        return cls(s.train_x[idx], s.train_y[idx], batch_size, s.mean, s.std, **kw)
 
     def __len__(self) -> int:
         n = len(self.y)

@@ -14,7 +14,12 @@ are compared (benchmarks/latency.py measures them all):
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tempfile
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +27,7 @@ from torch import nn
 from caproj.errors import CaprojError
 
 FORMS = ("eager", "fold_bn", "fold_bn_cl", "freeze", "onnxruntime")
+EXPORT_FORMATS = ("onnx", "torchscript", "safetensors", "pt2")
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -107,3 +113,83 @@ def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...]) -> 
     if form == "onnxruntime":
         return OnnxRuntimeModule(model, input_shape)
     raise CaprojError(f"unknown inference form {form!r}; choose one of {', '.join(FORMS)}")
+
+
+# ----------------------------------------------------------------------------- export
+def export(model: nn.Module, fmt: str, path: str | os.PathLike, input_shape: tuple[int, ...],
+           meta: dict[str, Any] | None = None) -> float:
+    """Write `model` as `fmt`, reload what was written and compare it with PyTorch on random
+    inputs (batch 2, so a batch-1 trace that froze the batch size fails here); the file appears
+    at `path` only if the outputs agree (max abs diff <= 1e-4 relative). Returns the diff.
+
+    - onnx: BN folded, standard opset-17 ops, dynamic batch, checked by onnx.checker, run back
+      in onnxruntime;
+    - torchscript: BN folded, traced and frozen (`torch.jit.load` it, no caproj needed);
+    - safetensors: the weights, with caproj's metadata (architecture, widths via the shapes) in
+      the header, so `caproj eval --weights model.safetensors` rebuilds the compressed model;
+    - pt2: a torch.export program with a dynamic batch dimension.
+    """
+    from caproj.utils import check_output_path
+
+    if fmt not in EXPORT_FORMATS:
+        raise CaprojError(f"unknown export format {fmt!r}; choose one of "
+                          f"{', '.join(EXPORT_FORMATS)}")
+    p = check_output_path(path)
+    model = model.cpu().eval()
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = _WRITERS[fmt](model, input_shape, tmp, meta or {}, x)
+        diff = (got - ref).abs().max().item()
+        if diff > 1e-4 * max(1.0, ref.abs().max().item()):
+            raise CaprojError(f"exported {fmt} model differs from PyTorch by {diff:.3g}; "
+                              f"nothing written")
+        os.replace(tmp, p)
+        return diff
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _onnx(model, shape, tmp, meta, x) -> torch.Tensor:
+    import onnxruntime as ort
+
+    Path(tmp).write_bytes(export_onnx(model, shape))
+    session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def _torchscript(model, shape, tmp, meta, x) -> torch.Tensor:
+    traced = torch.jit.trace(fold_bn(model), torch.zeros(1, *shape))
+    torch.jit.save(torch.jit.freeze(traced.eval()), tmp)
+    return torch.jit.load(tmp)(x)
+
+
+def _safetensors(model, shape, tmp, meta, x) -> torch.Tensor:
+    from caproj.models import CHECKPOINT_FORMAT, load_model
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CaprojError("safetensors export needs safetensors: pip install -e '.[export]'") \
+            from None
+    header = {**meta, "format": CHECKPOINT_FORMAT, "input_shape": list(shape)}
+    header.pop("state_dict", None)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, tmp, metadata={"caproj": json.dumps(header, default=str)})
+    return load_model(tmp)[0](x)
+
+
+def _pt2(model, shape, tmp, meta, x) -> torch.Tensor:
+    program = torch.export.export(fold_bn(model), (x,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp)
+    return torch.export.load(tmp).module()(x)
+
+
+_WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors,
+            "pt2": _pt2}

@@ -25,7 +25,7 @@ from torch import nn
 from caproj import projection, surgery
 from caproj.budget import MacModel
 from caproj.cap import CaP, CapConfig, calibration_images
-from caproj.data import Batches, Splits
+from caproj.data import Batches, Data
 from caproj.errors import CaprojError
 from caproj.models import set_submodule
 from caproj.sites import Site
@@ -46,7 +46,7 @@ def fpgm_scores(model: nn.Module, site: Site) -> torch.Tensor:
     return torch.cdist(w, w).sum(1)
 
 
-def taylor_scores(model: nn.Module, sites: list[Site], splits: Splits, batches: int = 16,
+def taylor_scores(model: nn.Module, sites: list[Site], splits: Data, batches: int = 16,
                   batch_size: int = 64, seed: int = 0) -> list[torch.Tensor]:
     """Molchanov et al. 2019, on the BN after each producer (or its output if no BN)."""
     mods = dict(model.named_modules())
@@ -93,7 +93,7 @@ def _selection(scores: list[torch.Tensor], sites: list[Site], widths: list[int]
 
 
 def prune(model: nn.Module, sites: list[Site], widths: list[int], method: str,
-          splits: Splits, calib_images: int = 2000, seed: int = 0) -> nn.Module:
+          splits: Data, calib_images: int = 2000, seed: int = 0) -> nn.Module:
     """A selection method's compressed network (no fine-tuning)."""
     device = next(model.parameters()).device
     calib = calibration_images(splits, calib_images, device, seed=seed)
@@ -221,7 +221,7 @@ METHODS = ("cap", "cp", "pca", "l1", "fpgm", "taylor", "svd", "tp-l2")
 
 
 def run_method(method: str, model: nn.Module, sites: list[Site], widths: list[int],
-               splits: Splits, mm: MacModel, target: float, cap_cfg: CapConfig | None = None,
+               splits: Data, mm: MacModel, target: float, cap_cfg: CapConfig | None = None,
                log: Callable[[str], None] = print) -> nn.Module:
     """The compressed network of `method` at these widths (or, for svd, at MACs `target`)."""
     if method == "cap":

@@ -191,11 +191,38 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def _is_safetensors(p: Path) -> bool:
+    """safetensors files start with an 8-byte header length and a JSON object."""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _read_safetensors(p: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CaprojError(f"{p} is a safetensors file: pip install safetensors") from None
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        ck = json.loads(meta["caproj"]) if "caproj" in meta else {}
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CaprojError(f"cannot read safetensors checkpoint {p}: {msg}") from None
+    return {**ck, "state_dict": sd}
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint safely and return {"state_dict": ..., plus caproj metadata if any}."""
     p = Path(path)
     if not p.is_file():
         raise CaprojError(f"checkpoint not found: {p}")
+    if _is_safetensors(p):
+        return _read_safetensors(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt/truncated/pickled files

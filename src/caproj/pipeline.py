@@ -13,7 +13,7 @@ from torch import nn
 from caproj import dist, metrics
 from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
 from caproj.cap import CaP, CapConfig
-from caproj.data import Splits, load_data
+from caproj.data import Data, load_data
 from caproj.errors import CaprojError
 from caproj.models import load_model, make_checkpoint
 from caproj.resume import Checkpointer, stop_on_signal
@@ -30,7 +30,7 @@ class CompressResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def compress(model: nn.Module, splits: Splits, cap_cfg: CapConfig, *, keep: float | None = None,
+def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float | None = None,
              target_macs: float | None = None, finetune: TrainConfig | None = None,
              channel_multiple: int = 8, log=print, state_prefix: str | None = None,
              resume: bool = False, save_every: int = 50) -> CompressResult:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from caproj import dist
-from caproj.data import Batches, Splits
+from caproj.data import Batches, Data
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, rng_state, set_rng_state
 from caproj.utils import seed_everything
@@ -87,7 +87,7 @@ def progress(iterable, total: int, desc: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, splits: Splits, batch_size: int = 500,
+def evaluate(model: nn.Module, splits: Data, batch_size: int = 500,
              max_batches: int | None = None) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy on the test split, float32, eval mode."""
     device = model_device(model)
@@ -122,7 +122,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module | None = None,
+def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module | None = None,
           log: Callable[[str], None] = print, eval_each_epoch: bool = True,
           checkpoint: Checkpointer | None = None) -> list[dict]:
     """Train `model` in place on `splits.train`. Returns one record per epoch.
@@ -193,7 +193,8 @@ def train(model: nn.Module, splits: Splits, cfg: TrainConfig, teacher: nn.Module
         bar = progress(batches, min(steps_per_epoch - start, total - step),
                        f"epoch {epoch + 1}/{cfg.epochs}")
         for i, (x, y) in enumerate(bar, start=start):
-            x, y = dist.shard(x), dist.shard(y)
+            if not batches.sharded:  # torchrun: each rank takes its share of the global batch
+                x, y = dist.shard(x), dist.shard(y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = fwd(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)

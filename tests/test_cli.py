@@ -92,7 +92,7 @@ def test_bench_writes_cells_table_plot_and_resumes(trained, tmp_path):
     cells = sorted(p.name for p in out.glob("*.json"))
     assert cells == ["cap-0.5.json", "l1-0.5.json", "svd-0.5.json"]
     table = (out / "results.md").read_text()
-    assert table.count("| 0.5 |") == 3 and "1 epoch(s)" in table
+    assert table.count("| 0.5 |") == 3 and "1 epoch(s)" in table and "onnxruntime" in table
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     import json
 
@@ -101,6 +101,7 @@ def test_bench_writes_cells_table_plot_and_resumes(trained, tmp_path):
     for c in (cap, svd):
         assert abs(c["macs"] / c["macs_original"] - 0.5) <= 0.005
         assert c["seed"] == 0 and "command" in c and c["latency_b1_speedup"] > 0
+        assert c["latency_onnxruntime_b64_speedup"] > 0  # timed in onnxruntime beside PyTorch
     # the factorised model keeps full-width activations plus its extra rank-r maps
     assert svd["peak_activation_bytes"] >= cap["peak_activation_bytes"]
     before = (out / "l1-0.5.json").read_text()

@@ -62,7 +62,7 @@ def run_cell(model: nn.Module, splits: Data, method: str, target: float, ft: Tra
     small.eval()
     from caproj.pipeline import latency_report
 
-    lat = latency_report(model, small, shape, None, forms=("eager", "fold_bn_cl"))
+    lat = latency_report(model, small, shape, None)  # eager, BN folded + cl, onnxruntime
     rec.update(lat)
     for b in (1, 64):  # the headline: one fixed deploy form for every method
         rec[f"latency_b{b}_ms"] = lat[f"latency_fold_bn_cl_b{b}_after_ms"]
@@ -120,18 +120,24 @@ def report(cells: list[dict], out_dir: Path) -> str:
              f"{ftc['batch_size']}, crop+flip"
              + (f", KD {ftc['kd_weight']} from the original" if ftc.get('kd_weight') else "")
              + (", BN statistics frozen" if ftc.get('freeze_bn') else "") + ".", "",
-             "Speed-ups: PyTorch CPU, BN folded + channels_last, against the original in the "
-             "same form, interleaved in the same run.", "",
+             "Speed-ups against the original in the same form, interleaved in the same run: "
+             "PyTorch CPU with BN folded + channels_last, and onnxruntime (CPU).", "",
              "| target | method | MACs (M) | params (M) | top-1 before FT | top-1 after FT | "
-             "b1 speed-up | b64 speed-up | peak act. (KiB) | compress (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "b1 speed-up | b64 speed-up | b1 / b64 onnxruntime | peak act. (KiB) | "
+             "compress (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ort(c: dict) -> str:
+        b1, b64 = (c.get(f"latency_onnxruntime_b{b}_speedup") for b in (1, 64))
+        return f"{b1:.2f}x / {b64:.2f}x" if b1 and b64 else "–"
+
     for c in cells:
         lines.append(
             f"| {c['target_macs']:g} | {c['method']} | {c['macs'] / 1e6:.2f} | "
             f"{c['params'] / 1e6:.3f} | {c['acc_before_finetune']:.2f} | "
             f"{c['acc_after_finetune']:.2f} | {c['latency_b1_speedup']:.2f}x | "
-            f"{c['latency_b64_speedup']:.2f}x | {c['peak_activation_bytes'] / 1024:.0f} | "
-            f"{c['compress_seconds']:.0f} |")
+            f"{c['latency_b64_speedup']:.2f}x | {ort(c)} | "
+            f"{c['peak_activation_bytes'] / 1024:.0f} | {c['compress_seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(text, out_dir / "results.md")
     _plot(cells, out_dir / "plot.png")

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-multiple", type=_positive_int, default=8,
                    help="keep widths at multiples of this where a site is wide enough "
                    "(default 8: fast CPU kernels; 1 = any width)")
+    p.add_argument("--allocate", choices=("uniform", "auto"), default="uniform",
+                   help="per-site widths for --target-macs: uniform ratio (default) or auto "
+                   "(greedy by measured sensitivity x channel spectrum per MAC)")
     p.add_argument("--init", choices=("select", "pca"), default="select",
                    help="initial projection (default select: the best measured start)")
     p.add_argument("--calib-images", type=_positive_int, default=2000,

@@ -32,8 +32,9 @@ class CompressResult:
 
 def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float | None = None,
              target_macs: float | None = None, finetune: TrainConfig | None = None,
-             channel_multiple: int = 8, log=print, state_prefix: str | None = None,
-             resume: bool = False, save_every: int = 50) -> CompressResult:
+             channel_multiple: int = 8, allocation: str = "uniform", log=print,
+             state_prefix: str | None = None, resume: bool = False,
+             save_every: int = 50) -> CompressResult:
     """Compress `model` (left unchanged) with CaP to a keep ratio or a MACs fraction, optionally
     fine-tune, and report accuracy, MACs and params at each stage.
 
@@ -46,10 +47,28 @@ def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float 
     shape = splits.input_shape
     sites = require_sites(model)
     mm = MacModel.of(model, shape)
-    widths = widths_for_keep(sites, keep, channel_multiple) if keep is not None else \
-        widths_for_macs(mm, sites, target_macs, channel_multiple)  # type: ignore[arg-type]
+    t_alloc = time.perf_counter()
+    if allocation == "auto":
+        if keep is not None:
+            raise CaprojError("--allocate auto chooses the widths for a --target-macs budget; "
+                              "it does not combine with --keep")
+        from caproj.allocate import allocate, site_profiles
+        from caproj.cap import calibration_images
+
+        device = next(model.parameters()).device
+        calib = calibration_images(splits, cap_cfg.calib_images, device, seed=cap_cfg.seed)
+        curves, sens = site_profiles(model, sites, calib)
+        widths = allocate(mm, sites, curves, sens, target_macs,  # type: ignore[arg-type]
+                          channel_multiple, log=log)
+    elif allocation == "uniform":
+        widths = widths_for_keep(sites, keep, channel_multiple) if keep is not None else \
+            widths_for_macs(mm, sites, target_macs, channel_multiple)  # type: ignore[arg-type]
+    else:
+        raise CaprojError(f"unknown allocation {allocation!r} (uniform or auto)")
+    alloc_seconds = time.perf_counter() - t_alloc
     predicted = predict_macs(mm, sites, widths)
     rep: dict[str, Any] = {"sites": [str(s) for s in sites], "widths": widths,
+                           "allocation": allocation, "allocation_seconds": alloc_seconds,
                            "macs_before": mm.total, "params_before": metrics.count_params(model)}
     log(f"{len(sites)} sites; widths {widths}; predicted MACs {predicted / 1e6:.2f} M "
         f"({predicted / mm.total:.3f} of {mm.total / 1e6:.2f} M)")
@@ -64,7 +83,7 @@ def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float 
                               "finetune": config_dict(finetune) if finetune else None},
                              save_every, resume, log)
     small = cap.run(splits, checkpoint=cap_ck)
-    rep["compress_seconds"] = time.perf_counter() - t0
+    rep["compress_seconds"] = time.perf_counter() - t0 + alloc_seconds
     rep["cap_timings"] = cap.timings
     rep["orthonormality_error"] = cap.max_orthonormality_error()
     macs = metrics.count_macs(small, shape)
@@ -137,7 +156,8 @@ def cmd_compress(a: argparse.Namespace) -> None:
     print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
     with stop_on_signal():
         res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs,
-                       finetune=ft, channel_multiple=a.channel_multiple, state_prefix=a.out,
+                       finetune=ft, channel_multiple=a.channel_multiple,
+                       allocation=a.allocate, state_prefix=a.out,
                        resume=a.resume, save_every=a.save_every)
     rep = res.report
     rep["acc_before"] = acc0

@@ -85,9 +85,9 @@ def narrow_like(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mod
 
 def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     # contiguous: einsum/matmul results can carry odd strides, which slow convolutions down
-    sd = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    for k, v in model.state_dict().items():  # num_batches_tracked etc.
-        sd.setdefault(k, v)
+    sd = model.state_dict()  # keeps num_batches_tracked etc. and the per-module versions that
+    for k, v in tensors.items():  # some modules' loaders read (torchvision's MNASNet)
+        sd[k] = v.detach().contiguous().clone()
     model.load_state_dict(sd)
     return model
 

@@ -1,0 +1,84 @@
+"""Automatic per-site allocation (--allocate auto): meets the MACs budget within 1 %, spends it
+where the measured damage per MAC is largest, keeps everything at target 1.0 (exact), and the
+chosen widths reach the checkpoint."""
+
+import pytest
+import torch
+from test_cap import batches, randomise_bn
+
+from caproj.allocate import allocate, site_profiles
+from caproj.budget import MacModel, predict_macs
+from caproj.cap import CaP, CapConfig
+from caproj.errors import CaprojError
+from caproj.models import build_model
+from caproj.sites import Site, require_sites
+
+from conftest import caproj
+
+
+@pytest.fixture(scope="module")
+def r20():
+    torch.manual_seed(0)
+    model = randomise_bn(build_model("resnet20"))
+    sites = require_sites(model)
+    calib = batches((3, 32, 32), n=2, bs=16)
+    curves, sens = site_profiles(model, sites, calib, sensitivity_images=16)
+    return model, sites, MacModel.of(model, (3, 32, 32)), curves, sens, calib
+
+
+def test_profiles_are_decreasing_spectra_and_positive_sensitivities(r20):
+    _, sites, _, curves, sens, _ = r20
+    for s, c in zip(sites, curves, strict=True):
+        assert len(c) == s.channels + 1 and c[0] == pytest.approx(1) and c[-1] == pytest.approx(0)
+        assert (c[1:] <= c[:-1] + 1e-6).all()
+    assert all(v > 0 for v in sens)
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.35])
+def test_allocation_meets_the_macs_target_within_one_percent(r20, target):
+    _, sites, mm, curves, sens, _ = r20
+    widths = allocate(mm, sites, curves, sens, target)
+    got = predict_macs(mm, sites, widths) / mm.total
+    assert 0.99 * target <= got <= target
+    assert all(1 <= k <= s.channels for k, s in zip(widths, sites, strict=True))
+
+
+def test_target_one_keeps_every_channel_and_is_exact(r20):
+    model, sites, mm, curves, sens, calib = r20
+    widths = allocate(mm, sites, curves, sens, 1.0)
+    assert widths == [s.channels for s in sites]
+    cap = CaP(model, sites, widths, CapConfig(steps=0, log_every=0))
+    cap.initialise(calib)
+    out = cap.finalize(calib)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        assert (out(x) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_budget_goes_to_the_sensitive_site():
+    # two identical sites of equal cost; only their sensitivity differs
+    sites = [Site("a", "a2", 32), Site("b", "b2", 32)]
+    mm = MacModel(total=4000, layers={"a": 1000, "a2": 1000, "b": 1000, "b2": 1000})
+    curve = torch.linspace(1, 0, 33)
+    widths = allocate(mm, sites, [curve, curve], [10.0, 1.0], 0.5, multiple=8)
+    assert widths[0] > widths[1]
+    assert predict_macs(mm, sites, widths) <= 2000
+    with pytest.raises(CaprojError, match="unreachable"):
+        allocate(mm, sites, [curve, curve], [1.0, 1.0], 0.1, multiple=8)
+
+
+def test_cli_auto_allocation_prints_and_stores_widths(trained, tmp_path):
+    out = tmp_path / "auto.pt"
+    r = caproj("compress", "--weights", trained, "--data", "digits", "--target-macs", "0.5",
+               "--allocate", "auto", "--cap-steps", "5", "--cap-batch-size", "64",
+               "--calib-images", "200", "--finetune-epochs", "0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "automatic allocation: widths" in r.stdout
+    ck = torch.load(out, weights_only=True)
+    assert ck["metrics"]["allocation"] == "auto"
+    assert abs(ck["metrics"]["macs_after"] / ck["metrics"]["macs_before"] - 0.5) <= 0.005
+    r = caproj("compress", "--weights", trained, "--data", "digits", "--keep", "0.5",
+               "--allocate", "auto", "--out", tmp_path / "x.pt")
+    assert r.returncode == 2 and "does not combine with --keep" in r.stderr
+    assert not (tmp_path / "x.pt").exists()

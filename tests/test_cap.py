@@ -7,6 +7,7 @@ from torch import nn
 from caproj import metrics, projection, surgery
 from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
 from caproj.cap import CaP, CapConfig, calibration_images
+from caproj.coverage import randomise_bn
 from caproj.data import load_data
 from caproj.errors import CaprojError
 from caproj.models import build_model, load_model
@@ -25,17 +26,6 @@ ARCHS = [  # (arch, input shape, sites expected)
 ]
 
 
-def randomise_bn(m: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics, so that folding and re-estimation are really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return m.eval()
 
 
 def batches(shape, n=2, bs=4, seed=0):
@@ -180,7 +170,7 @@ def test_selection_scores_rank_energy_times_weight():
     st.add_consumer_input(torch.tensor([[1.0, 2.0, 3.0]]).view(1, 3, 1, 1), 3)
     w = torch.zeros(2, 3, 1, 1)
     w[:, 0], w[:, 1], w[:, 2] = 10.0, 1.0, 0.1  # channel 0 weakest input, strongest weights
-    s = projection.selection_scores(st, w, site)
+    s = projection.selection_scores(st, {"c.weight": w}, site)
     assert s.argsort().tolist() == [2, 1, 0]  # 0.09*?  -> 0: 1*200, 1: 4*2, 2: 9*0.02
 
 

@@ -41,7 +41,7 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
     weights = dict(model.named_parameters())
     curves = []
     for s, st in zip(sites, stats, strict=True):
-        score = projection.selection_scores(st, weights[f"{s.consumer}.weight"], s).double()
+        score = projection.selection_scores(st, weights, s).double()
         kept = torch.cat([score.new_zeros(1), score.sort(descending=True).values.cumsum(0)])
         curves.append((1 - kept / kept[-1].clamp_min(1e-30)).clamp_min(0).float().cpu())
     xs, n = [], 0
@@ -55,22 +55,24 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
     sens = []
     for s, st, curve in zip(sites, stats, curves, strict=True):
         half = max(1, s.channels // 2)
-        score = projection.selection_scores(st, weights[f"{s.consumer}.weight"], s)
+        score = projection.selection_scores(st, weights, s)
         mask = torch.zeros(s.channels, device=score.device)
         mask[torch.topk(score, half).indices] = 1.0
 
-        def pre(m, inp, mask=mask, s=s):
+        def pre(m, inp, spatial, mask=mask):
             x = inp[0]
             if x.dim() == 2:  # Linear after flatten: channels x spatial features
-                return (x * mask.repeat_interleave(s.spatial),)
+                return (x * mask.repeat_interleave(spatial),)
             return (x * mask.view(1, -1, *([1] * (x.dim() - 2))),)
 
-        h = mods[s.consumer].register_forward_pre_hook(pre)
+        hs = [mods[c].register_forward_pre_hook(lambda m, i, sp=sp, f=pre: f(m, i, sp))
+              for c, sp in s.consumers]
         try:
             kl = sum(F.kl_div(F.log_softmax(model(x).float(), 1), r, log_target=True,
                               reduction="sum").item() for x, r in zip(xs, ref, strict=True)) / n
         finally:
-            h.remove()
+            for h in hs:
+                h.remove()
         sens.append(max(kl, 1e-12) / max(curve[half].item(), 1e-6))
     return curves, sens
 

@@ -8,7 +8,7 @@ MACs of any choice of widths follow exactly from the original per-layer MACs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -21,27 +21,48 @@ from caproj.sites import Site
 class MacModel:
     total: int
     layers: dict[str, int]  # leaf layer -> MACs
+    # leaf layer -> (input channels, output channels, output H*W), for channel maps' MACs
+    shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, input_shape: tuple[int, ...]) -> MacModel:
         rows = layer_table(model, input_shape)
         layers = {r["layer"]: r["macs"] for r in rows if r["macs"]}
+        shapes = {r["layer"]: (r["in_shape"][0], r["out_shape"][0],
+                               math.prod(r["out_shape"][1:]))
+                  for r in rows if r["out_shape"] and r["in_shape"] and len(r["out_shape"]) >= 2}
         from caproj.metrics import count_macs
 
-        return cls(count_macs(model, input_shape), layers)
+        return cls(count_macs(model, input_shape), layers, shapes)
 
 
 def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
+    """MACs of the compressed network: every producer/consumer layer scales with its kept
+    output/input fraction; a projected channel map (option-A shortcut) costs k_in x k_out per
+    output pixel (a 1x1 conv), where the original padding cost nothing."""
     out_f: dict[str, tuple[int, int]] = {}
     in_f: dict[str, tuple[int, int]] = {}
+    map_in: dict[str, tuple[int, int]] = {}
+    map_out: dict[str, tuple[int, int]] = {}
     for s, k in zip(sites, widths, strict=True):
-        out_f[s.producer] = (k, s.channels)
-        in_f[s.consumer] = (k, s.channels)
+        for p, _ in s.producers:
+            out_f[p] = (k, s.channels)
+        for c, _ in s.consumers:
+            in_f[c] = (k, s.channels)
+        for m in s.maps_out:
+            map_in[m] = (k, s.channels)
+        for m in s.maps_in:
+            map_out[m] = (k, s.channels)
     total = mm.total
     for name, macs in mm.layers.items():
         ko, co = out_f.get(name, (1, 1))
         ki, ci = in_f.get(name, (1, 1))
         total += macs * ko * ki // (co * ci) - macs
+    for m in set(map_in) | set(map_out):
+        c_in, c_out, pixels = mm.shapes[m]
+        ki, ko = map_in.get(m, (c_in, c_in))[0], map_out.get(m, (c_out, c_out))[0]
+        if (ki, ko) != (c_in, c_out):  # both sides whole: still the free padding
+            total += ki * ko * pixels
     return total
 
 

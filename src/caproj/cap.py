@@ -131,8 +131,7 @@ class CaP:
             elif self.cfg.init == "pca":
                 p = projection.init_pca(st, k)
             else:
-                w = self.base[f"{s.consumer}.weight"]
-                p = projection.init_select(projection.selection_scores(st, w, s), k)
+                p = projection.init_select(projection.selection_scores(st, self.base, s), k)
             ps.append(p.to(self.device))
         self.proxies = ps
         t = self.tensors()
@@ -148,8 +147,8 @@ class CaP:
         omods = dict(self.orig.named_modules())
         nmods = dict(self.narrow.named_modules())
         for i, s in enumerate(self.sites):
-            if self.widths[i] == s.channels:
-                continue  # kept whole: the original consumer is already exact
+            if self.widths[i] == s.channels or s.tied:
+                continue  # kept whole: already exact; streams: consumers keep W P (below)
             raise_if_stopped("the least-squares refit")
             cons_o, cons_n = omods[s.consumer], nmods[s.consumer]
             gram, cross = None, None
@@ -211,14 +210,11 @@ class CaP:
     def _taps(self) -> list[tuple[str, int | None]]:
         """Per site: the module whose output is compared, and the site whose P lifts it back
         (when the consumer's own output is projected, i.e. it is also a producer)."""
-        as_producer = {s.producer: j for j, s in enumerate(self.sites)}
+        as_producer = {p: (j, bn) for j, s in enumerate(self.sites) for p, bn in s.producers}
         taps = []
         for s in self.sites:
-            j = as_producer.get(s.consumer)
-            if j is None:
-                taps.append((s.consumer, None))
-            else:
-                taps.append((self.sites[j].bn or s.consumer, j))
+            j, bn = as_producer.get(s.consumer, (None, None))
+            taps.append((s.consumer, None) if j is None else (bn or s.consumer, j))
         return taps
 
     def fingerprint(self) -> dict:

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-multiple", type=_positive_int, default=8,
                    help="keep widths at multiples of this where a site is wide enough "
                    "(default 8: fast CPU kernels; 1 = any width)")
+    p.add_argument("--stream-projection", action="store_true",
+                   help="also project residual streams (block outputs, shortcuts, stem, "
+                   "classifier input), one shared P per tied group (beyond the paper)")
     p.add_argument("--allocate", choices=("uniform", "auto"), default="uniform",
                    help="per-site widths for --target-macs: uniform ratio (default) or auto "
                    "(greedy by measured sensitivity x channel spectrum per MAC)")
@@ -182,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
     p.add_argument("--methods", default="cap,cp,pca,l1,fpgm,taylor,svd,tp-l2",
-                   help="comma-separated: cap, cp, pca, l1, fpgm, taylor, svd, tp-l2")
+                   help="comma-separated: cap, cp, pca, l1, fpgm, taylor, svd, tp-l2, and CaP "
+                   "beyond the paper: cap+stream, cap+auto, cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=int, default=600)
     p.add_argument("--channel-multiple", type=_positive_int, default=8)
@@ -217,8 +221,9 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--kd", type=float, default=0.0, dest="kd_weight",
-                   help="distillation weight (0..1) from the original model (compress) "
-                   "or from --teacher (train); default %(default)s")
+                   help="distillation weight (0..1) from the original model (compress, "
+                   "bench: in CaP's optimisation and the fine-tuning) or from --teacher "
+                   "(train); default %(default)s")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="sgd (nesterov, default) or adam (AdamW)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "

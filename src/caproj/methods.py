@@ -218,6 +218,9 @@ def torch_pruning_l2(model: nn.Module, sites: list[Site], widths: list[int],
 
 # ----------------------------------------------------------------------------- registry
 METHODS = ("cap", "cp", "pca", "l1", "fpgm", "taylor", "svd", "tp-l2")
+# CaP beyond the paper, for the bench: +stream projects the residual streams too, +auto
+# chooses per-site widths (caproj.allocate) instead of one uniform ratio.
+CAP_VARIANTS = ("cap+stream", "cap+auto", "cap+stream+auto")
 
 
 def run_method(method: str, model: nn.Module, sites: list[Site], widths: list[int],

@@ -59,7 +59,9 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
             rows.append({"layer": name, "type": type(mod).__name__,
                          "macs": mode.get_total_flops() // 2,
                          "params": sum(p.numel() for p in mod.parameters(recurse=False)),
-                         "out_shape": tuple(out.shape[1:]) if torch.is_tensor(out) else None})
+                         "out_shape": tuple(out.shape[1:]) if torch.is_tensor(out) else None,
+                         "in_shape": tuple(inp[0].shape[1:])
+                         if inp and torch.is_tensor(inp[0]) else None})
         return f
 
     for name, m in model.named_modules():

@@ -30,14 +30,27 @@ CHECKPOINT_FORMAT = "caproj-checkpoint-v1"
 
 # ----------------------------------------------------------------------------- CIFAR ResNet
 class PadShortcut(nn.Module):
-    """Option-A shortcut: subsample by 2 and zero-pad `pad` channels on each side (no params)."""
+    """Option-A shortcut: subsample by 2 and zero-pad `pad` channels on each side (no params).
+
+    The padding is a fixed linear channel map E (`channel_map`). When stream projection
+    compresses the streams on both sides (P_in, P_out), the shortcut becomes the 1x1 map
+    P_out^T E P_in, held in `weight` (None for the original network)."""
 
     def __init__(self, pad: int) -> None:
         super().__init__()
         self.pad = pad
+        self.weight: nn.Parameter | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.conv2d(x[:, :, ::2, ::2], self.weight)
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+    def channel_map(self, c_in: int) -> torch.Tensor:
+        """E (c_out x c_in): output channel pad + i is input channel i."""
+        e = torch.zeros(c_in + 2 * self.pad, c_in)
+        e[torch.arange(c_in) + self.pad, torch.arange(c_in)] = 1.0
+        return e
 
     def extra_repr(self) -> str:
         return f"pad={self.pad}"
@@ -280,6 +293,8 @@ def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
             new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and w.shape[0] != m.num_features:
             new = type(m)(w.shape[0], m.eps, m.momentum)
+        elif hasattr(m, "channel_map") and (m.weight is None or m.weight.shape != w.shape):
+            m.weight = nn.Parameter(torch.empty_like(w))  # a projected fixed channel map
         if new is not None:
             set_submodule(model, name, new.to(w.device))
 

@@ -32,7 +32,8 @@ class CompressResult:
 
 def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float | None = None,
              target_macs: float | None = None, finetune: TrainConfig | None = None,
-             channel_multiple: int = 8, allocation: str = "uniform", log=print,
+             channel_multiple: int = 8, allocation: str = "uniform",
+             stream_projection: bool = False, log=print,
              state_prefix: str | None = None, resume: bool = False,
              save_every: int = 50) -> CompressResult:
     """Compress `model` (left unchanged) with CaP to a keep ratio or a MACs fraction, optionally
@@ -45,7 +46,7 @@ def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float 
     if keep is None and target_macs is None:
         target_macs = 0.5
     shape = splits.input_shape
-    sites = require_sites(model)
+    sites = require_sites(model, stream=stream_projection)
     mm = MacModel.of(model, shape)
     t_alloc = time.perf_counter()
     if allocation == "auto":
@@ -69,6 +70,7 @@ def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float 
     predicted = predict_macs(mm, sites, widths)
     rep: dict[str, Any] = {"sites": [str(s) for s in sites], "widths": widths,
                            "allocation": allocation, "allocation_seconds": alloc_seconds,
+                           "stream_projection": stream_projection,
                            "macs_before": mm.total, "params_before": metrics.count_params(model)}
     log(f"{len(sites)} sites; widths {widths}; predicted MACs {predicted / 1e6:.2f} M "
         f"({predicted / mm.total:.3f} of {mm.total / 1e6:.2f} M)")
@@ -145,7 +147,8 @@ def cmd_compress(a: argparse.Namespace) -> None:
     cap_cfg = CapConfig(init=a.init, calib_images=a.calib_images, steps=a.cap_steps,
                         lr=a.cap_lr, weight_lr=a.cap_weight_lr, batch_size=a.cap_batch_size,
                         recon_weight=a.recon_weight,
-                        relax=a.relax, seed=a.seed, bf16=False if a.no_bf16 else None)
+                        relax=a.relax, seed=a.seed, kd=a.kd_weight,
+                        bf16=False if a.no_bf16 else None)
     cap_cfg.validate()
     ft = _train_config(a)
     ft.validate()
@@ -157,7 +160,8 @@ def cmd_compress(a: argparse.Namespace) -> None:
     with stop_on_signal():
         res = compress(model, data, cap_cfg, keep=a.keep, target_macs=a.target_macs,
                        finetune=ft, channel_multiple=a.channel_multiple,
-                       allocation=a.allocate, state_prefix=a.out,
+                       allocation=a.allocate, stream_projection=a.stream_projection,
+                       state_prefix=a.out,
                        resume=a.resume, save_every=a.save_every)
     rep = res.report
     rep["acc_before"] = acc0
@@ -249,20 +253,21 @@ def cmd_bench(a: argparse.Namespace) -> None:
     for t in targets:
         if not 0 < t <= 1:
             raise CaprojError(f"--targets values must be in (0, 1], got {t}")
-    from caproj.methods import METHODS
+    from caproj.methods import CAP_VARIANTS, METHODS
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise CaprojError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS + CAP_VARIANTS:
+            raise CaprojError(f"unknown method {m!r}; choose from "
+                              f"{', '.join(METHODS + CAP_VARIANTS)}")
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise CaprojError(f"--out-dir {out} exists and is not a directory")
     ft = _train_config(a)
     ft.validate()
     data, model, meta = _data_and_model(a)
-    cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0,
-                        bf16=False if a.no_bf16 else None)
+    cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0, kd=ft.kd_weight,
+                        bf16=False if a.no_bf16 else None)  # --kd: distil in CaP and FT alike
     bench.run(model, data, meta["arch"], methods, targets, ft, cap_cfg, out,
               channel_multiple=a.channel_multiple)
     print((out / "results.md").read_text())

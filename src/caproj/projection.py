@@ -9,7 +9,7 @@ Stiefel manifold, streamed calibration statistics, and the two initialisations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -81,6 +81,13 @@ def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
     stats = [SiteStats(s.channels, device) for s in sites]
     hooks = []
     for s, st in zip(sites, stats, strict=True):
+        if s.tied:  # a stream: its statistics are those of the tensors its consumers read
+            def read(m, inp, st=st, c=s.channels) -> None:
+                st.add_response(_channels_first(inp[0], c))
+                st.add_consumer_input(inp[0], c)
+
+            hooks += [mods[cons].register_forward_pre_hook(read) for cons, _ in s.consumers]
+            continue
         tap = mods[s.bn or s.producer]
         hooks.append(tap.register_forward_hook(lambda m, i, o, st=st: st.add_response(o)))
         hooks.append(mods[s.consumer].register_forward_pre_hook(
@@ -91,16 +98,28 @@ def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
     return stats
 
 
-def consumer_column_norms(w: torch.Tensor, site: Site) -> torch.Tensor:
+def _channels_first(x: torch.Tensor, c: int) -> torch.Tensor:
+    """A consumer's input as N x c x rest (a Linear after flatten reads c x spatial features)."""
+    return x.reshape(x.shape[0], c, -1) if x.dim() == 2 else x
+
+
+def consumer_column_norms(w: torch.Tensor, site: Site, spatial: int | None = None
+                          ) -> torch.Tensor:
     """Squared norm of the consumer weights reading each middle channel."""
     w = w.detach().float()
     if w.dim() == 2:
-        return w.reshape(w.shape[0], site.channels, site.spatial).pow(2).sum((0, 2))
+        sp = site.spatial if spatial is None else spatial
+        return w.reshape(w.shape[0], site.channels, sp).pow(2).sum((0, 2))
     return w.pow(2).sum((0, 2, 3))
 
 
-def selection_scores(st: SiteStats, consumer_weight: torch.Tensor, site: Site) -> torch.Tensor:
-    return (st.energy / max(st.count_in, 1)).float() * consumer_column_norms(consumer_weight, site)
+def selection_scores(st: SiteStats, weights: Mapping[str, torch.Tensor], site: Site
+                     ) -> torch.Tensor:
+    """Post-nonlinearity energy x squared norm of the consumer weights reading each channel
+    (summed over every consumer of a stream). `weights`: the model's tensors by name."""
+    norms = sum(consumer_column_norms(weights[f"{c}.weight"], site, sp)
+                for c, sp in site.consumers)
+    return (st.energy / max(st.count_in, 1)).float() * norms  # type: ignore[operator]
 
 
 def init_select(scores: torch.Tensor, k: int) -> torch.Tensor:

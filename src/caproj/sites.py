@@ -7,6 +7,17 @@ groups=1, or Linear) reads them. Its middle channels can then be shrunk to c' < 
 only the producer's output side and the consumer's input side: a projection P (c x c') for
 CaP, a column selection for pruning. Tensors that feed a residual addition, a concatenation or a
 second reader are not sites; `find_sites` says, for every producer, why it is not one.
+
+Stream sites (`find_sites(model, stream=True)`, beyond the paper): every tensor tied to a
+residual addition shares its channels with the addition's other inputs, the tensors derived
+from it channel-wise (the ReLU after the add, pooling) and so on. Such a tied group — a ResNet
+stage's stream: the stem or transition convs' outputs, each block's last conv, identity and 1x1
+projection shortcuts, option-A zero-pad shortcuts, the next blocks' first convs and the
+classifier — is one site with several producers and consumers sharing one P, found by walking
+the graph from each addition (the dependency-group idea of Torch-Pruning). A fixed channel map
+between two groups (option-A padding, `PadShortcut.channel_map`) becomes P_out^T E P_in. A
+group whose channels reach anything else (a concatenation, a pre-activation BN, the model
+output, a multiplication) is not a site, and the reason is reported.
 """
 
 from __future__ import annotations
@@ -38,7 +49,10 @@ PRODUCERS = (nn.Conv2d, nn.Linear)
 
 @dataclass
 class Site:
-    """producer -> [bn] -> channel-wise ops -> consumer, all named as in model.named_modules()."""
+    """producer -> [bn] -> channel-wise ops -> consumer, all named as in model.named_modules().
+
+    A stream site (tied group) has more producers and consumers sharing the same P, and the
+    fixed channel maps (PadShortcut) that write into it or read from it."""
 
     producer: str
     consumer: str
@@ -46,8 +60,28 @@ class Site:
     bn: str | None = None
     spatial: int = 1  # Linear consumer after flatten: input features = channels * spatial
     ops: list[str] = field(default_factory=list)
+    more_producers: list[tuple[str, str | None]] = field(default_factory=list)  # (conv, bn)
+    more_consumers: list[tuple[str, int]] = field(default_factory=list)  # (layer, spatial)
+    maps_in: list[str] = field(default_factory=list)  # channel maps writing into the group
+    maps_out: list[str] = field(default_factory=list)  # channel maps reading the group
+
+    @property
+    def producers(self) -> list[tuple[str, str | None]]:
+        return [(self.producer, self.bn)] + self.more_producers
+
+    @property
+    def consumers(self) -> list[tuple[str, int]]:
+        return [(self.consumer, self.spatial)] + self.more_consumers
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.more_producers or self.more_consumers or self.maps_in or self.maps_out)
 
     def __str__(self) -> str:
+        if self.tied:
+            return (f"stream {self.producer} +{len(self.more_producers)} producers -> "
+                    f"{self.consumer} +{len(self.more_consumers)} consumers "
+                    f"({self.channels} ch)")
         mid = " -> ".join(([self.bn] if self.bn else []) + self.ops)
         mid = mid + " -> " if mid else ""
         return f"{self.producer} -> {mid}{self.consumer} ({self.channels} ch)"
@@ -59,9 +93,17 @@ class SiteReport:
     skipped: dict[str, str]  # producer name -> why it is not a site
 
 
+class _Tracer(fx.Tracer):
+    """Keeps modules with a fixed `channel_map` (option-A shortcuts) as single graph nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return hasattr(m, "channel_map") or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        return fx.GraphModule(model, graph, type(model).__name__)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         name = type(model).__name__
@@ -101,8 +143,141 @@ def _out_channels(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features  # type: ignore[return-value]
 
 
-def find_sites(model: nn.Module) -> SiteReport:
-    """All sites of `model` in execution order, plus the reason each other producer is not one."""
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in ADD_FUNCTIONS and len(n.args) >= 2
+            and all(isinstance(a, fx.Node) for a in n.args[:2]))
+
+
+def _stream_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[str, int]
+                  ) -> tuple[list[tuple[int, Site]], dict[str, str]]:
+    """Tied groups around residual additions: ((graph position, Site)) for each group that can
+    share one projection, and {first producer: why not} for those that cannot."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    grouped: set[fx.Node] = set()
+    sites: list[tuple[int, Site]] = []
+    refused: dict[str, str] = {}
+    starts = [n for n in gm.graph.nodes if _is_add(n)]
+    while starts:
+        start = starts.pop(0)
+        if start in grouped:
+            continue
+        members, queue = {start}, [start]
+        producers: list[tuple[fx.Node, str, str | None]] = []
+        consumers: list[tuple[fx.Node, str]] = []
+        maps_in: list[str] = []
+        maps_out: list[str] = []
+        problem: str | None = None
+
+        def mod(n: fx.Node) -> nn.Module | None:
+            return modules.get(str(n.target)) if n.op == "call_module" else None
+
+        def visit(n: fx.Node, members=members, queue=queue) -> None:
+            if n not in members:
+                members.add(n)
+                queue.append(n)
+
+        while queue and problem is None:
+            n = queue.pop()
+            m = mod(n)
+            # where the tensor comes from
+            if _is_add(n):
+                for a in n.args[:2]:
+                    visit(a)  # type: ignore[arg-type]
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                src = n.args[0]
+                sm = mod(src) if isinstance(src, fx.Node) else None
+                if not isinstance(sm, PRODUCERS) or len(src.users) != 1 or \
+                        calls[str(src.target)] != 1 or calls[str(n.target)] != 1:
+                    problem = f"{n.target} normalises the stream itself (pre-activation)"
+                else:
+                    producers.append((src, str(src.target), str(n.target)))
+            elif isinstance(m, PRODUCERS):
+                if isinstance(m, nn.Conv2d) and m.groups != 1 or calls[str(n.target)] != 1:
+                    problem = f"{n.target} (grouped or reused) writes the stream"
+                else:
+                    producers.append((n, str(n.target), None))
+            elif m is not None and hasattr(m, "channel_map"):
+                maps_in.append(str(n.target))
+                starts.append(n)  # its input is another group's tensor: seeds nothing here
+            elif _is_channelwise(n, modules) or _is_flatten(n, modules):
+                visit(n.args[0])  # type: ignore[arg-type]
+            else:
+                problem = f"the stream starts at {_describe(n, modules)}"
+            # where it goes
+            for u in n.users:
+                um = mod(u)
+                if u in members:
+                    continue
+                if _is_add(u) or _is_channelwise(u, modules) or _is_flatten(u, modules):
+                    visit(u)
+                elif isinstance(um, PRODUCERS):
+                    if isinstance(um, nn.Conv2d) and um.groups != 1 or calls[str(u.target)] != 1:
+                        problem = f"stream read by {u.target} (grouped or reused)"
+                    else:
+                        consumers.append((u, str(u.target)))
+                elif um is not None and hasattr(um, "channel_map"):
+                    maps_out.append(str(u.target))
+                else:
+                    problem = f"stream feeds {_describe(u, modules)}"
+        grouped |= members
+        producers.sort(key=lambda t: order[t[0]])
+        consumers.sort(key=lambda t: order[t[0]])
+        first = producers[0][1] if producers else str(start.target)
+        if problem is None and (not producers or not consumers):
+            problem = "no producer or no consumer"
+        widths = {_out_channels(modules[p]) for _, p, _ in producers}
+        if problem is None and len(widths) != 1:
+            problem = f"producers of different widths {sorted(widths)}"
+        if problem is None:
+            c = widths.pop()
+            spat = []
+            for _, name in consumers:
+                cm = modules[name]
+                f = cm.in_channels if isinstance(cm, nn.Conv2d) else cm.in_features
+                if f % c or (isinstance(cm, nn.Conv2d) and f != c):
+                    problem = f"{name} reads {f} features from {c} channels"
+                spat.append(f // c)
+        if problem is not None:
+            refused[first] = problem
+            continue
+        (_, p0, b0), rest = producers[0], producers[1:]
+        sites.append((order[producers[0][0]], Site(
+            p0, consumers[0][1], c, b0, spat[0], ["stream"],
+            more_producers=[(p, b) for _, p, b in rest],
+            more_consumers=[(name, sp) for (_, name), sp in zip(consumers[1:], spat[1:],
+                                                                strict=True)],
+            maps_in=maps_in, maps_out=maps_out)))
+    return sites, refused
+
+
+def find_sites(model: nn.Module, stream: bool = False) -> SiteReport:
+    """All sites of `model` in execution order, plus the reason each other producer is not one.
+    With `stream`, residual streams (tied groups) are sites too."""
+    rep = _find_sites(model)
+    if not stream:
+        return rep
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    streams, refused = _stream_sites(gm, modules, calls)
+    pos = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    merged = [(pos[s.producer], s) for s in rep.sites] + streams
+    skipped = dict(rep.skipped)
+    for _, s in streams:
+        for p, _ in s.producers:
+            skipped.pop(p, None)
+    for first, why in refused.items():
+        skipped[first] = f"residual stream not projectable: {why}"
+    return SiteReport([s for _, s in sorted(merged, key=lambda t: t[0])], skipped)
+
+
+def _find_sites(model: nn.Module) -> SiteReport:
     gm = trace(model)
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
@@ -141,8 +316,12 @@ def find_sites(model: nn.Module) -> SiteReport:
                 bn, cur = str(nxt.target), nxt
                 continue
             if m is not None and isinstance(m, PRODUCERS) and calls[str(nxt.target)] == 1:
-                if isinstance(m, nn.Conv2d) and (m.groups != 1 or flat):
-                    reason = f"consumer {nxt.target} is a grouped conv or follows a flatten"
+                if isinstance(m, nn.Conv2d) and m.groups != 1:
+                    reason = (f"consumer {nxt.target} is a grouped/depthwise conv "
+                              f"(groups={m.groups})")
+                    break
+                if isinstance(m, nn.Conv2d) and flat:
+                    reason = f"consumer {nxt.target} is a conv after a flatten"
                     break
                 in_feat = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
                 if in_feat % c:
@@ -175,12 +354,22 @@ def find_sites(model: nn.Module) -> SiteReport:
     return SiteReport(sites, skipped)
 
 
-def require_sites(model: nn.Module) -> list[Site]:
+def require_sites(model: nn.Module, stream: bool = False) -> list[Site]:
     """find_sites, or a one-line error naming the first layer and the pattern that stops it."""
-    rep = find_sites(model)
+    rep = find_sites(model, stream)
     if not rep.sites:
         if not rep.skipped:
             raise CaprojError(f"{type(model).__name__} has no Conv2d/Linear layer to compress")
-        first, why = next(iter(rep.skipped.items()))
-        raise CaprojError(f"no compressible site in {type(model).__name__}: e.g. {first} {why}")
+        # Name the most common obstacle (the first layer is usually the stem, not the point).
+        kinds: dict[str, list[tuple[str, str]]] = {}
+        for name, why in rep.skipped.items():
+            kind = ("grouped/depthwise conv" if "grouped" in why else
+                    "residual addition or concatenation" if "readers" in why or
+                    "residual" in why or "concatenation" in why else "other pattern")
+            kinds.setdefault(kind, []).append((name, why))
+        kind, cases = max(kinds.items(), key=lambda kv: len(kv[1]))
+        first, why = cases[0]
+        raise CaprojError(f"no compressible site in {type(model).__name__}: "
+                          f"{len(cases)} of {len(rep.skipped)} producers meet a {kind}, "
+                          f"e.g. {first} {why}")
     return rep.sites

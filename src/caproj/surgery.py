@@ -25,10 +25,11 @@ from caproj.sites import Site
 from caproj.utils import run_with_hooks
 
 
-def project_in(w: torch.Tensor, p: torch.Tensor, site: Site) -> torch.Tensor:
+def project_in(w: torch.Tensor, p: torch.Tensor, site: Site, spatial: int | None = None
+               ) -> torch.Tensor:
     """Consumer weight reading the projected channels: W P (per spatial slot for Linear)."""
     if w.dim() == 2:
-        w3 = w.reshape(w.shape[0], site.channels, site.spatial)
+        w3 = w.reshape(w.shape[0], site.channels, site.spatial if spatial is None else spatial)
         return torch.einsum("ocs,cd->ods", w3, p).reshape(w.shape[0], -1)
     return torch.einsum("ocij,cd->odij", w, p)
 
@@ -54,25 +55,47 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
     mods = dict(model.named_modules())
     out = dict(base)
     for i, s in enumerate(sites):
-        key = f"{s.consumer}.weight"
-        if consumer_weights is not None and i in consumer_weights:
-            out[key] = consumer_weights[i]
-        else:
-            out[key] = project_in(out[key], projections[i], s)
+        for j, (cons, spatial) in enumerate(s.consumers):
+            key = f"{cons}.weight"
+            if j == 0 and consumer_weights is not None and i in consumer_weights:
+                out[key] = consumer_weights[i]
+            else:
+                out[key] = project_in(out[key], projections[i], s, spatial)
     for i, s in enumerate(sites):
         p = projections[i]
-        w, b = out[f"{s.producer}.weight"], out.get(f"{s.producer}.bias")
-        if s.bn:
-            eps = mods[s.bn].eps  # type: ignore[union-attr]
-            w, b = fold_bn(w, b, out, s.bn, eps)
-            k = p.shape[1]
-            out[f"{s.bn}.weight"] = torch.ones(k, dtype=w.dtype, device=w.device)
-            out[f"{s.bn}.running_mean"] = torch.zeros(k, dtype=w.dtype, device=w.device)
-            out[f"{s.bn}.running_var"] = torch.full((k,), 1 - eps, dtype=w.dtype, device=w.device)
-        elif b is None:
-            b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        out[f"{s.producer}.weight"] = (p.T @ w.reshape(w.shape[0], -1)).reshape(-1, *w.shape[1:])
-        out[f"{s.bn}.bias" if s.bn else f"{s.producer}.bias"] = p.T @ b
+        for prod, bn in s.producers:
+            w, b = out[f"{prod}.weight"], out.get(f"{prod}.bias")
+            if bn:
+                eps = mods[bn].eps  # type: ignore[union-attr]
+                w, b = fold_bn(w, b, out, bn, eps)
+                k = p.shape[1]
+                out[f"{bn}.weight"] = torch.ones(k, dtype=w.dtype, device=w.device)
+                out[f"{bn}.running_mean"] = torch.zeros(k, dtype=w.dtype, device=w.device)
+                out[f"{bn}.running_var"] = torch.full((k,), 1 - eps, dtype=w.dtype,
+                                                      device=w.device)
+            elif b is None:
+                b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+            out[f"{prod}.weight"] = (p.T @ w.reshape(w.shape[0], -1)).reshape(-1, *w.shape[1:])
+            out[f"{bn}.bias" if bn else f"{prod}.bias"] = p.T @ b
+    # Fixed channel maps between two streams (option-A shortcuts): E becomes P_out^T E P_in.
+    ins = {m: projections[i] for i, s in enumerate(sites) for m in s.maps_out}
+    outs = {m: projections[i] for i, s in enumerate(sites) for m in s.maps_in}
+    for m in sorted(set(ins) | set(outs)):
+        p_in, p_out = ins.get(m), outs.get(m)
+        if (p_in is None or p_in.shape[0] == p_in.shape[1]) and \
+                (p_out is None or p_out.shape[0] == p_out.shape[1]):
+            continue  # both sides whole: the parameter-free original stays exact and free
+        ref = p_in if p_in is not None else p_out
+        assert ref is not None
+        c_in = p_in.shape[0] if p_in is not None else None
+        e = mods[m].channel_map(c_in if c_in is not None else  # type: ignore[operator]
+                                p_out.shape[0] - 2 * mods[m].pad)  # type: ignore[union-attr]
+        e = e.to(ref.device, ref.dtype)
+        if p_in is not None:
+            e = e @ p_in
+        if p_out is not None:
+            e = p_out.T @ e
+        out[f"{m}.weight"] = e[:, :, None, None]
     return out
 
 
@@ -99,22 +122,22 @@ def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
     gamma = sqrt(v + eps), beta' = beta + m, so BN(y) = y + beta still, and fine-tuning starts
     from properly normalised activations."""
     mods = dict(model.named_modules())
-    todo = [s for s in sites if s.bn]
-    acc = {s.bn: [0.0, 0.0, 0] for s in todo}
+    todo = [(p, bn) for s in sites for p, bn in s.producers if bn]
+    acc = {bn: [0.0, 0.0, 0] for _, bn in todo}
     hooks = []
-    for s in todo:
-        def hook(m, i, o, key=s.bn):
+    for prod, bn in todo:
+        def hook(m, i, o, key=bn):
             o = o.detach().float()
             dims = [d for d in range(o.dim()) if d != 1]
             a = acc[key]
             a[0] = a[0] + o.sum(dims)
             a[1] = a[1] + o.pow(2).sum(dims)
             a[2] += o.numel() // o.shape[1]
-        hooks.append(mods[s.producer].register_forward_hook(hook))
+        hooks.append(mods[prod].register_forward_hook(hook))
     run_with_hooks(model, batches, hooks)
-    for s in todo:
-        bn: nn.BatchNorm2d = mods[s.bn]  # type: ignore[assignment]
-        s1, s2, n = acc[s.bn]
+    for _, name in todo:
+        bn: nn.BatchNorm2d = mods[name]  # type: ignore[assignment]
+        s1, s2, n = acc[name]
         if dist.world() > 1:  # torchrun: every rank saw its share of the calibration batches
             s1 = dist.all_reduce_(torch.as_tensor(s1, dtype=torch.float32,
                                                   device=bn.weight.device).clone())

@@ -1,0 +1,141 @@
+"""Stream projection (beyond the paper): residual streams found as tied groups in the graph,
+exact at keep=1.0, MACs predicted exactly (option-A shortcuts become 1x1 maps), checkpoints
+round-trip, and the CaP optimisation runs on them."""
+
+import pytest
+import torch
+
+from caproj import metrics, surgery
+from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
+from caproj.cap import CaP, CapConfig
+from caproj.coverage import randomise_bn
+from caproj.data import Splits
+from caproj.models import build_model, load_model, make_checkpoint
+from caproj.sites import find_sites, require_sites
+
+STREAM_ARCHS = [  # (arch, input shape, stream sites, all sites)
+    ("resnet20", (3, 32, 32), 3, 12),
+    ("tv:resnet18", (3, 64, 64), 4, 12),
+    ("tv:resnet50", (3, 64, 64), 4, 36),
+    ("tv:mobilenet_v2", (3, 64, 64), 5, 8),
+]
+
+
+def _random_p(sites, widths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.linalg.qr(torch.randn(s.channels, k, generator=g))[0]
+            for s, k in zip(sites, widths, strict=True)]
+
+
+def test_cifar_resnet_streams_are_the_three_stages():
+    sites = [s for s in find_sites(build_model("resnet20"), stream=True).sites if s.tied]
+    assert [s.channels for s in sites] == [16, 32, 64]
+    s1, s2, s3 = sites
+    assert s1.producers[0] == ("conv1", "bn1")  # the stem
+    assert [p for p, _ in s1.producers[1:]] == [f"layer1.{i}.conv2" for i in range(3)]
+    assert [c for c, _ in s1.consumers] == [f"layer1.{i}.conv1" for i in range(3)] + \
+        ["layer2.0.conv1"]
+    assert s1.maps_out == ["layer2.0.shortcut"] and s2.maps_in == ["layer2.0.shortcut"]
+    assert s3.consumers[-1] == ("linear", 1)  # the classifier reads the last stream
+    # without stream=True the paper's behaviour: block outputs are not sites
+    assert not any(s.tied for s in find_sites(build_model("resnet20")).sites)
+
+
+def test_torchvision_downsample_is_producer_and_consumer():
+    sites = [s for s in find_sites(build_model("tv:resnet18"), stream=True).sites if s.tied]
+    assert ("layer2.0.downsample.0", 1) in sites[0].consumers
+    assert ("layer2.0.downsample.0", "layer2.0.downsample.1") in sites[1].producers
+
+
+def test_stream_that_reaches_a_concatenation_is_refused_with_the_reason():
+    rep = find_sites(build_model("tv:densenet121"), stream=True)
+    assert not any(s.tied for s in rep.sites)
+    rep = find_sites(build_model("tv:efficientnet_b0"), stream=True)
+    reasons = [v for v in rep.skipped.values() if v.startswith("residual stream")]
+    assert reasons and all("not projectable" in v for v in reasons)
+
+
+@pytest.mark.parametrize("arch, shape, n_stream, n_all", STREAM_ARCHS)
+def test_stream_keep_one_is_exact_through_full_cap(arch, shape, n_stream, n_all):
+    torch.manual_seed(0)
+    model = randomise_bn(build_model(arch))
+    sites = require_sites(model, stream=True)
+    assert sum(s.tied for s in sites) == n_stream and len(sites) == n_all
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, *shape, generator=g) for _ in range(2)]
+    cap = CaP(model, sites, widths_for_keep(sites, 1.0), CapConfig(steps=5, log_every=0))
+    cap.initialise(calib)
+    cap.refit(calib)
+    out = cap.finalize(calib)
+    x = torch.randn(2, *shape, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+        assert (out(x) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("arch, shape, n_stream, n_all", STREAM_ARCHS[:3])
+def test_stream_macs_after_surgery_equal_prediction(arch, shape, n_stream, n_all):
+    model = randomise_bn(build_model(arch))
+    sites = require_sites(model, stream=True)
+    mm = MacModel.of(model, shape)
+    widths = widths_for_macs(mm, sites, 0.3, 8)
+    small = surgery.apply(model, sites, _random_p(sites, widths),
+                          calib=[torch.randn(4, *shape)])
+    assert metrics.count_macs(small, shape) == predict_macs(mm, sites, widths)
+    assert 0.297 <= predict_macs(mm, sites, widths) / mm.total <= 0.3
+    # block outputs really are narrower now
+    assert all(s.channels > k for s, k in zip(sites, widths, strict=True))
+
+
+def test_projected_option_a_shortcut_and_checkpoint_round_trip(tmp_path):
+    model = randomise_bn(build_model("resnet20"))
+    sites = require_sites(model, stream=True)
+    widths = widths_for_keep(sites, 0.5)
+    small = surgery.apply(model, sites, _random_p(sites, widths),
+                          calib=[torch.randn(4, 3, 32, 32)])
+    w = small.layer2[0].shortcut.weight
+    assert w.shape == (16, 8, 1, 1)  # P_out^T E P_in: the zero padding, projected
+    torch.save(make_checkpoint(small, "resnet20", compressed=True), tmp_path / "s.pt")
+    loaded, _ = load_model(tmp_path / "s.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+
+
+def test_cap_optimisation_runs_on_streams_and_reduces_reconstruction():
+    torch.manual_seed(0)
+    model = randomise_bn(build_model("resnet20", num_classes=3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 3, (96,), generator=g)
+    splits = Splits("rand", x, y, x[:32], y[:32], ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
+    sites = require_sites(model, stream=True)
+    cfg = CapConfig(init="pca", relax="projection", refit=False, kd=1.0, steps=30, lr=5e-3,
+                    batch_size=32, calib_images=64, log_every=0, bf16=False)
+    cap = CaP(model, sites, widths_for_keep(sites, 0.5), cfg)
+    out = cap.run(splits)
+    rec = [h["recon"] for h in cap.history]
+    assert len(rec) == 30 and sum(rec[-5:]) < 0.9 * sum(rec[:5])
+    assert cap.max_orthonormality_error() <= 1e-5
+    assert out.layer1[0].conv1.in_channels == 8 and out.linear.in_features == 32
+
+
+def test_bench_runs_the_beyond_the_paper_variants(tmp_path):
+    import json
+
+    from conftest import caproj, make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", per_class=8, size=16)
+    torch.save(randomise_bn(build_model("resnet20", num_classes=3)).state_dict(),
+               tmp_path / "r20.th")
+    out = tmp_path / "bench"
+    r = caproj("bench", "--arch", "resnet20", "--weights", tmp_path / "r20.th", "--data", data,
+               "--methods", "cap,cap+stream,cap+stream+auto", "--targets", "0.4",
+               "--cap-steps", "2", "--finetune-epochs", "0", "--out-dir", out)
+    assert r.returncode == 0, r.stderr
+    cells = {m: json.loads((out / f"{m}-0.4.json").read_text())
+             for m in ("cap", "cap+stream", "cap+stream+auto")}
+    assert len(cells["cap"]["widths"]) == 9 and len(cells["cap+stream"]["widths"]) == 12
+    for c in cells.values():
+        assert 0.99 * 0.4 <= c["macs"] / c["macs_original"] <= 0.4
+    assert cells["cap+stream"]["widths"] != cells["cap+stream+auto"]["widths"]

@@ -139,3 +139,13 @@ def test_bench_runs_the_beyond_the_paper_variants(tmp_path):
     for c in cells.values():
         assert 0.99 * 0.4 <= c["macs"] / c["macs_original"] <= 0.4
     assert cells["cap+stream"]["widths"] != cells["cap+stream+auto"]["widths"]
+
+
+def test_info_lists_sites_and_streams():
+    from conftest import caproj
+
+    r = caproj("info", "--arch", "resnet20", "--sites", "--stream-projection")
+    assert r.returncode == 0, r.stderr
+    assert "12 sites:" in r.stdout and "maps out: layer2.0.shortcut" in r.stdout
+    r = caproj("info", "--arch", "resnet20", "--sites")
+    assert "9 sites:" in r.stdout and "layer1.0.conv2:" in r.stdout  # why it is not a site

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_input_size, help="C,H,W (default: per architecture)")
     p.add_argument("--layers", action="store_true", help="print the per-layer table")
     p.add_argument("--latency", action="store_true", help="measure CPU/GPU latency, batch 1/64")
+    p.add_argument("--sites", action="store_true", help="list the compressible sites and why "
+                   "each other producer is not one")
+    p.add_argument("--stream-projection", action="store_true",
+                   help="with --sites: residual streams as tied sites too")
     _add_common(p)
 
     p = cmd("eval", "top-1 accuracy of a model on a dataset's test split")
@@ -284,6 +288,21 @@ def cmd_info(a: argparse.Namespace) -> None:
             if r["macs"] or r["params"]:
                 print(f"{r['layer']:32s} {r['type']:14s} {r['macs']:12,d} {r['params']:10,d}  "
                       f"{r['out_shape']}")
+    if a.sites:
+        from caproj.sites import find_sites
+
+        rep = find_sites(model, stream=a.stream_projection)
+        print(f"{len(rep.sites)} sites:")
+        for st in rep.sites:
+            print(f"  {st}")
+            if st.tied:
+                print(f"      producers: {', '.join(p for p, _ in st.producers)}")
+                print(f"      consumers: {', '.join(c for c, _ in st.consumers)}"
+                      + (f"; maps in: {', '.join(st.maps_in)}" if st.maps_in else "")
+                      + (f"; maps out: {', '.join(st.maps_out)}" if st.maps_out else ""))
+        print(f"{len(rep.skipped)} producers that are not sites:")
+        for name, why in rep.skipped.items():
+            print(f"  {name}: {why}")
     if a.latency:
         for b in (1, 64):
             lat = metrics.measure_latency(model, shape, b, num_threads=a.threads)

@@ -256,15 +256,10 @@ def _stream_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict
 def find_sites(model: nn.Module, stream: bool = False) -> SiteReport:
     """All sites of `model` in execution order, plus the reason each other producer is not one.
     With `stream`, residual streams (tied groups) are sites too."""
-    rep = _find_sites(model)
+    gm, modules, calls = _graph(model)
+    rep = _find_sites(gm, modules, calls)
     if not stream:
         return rep
-    gm = trace(model)
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     streams, refused = _stream_sites(gm, modules, calls)
     pos = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     merged = [(pos[s.producer], s) for s in rep.sites] + streams
@@ -277,13 +272,19 @@ def find_sites(model: nn.Module, stream: bool = False) -> SiteReport:
     return SiteReport([s for _, s in sorted(merged, key=lambda t: t[0])], skipped)
 
 
-def _find_sites(model: nn.Module) -> SiteReport:
+def _graph(model: nn.Module) -> tuple[fx.GraphModule, dict[str, nn.Module], dict[str, int]]:
+    """The traced graph, its modules, and how often each module is called."""
     gm = trace(model)
-    modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    return gm, dict(gm.named_modules()), calls
+
+
+def _find_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[str, int]
+                ) -> SiteReport:
+    """Single-producer, single-consumer sites (the paper's)."""
     sites: list[Site] = []
     skipped: dict[str, str] = {}
     for node in gm.graph.nodes:

@@ -7,8 +7,9 @@ import torch
 
 from caproj import data as D
 from caproj import dist
+from caproj.data import StreamBatches
 from caproj.errors import CaprojError
-from caproj.stream import Stream, StreamBatches
+from caproj.stream import Stream
 
 from conftest import caproj
 

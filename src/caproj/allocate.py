@@ -39,10 +39,12 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
     model.eval()
     stats = projection.collect_stats(model, sites, calib)
     weights = dict(model.named_parameters())
+    scores = [projection.selection_scores(st, weights, s) for s, st in zip(sites, stats,
+                                                                           strict=True)]
     curves = []
-    for s, st in zip(sites, stats, strict=True):
-        score = projection.selection_scores(st, weights, s).double()
-        kept = torch.cat([score.new_zeros(1), score.sort(descending=True).values.cumsum(0)])
+    for score in scores:
+        kept = torch.cat([score.new_zeros(1).double(),
+                          score.double().sort(descending=True).values.cumsum(0)])
         curves.append((1 - kept / kept[-1].clamp_min(1e-30)).clamp_min(0).float().cpu())
     xs, n = [], 0
     for x in calib:
@@ -53,9 +55,8 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
     ref = [F.log_softmax(model(x).float(), 1) for x in xs]
     mods = dict(model.named_modules())
     sens = []
-    for s, st, curve in zip(sites, stats, curves, strict=True):
+    for s, score, curve in zip(sites, scores, curves, strict=True):
         half = max(1, s.channels // 2)
-        score = projection.selection_scores(st, weights, s)
         mask = torch.zeros(s.channels, device=score.device)
         mask[torch.topk(score, half).indices] = 1.0
 
@@ -146,3 +147,15 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
     if log is not None:
         log(f"automatic allocation: widths {widths} ({got:.3f} of the MACs)")
     return widths
+
+
+def auto_widths(model: nn.Module, sites: list[Site], mm: MacModel, splits, target: float,
+                multiple: int, calib_images: int, seed: int = 0,
+                log: Callable[[str], None] | None = None) -> list[int]:
+    """`--allocate auto` end to end: calibration images, profiles, greedy widths."""
+    from caproj.cap import calibration_images
+
+    device = next(model.parameters()).device
+    calib = calibration_images(splits, calib_images, device, seed=seed)
+    curves, sens = site_profiles(model, sites, calib)
+    return allocate(mm, sites, curves, sens, target, multiple, log=log)

@@ -22,9 +22,9 @@ from caproj.budget import MacModel, widths_for_macs
 from caproj.cap import CapConfig
 from caproj.data import Data
 from caproj.errors import CaprojError
-from caproj.methods import CAP_VARIANTS, METHODS, run_method
+from caproj.methods import check_methods, run_method
 from caproj.sites import require_sites
-from caproj.train import TrainConfig, config_dict, evaluate, model_device, train
+from caproj.train import TrainConfig, config_dict, evaluate, train
 from caproj.utils import atomic_write_text, run_record
 
 
@@ -42,13 +42,10 @@ def run_cell(model: nn.Module, splits: Data, method: str, target: float, ft: Tra
     torch.manual_seed(ft.seed)
     t0 = time.perf_counter()
     if "auto" in flags:
-        from caproj.allocate import allocate, site_profiles
-        from caproj.cap import calibration_images
+        from caproj.allocate import auto_widths
 
-        calib = calibration_images(splits, cap_cfg.calib_images, model_device(model),
-                                   seed=cap_cfg.seed)
-        widths = allocate(mm, sites, *site_profiles(model, sites, calib), target,
-                          channel_multiple)
+        widths = auto_widths(model, sites, mm, splits, target, channel_multiple,
+                             cap_cfg.calib_images, cap_cfg.seed)
     else:
         widths = widths_for_macs(mm, sites, target, channel_multiple)
     small = run_method(base, model, sites, widths, splits, mm, target, cap_cfg,
@@ -89,10 +86,7 @@ def run_cell(model: nn.Module, splits: Data, method: str, target: float, ft: Tra
 def run(model: nn.Module, splits: Data, arch: str, methods: list[str], targets: list[float],
         ft: TrainConfig, cap_cfg: CapConfig, out_dir: Path, log=print,
         channel_multiple: int = 8) -> list[dict]:
-    for m in methods:
-        if m not in METHODS + CAP_VARIANTS:
-            raise CaprojError(f"unknown method {m!r}; choose from "
-                              f"{', '.join(METHODS + CAP_VARIANTS)}")
+    check_methods(methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_acc = evaluate(model, splits)["acc"]
     log(f"{arch}: {base_acc:.2f} % original")

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from caproj import dist
 from caproj.errors import CaprojError
-from caproj.stream import IMAGENET_MEAN, IMAGENET_STD, Stream, StreamBatches
+from caproj.stream import IMAGENET_MEAN, IMAGENET_STD, Stream, _Images, _one_line
 from caproj.utils import atomic_save
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -306,15 +307,21 @@ class Batches:
                  train: bool = False, crop_padding: int = 0, flip: bool = False, seed: int = 0,
                  device: torch.device | str = "cpu", drop_last: bool = False,
                  channels_last: bool = False) -> None:
-        if len(y) == 0:
+        self._setup(len(y), batch_size, mean, std, train, seed, device, drop_last,
+                    channels_last)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.crop_padding, self.flip = crop_padding, flip
+
+    def _setup(self, n: int, batch_size: int, mean, std, train: bool, seed: int,
+               device: torch.device | str, drop_last: bool, channels_last: bool) -> None:
+        """What every batch source shares: checks, schedule state, normalisation."""
+        if n == 0:
             raise CaprojError("dataset split is empty")
         if batch_size < 1:
             raise CaprojError(f"batch size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.x, self.y = x.to(self.device), y.to(self.device)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.crop_padding, self.flip = crop_padding, flip
-        self.drop_last = drop_last and len(y) >= batch_size
+        self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
+        self.drop_last = drop_last and n >= batch_size
         self.channels_last = channels_last
         self.epoch, self.start = 0, 0
         shape = (1, -1, 1, 1)
@@ -350,7 +357,7 @@ class Batches:
         return cls(s.train_x[idx], s.train_y[idx], batch_size, s.mean, s.std, **kw)
 
     def __len__(self) -> int:
-        n = len(self.y)
+        n = self.n
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -386,3 +393,49 @@ class Batches:
                 if self.flip:
                     xb = random_flip(xb, gen)
             yield self.normalise(xb), yb
+
+
+class StreamBatches(Batches):
+    """Batches of a Stream: the same interface, images decoded by DataLoader workers."""
+
+    def __init__(self, stream: Stream, samples: list[tuple[str, int]], batch_size: int, *,
+                 train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
+                 drop_last: bool = False, channels_last: bool = False,
+                 shard: bool = False) -> None:
+        self._setup(len(samples), batch_size, stream.mean, stream.std, train, seed, device,
+                    drop_last, channels_last)
+        self.images = _Images(samples, stream.transform(train), seed)
+        self.workers = stream.workers
+        self.sharded = shard and dist.world() > 1  # callers must not shard again
+
+    def index_batches(self) -> list[list[int]]:
+        """This epoch's batches of sample indices, from `start` on, this rank's share."""
+        n = len(self.images)
+        if self.train:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        out = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+               for i in range(self.start, len(self))]
+        if self.sharded:
+            out = [b[dist.rank()::dist.world()] for b in out]
+        return out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.index_batches()
+        self.start = 0
+        self.images.epoch = self.epoch  # workers copy the dataset when the iterator starts
+        loader = torch.utils.data.DataLoader(
+            self.images, batch_sampler=batches, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda")
+        it = iter(loader)
+        while True:
+            try:
+                xb, yb = next(it)
+            except StopIteration:
+                return
+            except CaprojError as e:
+                raise CaprojError(_one_line(e)) from None
+            yield (self.normalise(xb.to(self.device, non_blocking=True)),
+                   yb.to(self.device, non_blocking=True))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,19 +128,16 @@ def export(model: nn.Module, fmt: str, path: str | os.PathLike, input_shape: tup
       the header, so `caproj eval --weights model.safetensors` rebuilds the compressed model;
     - pt2: a torch.export program with a dynamic batch dimension.
     """
-    from caproj.utils import check_output_path
+    from caproj.utils import atomic_path
 
     if fmt not in EXPORT_FORMATS:
         raise CaprojError(f"unknown export format {fmt!r}; choose one of "
                           f"{', '.join(EXPORT_FORMATS)}")
-    p = check_output_path(path)
     model = model.cpu().eval()
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             got = _WRITERS[fmt](model, input_shape, tmp, meta or {}, x)
@@ -149,10 +145,7 @@ def export(model: nn.Module, fmt: str, path: str | os.PathLike, input_shape: tup
         if diff > 1e-4 * max(1.0, ref.abs().max().item()):
             raise CaprojError(f"exported {fmt} model differs from PyTorch by {diff:.3g}; "
                               f"nothing written")
-        os.replace(tmp, p)
-        return diff
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return diff
 
 
 def _onnx(model, shape, tmp, meta, x) -> torch.Tensor:

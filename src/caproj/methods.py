@@ -223,6 +223,13 @@ METHODS = ("cap", "cp", "pca", "l1", "fpgm", "taylor", "svd", "tp-l2")
 CAP_VARIANTS = ("cap+stream", "cap+auto", "cap+stream+auto")
 
 
+def check_methods(methods: list[str]) -> None:
+    for m in methods:
+        if m not in METHODS + CAP_VARIANTS:
+            raise CaprojError(f"unknown method {m!r}; choose from "
+                              f"{', '.join(METHODS + CAP_VARIANTS)}")
+
+
 def run_method(method: str, model: nn.Module, sites: list[Site], widths: list[int],
                splits: Data, mm: MacModel, target: float, cap_cfg: CapConfig | None = None,
                log: Callable[[str], None] = print) -> nn.Module:

@@ -36,9 +36,9 @@ class PadShortcut(nn.Module):
     compresses the streams on both sides (P_in, P_out), the shortcut becomes the 1x1 map
     P_out^T E P_in, held in `weight` (None for the original network)."""
 
-    def __init__(self, pad: int) -> None:
+    def __init__(self, in_planes: int, pad: int) -> None:
         super().__init__()
-        self.pad = pad
+        self.in_planes, self.pad = in_planes, pad
         self.weight: nn.Parameter | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,11 @@ class PadShortcut(nn.Module):
             return F.conv2d(x[:, :, ::2, ::2], self.weight)
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
-    def channel_map(self, c_in: int) -> torch.Tensor:
-        """E (c_out x c_in): output channel pad + i is input channel i."""
-        e = torch.zeros(c_in + 2 * self.pad, c_in)
-        e[torch.arange(c_in) + self.pad, torch.arange(c_in)] = 1.0
+    def channel_map(self) -> torch.Tensor:
+        """E (c_out x c_in) of the original padding: output channel pad + i is input i."""
+        c = self.in_planes
+        e = torch.zeros(c + 2 * self.pad, c)
+        e[torch.arange(c) + self.pad, torch.arange(c)] = 1.0
         return e
 
     def extra_repr(self) -> str:
@@ -67,7 +68,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = PadShortcut(planes // 4)
+            self.shortcut = PadShortcut(in_planes, planes // 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))

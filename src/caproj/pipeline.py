@@ -53,14 +53,10 @@ def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float 
         if keep is not None:
             raise CaprojError("--allocate auto chooses the widths for a --target-macs budget; "
                               "it does not combine with --keep")
-        from caproj.allocate import allocate, site_profiles
-        from caproj.cap import calibration_images
+        from caproj.allocate import auto_widths
 
-        device = next(model.parameters()).device
-        calib = calibration_images(splits, cap_cfg.calib_images, device, seed=cap_cfg.seed)
-        curves, sens = site_profiles(model, sites, calib)
-        widths = allocate(mm, sites, curves, sens, target_macs,  # type: ignore[arg-type]
-                          channel_multiple, log=log)
+        widths = auto_widths(model, sites, mm, splits, target_macs,  # type: ignore[arg-type]
+                             channel_multiple, cap_cfg.calib_images, cap_cfg.seed, log=log)
     elif allocation == "uniform":
         widths = widths_for_keep(sites, keep, channel_multiple) if keep is not None else \
             widths_for_macs(mm, sites, target_macs, channel_multiple)  # type: ignore[arg-type]
@@ -253,13 +249,10 @@ def cmd_bench(a: argparse.Namespace) -> None:
     for t in targets:
         if not 0 < t <= 1:
             raise CaprojError(f"--targets values must be in (0, 1], got {t}")
-    from caproj.methods import CAP_VARIANTS, METHODS
+    from caproj.methods import check_methods
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS + CAP_VARIANTS:
-            raise CaprojError(f"unknown method {m!r}; choose from "
-                              f"{', '.join(METHODS + CAP_VARIANTS)}")
+    check_methods(methods)
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise CaprojError(f"--out-dir {out} exists and is not a directory")

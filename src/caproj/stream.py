@@ -1,6 +1,6 @@
 """Streamed ImageFolder data, for datasets too big to decode into memory (ImageNet).
 
-`Stream` holds two torchvision ImageFolders (train/ and val/ or test/); `StreamBatches` reads
+`Stream` holds two torchvision ImageFolders (train/ and val/ or test/); `data.StreamBatches` reads
 them with DataLoader workers and yields the same (normalised float images, labels) batches as
 `data.Batches`, so training, calibration and CaP optimisation run unchanged on either.
 
@@ -16,15 +16,12 @@ them with DataLoader workers and yields the same (normalised float images, label
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from caproj import dist
 from caproj.errors import CaprojError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,10 +81,6 @@ class Stream:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.image_size, self.image_size)
 
-    @property
-    def train_y(self) -> torch.Tensor:
-        return torch.tensor([y for _, y in self.train_samples])
-
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "mean": list(self.mean),
                 "std": list(self.std), "train": len(self.train_samples),
@@ -131,70 +124,3 @@ def _one_line(e: Exception) -> str:
     """A worker's exception arrives wrapped with its traceback; keep the original message."""
     last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     return last.split(": ", 1)[1] if last.startswith("caproj.errors.CaprojError: ") else last
-
-
-class StreamBatches:
-    """`data.Batches`' interface over a Stream: len, set_epoch(epoch, start), iteration."""
-
-    def __init__(self, stream: Stream, samples: list[tuple[str, int]], batch_size: int, *,
-                 train: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 drop_last: bool = False, channels_last: bool = False,
-                 shard: bool = False) -> None:
-        if not samples:
-            raise CaprojError("dataset split is empty")
-        if batch_size < 1:
-            raise CaprojError(f"batch size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.images = _Images(samples, stream.transform(train), seed)
-        self.workers = stream.workers
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.drop_last = drop_last and len(samples) >= batch_size
-        self.channels_last = channels_last
-        self.sharded = shard and dist.world() > 1  # callers must not shard again
-        self.epoch, self.start = 0, 0
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(stream.mean, device=self.device).view(shape) * 255
-        self.std = torch.tensor(stream.std, device=self.device).view(shape) * 255
-
-    def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def normalise(self, xb: torch.Tensor) -> torch.Tensor:
-        out = (xb.float() - self.mean) / self.std
-        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
-
-    def index_batches(self) -> list[list[int]]:
-        """This epoch's batches of sample indices, from `start` on, this rank's share."""
-        n = len(self.images)
-        if self.train:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=gen)
-        else:
-            order = torch.arange(n)
-        out = [order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
-               for i in range(self.start, len(self))]
-        if self.sharded:
-            out = [b[dist.rank()::dist.world()] for b in out]
-        return out
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.index_batches()
-        self.start = 0
-        self.images.epoch = self.epoch  # workers copy the dataset when the iterator starts
-        loader = torch.utils.data.DataLoader(
-            self.images, batch_sampler=batches, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda")
-        it = iter(loader)
-        while True:
-            try:
-                xb, yb = next(it)
-            except StopIteration:
-                return
-            except CaprojError as e:
-                raise CaprojError(_one_line(e)) from None
-            yield (self.normalise(xb.to(self.device, non_blocking=True)),
-                   yb.to(self.device, non_blocking=True))

@@ -86,11 +86,7 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
                 (p_out is None or p_out.shape[0] == p_out.shape[1]):
             continue  # both sides whole: the parameter-free original stays exact and free
         ref = p_in if p_in is not None else p_out
-        assert ref is not None
-        c_in = p_in.shape[0] if p_in is not None else None
-        e = mods[m].channel_map(c_in if c_in is not None else  # type: ignore[operator]
-                                p_out.shape[0] - 2 * mods[m].pad)  # type: ignore[union-attr]
-        e = e.to(ref.device, ref.dtype)
+        e = mods[m].channel_map().to(ref.device, ref.dtype)  # type: ignore[operator,union-attr]
         if p_in is not None:
             e = e @ p_in
         if p_out is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,18 +56,24 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temp file in the same directory, then rename: never a half-written file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temp file path in `path`'s directory; renamed to `path` if the block succeeds, removed
+    otherwise: never a half-written (or unchecked) output file."""
     p = check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        yield tmp
         os.replace(tmp, p)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -149,3 +149,43 @@ def test_info_lists_sites_and_streams():
     assert "12 sites:" in r.stdout and "maps out: layer2.0.shortcut" in r.stdout
     r = caproj("info", "--arch", "resnet20", "--sites")
     assert "9 sites:" in r.stdout and "layer1.0.conv2:" in r.stdout  # why it is not a site
+
+
+def test_refit_covers_every_stream_consumer_and_lowers_their_error():
+    torch.manual_seed(0)
+    model = randomise_bn(build_model("resnet20", num_classes=3)).eval()
+    sites = require_sites(model, stream=True)
+    # streams halved, internal sites whole: every stream consumer's output stays comparable
+    widths = [s.channels // 2 if s.tied else s.channels for s in sites]
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(64, 3, 32, 32, generator=g) for _ in range(2)]
+    streams = [s for s in sites if s.tied]
+    names = [c for s in streams for c, _ in s.consumers]
+    assert len(names) >= 10  # next blocks' conv1, option-A maps excluded, the classifier
+
+    def errors(cap):
+        out = {}
+        mods = dict(cap.narrow.named_modules())
+        omods = dict(model.named_modules())
+        for n in names:
+            got = {}
+            h1 = mods[n].register_forward_hook(lambda m, i, o, got=got: got.__setitem__("n", o))
+            h2 = omods[n].register_forward_hook(lambda m, i, o, got=got: got.__setitem__("o", o))
+            with torch.no_grad():
+                cap._run(calib[0], cap.tensors())
+                model(calib[0])
+            h1.remove(), h2.remove()
+            out[n] = float((got["n"] - got["o"]).pow(2).sum() / got["o"].pow(2).sum())
+        return out
+
+    cfg = CapConfig(init="select", steps=0, calib_images=128, log_every=0, bf16=False)
+    plain = CaP(model, sites, widths, cfg)
+    plain.initialise(calib)
+    refit = CaP(model, sites, widths, cfg)
+    refit.initialise(calib)
+    refit.refit(calib)
+    assert set(names) <= set(refit.consumer_w)  # every consumer of every stream is refitted
+    before, after = errors(plain), errors(refit)
+    assert sum(after.values()) < 0.8 * sum(before.values())
+    first = refit._consumer_order(calib[0])[0][0]
+    assert after[first] <= before[first] + 1e-6  # least squares on the same prefix

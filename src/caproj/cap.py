@@ -100,7 +100,7 @@ class CaP:
         self.device = next(model.parameters()).device
         self.base = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.proxies: list[torch.Tensor] = []
-        self.consumer_w: dict[int, torch.Tensor] = {}
+        self.consumer_w: dict[str, torch.Tensor] = {}  # consumer name -> refitted weight
         self.narrow: nn.Module | None = None
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
@@ -139,18 +139,33 @@ class CaP:
         self.timings["init_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ 3: cascaded refit
+    def _consumer_order(self, x: torch.Tensor) -> list[tuple[str, int]]:
+        """(consumer, site index) of every compressed site, in the order the network runs
+        them, so each refit sees a prefix whose earlier consumers are already refitted."""
+        pairs = {c: i for i, (s, k) in enumerate(zip(self.sites, self.widths, strict=True))
+                 if k < s.channels for c, _ in s.consumers}
+        order: list[str] = []
+        mods = dict(self.orig.named_modules())
+        hooks = [mods[c].register_forward_pre_hook(
+            lambda m, inp, c=c: order.append(c) if c not in order else None) for c in pairs]
+        try:
+            self.orig(x[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        return [(c, pairs[c]) for c in order]
+
     @torch.no_grad()
     def refit(self, calib: list[torch.Tensor]) -> None:
-        """Closed-form least squares of each consumer, in site order, on the compressed prefix."""
+        """Closed-form least squares of each consumer (every consumer of a stream too), in
+        execution order, on the compressed prefix."""
         t0 = time.perf_counter()
         assert self.narrow is not None
         omods = dict(self.orig.named_modules())
         nmods = dict(self.narrow.named_modules())
-        for i, s in enumerate(self.sites):
-            if self.widths[i] == s.channels or s.tied:
-                continue  # kept whole: already exact; streams: consumers keep W P (below)
+        for name, _ in self._consumer_order(calib[0]):
             raise_if_stopped("the least-squares refit")
-            cons_o, cons_n = omods[s.consumer], nmods[s.consumer]
+            cons_o, cons_n = omods[name], nmods[name]
             gram, cross = None, None
             tensors = self.tensors()
             for x in calib:
@@ -199,11 +214,11 @@ class CaP:
             ridge = self.cfg.ridge * torch.trace(gram) / d + 1e-12
             sol = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype,
                                                                device=gram.device), cross)
-            w_old = self.base[f"{s.consumer}.weight"]
+            w_old = self.base[f"{name}.weight"]
             w = sol.T.float()
             if w_old.dim() == 4:
                 w = w.reshape(w_old.shape[0], -1, *w_old.shape[2:])
-            self.consumer_w[i] = w.contiguous()
+            self.consumer_w[name] = w.contiguous()
         self.timings["refit_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ 4: optimisation
@@ -219,14 +234,14 @@ class CaP:
 
     def fingerprint(self) -> dict:
         """What a saved optimisation state must match to be resumed by this run."""
-        return {"cap": asdict(self.cfg), "widths": self.widths,
+        return {"format": 2, "cap": asdict(self.cfg), "widths": self.widths,
                 "sites": [s.producer for s in self.sites],
                 "weights": sum(float(v.double().sum()) for v in self.base.values()
                                if v.is_floating_point())}
 
     def _load_state(self, st: dict) -> None:
         self.proxies = [v.to(self.device) for v in st["proxies"]]
-        self.consumer_w = {int(i): v.to(self.device) for i, v in st["consumer_w"].items()}
+        self.consumer_w = {str(n): v.to(self.device) for n, v in st["consumer_w"].items()}
         for k, v in st["base"].items():
             self.base[k] = v.to(self.device)
         self.history = list(st["history"])
@@ -263,18 +278,20 @@ class CaP:
                 groups[i % 2 if cfg.alternate else 0].append(a)
         wgroups: list[list[torch.Tensor]] = [[], []]
         if cfg.relax in ("consumer", "all"):
+            ps0 = [p.detach() for p in self.projections()]
             for i, s in enumerate(self.sites):
-                if self.widths[i] == s.channels and i not in self.consumer_w:
-                    continue
-                if i not in self.consumer_w:
-                    w = surgery.project_in(self.base[f"{s.consumer}.weight"],
-                                           self.projections()[i].detach(), s)
-                    self.consumer_w[i] = w.contiguous()
-                self.consumer_w[i].requires_grad_(True)
-                wgroups[i % 2 if cfg.alternate else 0].append(self.consumer_w[i])
+                for j, (cons, spatial) in enumerate(s.consumers):
+                    if cons not in self.consumer_w:
+                        if self.widths[i] == s.channels or j > 0:
+                            continue  # whole sites stay exact; a stream's other consumers
+                            # without a refit learn through the shared weights below
+                        self.consumer_w[cons] = surgery.project_in(
+                            self.base[f"{cons}.weight"], ps0[i], s, spatial).contiguous()
+                    self.consumer_w[cons].requires_grad_(True)
+                    wgroups[i % 2 if cfg.alternate else 0].append(self.consumer_w[cons])
         shared: list[torch.Tensor] = []
         if cfg.relax == "all":
-            consumers = {f"{s.consumer}.weight" for s in self.sites}
+            consumers = {f"{c}.weight" for c in self.consumer_w}
             pnames = {n for n, _ in self.orig.named_parameters()}
             for k, v in self.base.items():
                 if k in pnames and k not in consumers and v.is_floating_point():

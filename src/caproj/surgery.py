@@ -44,23 +44,23 @@ def fold_bn(w: torch.Tensor, b: torch.Tensor | None, t: Mapping[str, torch.Tenso
 
 def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, torch.Tensor],
                        projections: list[torch.Tensor],
-                       consumer_weights: Mapping[int, torch.Tensor] | None = None
+                       consumer_weights: Mapping[str, torch.Tensor] | None = None
                        ) -> dict[str, torch.Tensor]:
     """All parameters and buffers of the narrow network (keys as in model.state_dict()).
 
     base: the original network's tensors (may be trainable copies).
-    consumer_weights[i]: site i's consumer weight in the original output space and projected
-    input space (shape of W_c P); defaults to W_c P.
+    consumer_weights[name]: a consumer's weight in the original output space and projected
+    input space (shape of W_c P), e.g. refitted by least squares; defaults to W_c P.
     """
     mods = dict(model.named_modules())
     out = dict(base)
-    for i, s in enumerate(sites):
-        for j, (cons, spatial) in enumerate(s.consumers):
+    for p, s in zip(projections, sites, strict=True):
+        for cons, spatial in s.consumers:
             key = f"{cons}.weight"
-            if j == 0 and consumer_weights is not None and i in consumer_weights:
-                out[key] = consumer_weights[i]
+            if consumer_weights is not None and cons in consumer_weights:
+                out[key] = consumer_weights[cons]
             else:
-                out[key] = project_in(out[key], projections[i], s, spatial)
+                out[key] = project_in(out[key], p, s, spatial)
     for i, s in enumerate(sites):
         p = projections[i]
         for prod, bn in s.producers:
@@ -174,7 +174,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
 
 def apply(model: nn.Module, sites: list[Site], projections: list[torch.Tensor],
           calib: Iterable[torch.Tensor] | None = None,
-          consumer_weights: Mapping[int, torch.Tensor] | None = None) -> nn.Module:
+          consumer_weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Surgery as one call: the narrow nn.Module for these sites and projections."""
     base = {k: v.detach() for k, v in model.state_dict().items()}
     t = compressed_tensors(model, sites, base, [p.detach() for p in projections],

@@ -167,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration images for statistics and least squares (default 2000)")
     p.add_argument("--cap-steps", type=int, default=600,
                    help="projection optimisation steps (default 600; 0 = closed form only)")
-    p.add_argument("--cap-lr", type=float, default=1e-3,
-                   help="Adam lr of the projection proxies (default 1e-3)")
-    p.add_argument("--cap-weight-lr", type=float, default=3e-4,
-                   help="Adam lr of the relaxed weights during CaP (default 3e-4)")
+    p.add_argument("--cap-lr", type=float,
+                   help="Adam lr of the projection proxies (default 1e-3; 2e-4 when residual "
+                   "streams are compressed)")
+    p.add_argument("--cap-weight-lr", type=float,
+                   help="Adam lr of the relaxed weights during CaP (default 3e-4; 1e-4 when "
+                   "residual streams are compressed)")
     p.add_argument("--cap-batch-size", type=_positive_int, default=128)
     p.add_argument("--recon-weight", type=float, default=1.0,
                    help="λ, weight of the reconstruction term (default 1)")

@@ -189,3 +189,17 @@ def test_refit_covers_every_stream_consumer_and_lowers_their_error():
     assert sum(after.values()) < 0.8 * sum(before.values())
     first = refit._consumer_order(calib[0])[0][0]
     assert after[first] <= before[first] + 1e-6  # least squares on the same prefix
+
+
+def test_stream_compression_lowers_the_default_learning_rates():
+    model = build_model("resnet20", num_classes=3).eval()
+    sites = require_sites(model, stream=True)
+    whole_streams = [s.channels if s.tied else s.channels // 2 for s in sites]
+    half_streams = [s.channels // 2 if s.tied else s.channels for s in sites]
+    internal = CaP(model, sites, whole_streams, CapConfig())
+    stream = CaP(model, sites, half_streams, CapConfig())
+    chosen = CaP(model, sites, half_streams, CapConfig(lr=5e-4, weight_lr=2e-4))
+    assert (internal.lr, internal.weight_lr) == (1e-3, 3e-4)
+    assert (stream.lr, stream.weight_lr) == (2e-4, 1e-4)
+    assert (chosen.lr, chosen.weight_lr) == (5e-4, 2e-4)
+    assert stream.config()["lr"] == 2e-4  # the rate used is what the report records

@@ -187,7 +187,7 @@ def test_refit_covers_every_stream_consumer_and_lowers_their_error():
     assert set(names) <= set(refit.consumer_w)  # every consumer of every stream is refitted
     before, after = errors(plain), errors(refit)
     assert sum(after.values()) < 0.8 * sum(before.values())
-    first = refit._consumer_order(calib[0])[0][0]
+    first = refit._consumer_order(calib[0])[0]
     assert after[first] <= before[first] + 1e-6  # least squares on the same prefix
 
 

@@ -3,8 +3,9 @@
 Stages (each measured in benchmarks/; see RESULTS.md for what each contributes):
 1. calibrate: streamed statistics of every site on calibration images;
 2. init: P from `select` (channel selection, orthonormal) or `pca`;
-3. refit: cascaded closed-form least squares of each consumer - its input taken from the
-   *compressed* prefix, its target the original consumer output - in site order;
+3. refit: cascaded closed-form least squares of each consumer (every consumer of a residual
+   stream too) - its input taken from the *compressed* prefix, its target the original
+   consumer output - in execution order;
 4. optimise: SGD-style (Adam) steps on proxies of P retracted by QR, and optionally the
    compressed weights, with the mixture loss
        (1 - kd) CE(labels) + kd KD(original logits) + λ · mean_i ||ŷ_i - y_i||² / ||y_i||²
@@ -149,21 +150,21 @@ class CaP:
         self.timings["init_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ 3: cascaded refit
-    def _consumer_order(self, x: torch.Tensor) -> list[tuple[str, int]]:
-        """(consumer, site index) of every compressed site, in the order the network runs
-        them, so each refit sees a prefix whose earlier consumers are already refitted."""
-        pairs = {c: i for i, (s, k) in enumerate(zip(self.sites, self.widths, strict=True))
-                 if k < s.channels for c, _ in s.consumers}
+    def _consumer_order(self, x: torch.Tensor) -> list[str]:
+        """The consumers of every compressed site, in the order the network runs them, so
+        each refit sees a prefix whose earlier consumers are already refitted."""
+        names = {c for s, k in zip(self.sites, self.widths, strict=True) if k < s.channels
+                 for c, _ in s.consumers}
         order: list[str] = []
         mods = dict(self.orig.named_modules())
         hooks = [mods[c].register_forward_pre_hook(
-            lambda m, inp, c=c: order.append(c) if c not in order else None) for c in pairs]
+            lambda m, inp, c=c: order.append(c) if c not in order else None) for c in names]
         try:
             self.orig(x[:1])
         finally:
             for h in hooks:
                 h.remove()
-        return [(c, pairs[c]) for c in order]
+        return order
 
     @torch.no_grad()
     def refit(self, calib: list[torch.Tensor]) -> None:
@@ -173,7 +174,7 @@ class CaP:
         assert self.narrow is not None
         omods = dict(self.orig.named_modules())
         nmods = dict(self.narrow.named_modules())
-        for name, _ in self._consumer_order(calib[0]):
+        for name in self._consumer_order(calib[0]):
             raise_if_stopped("the least-squares refit")
             cons_o, cons_n = omods[name], nmods[name]
             gram, cross = None, None

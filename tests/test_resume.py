@@ -3,6 +3,7 @@ what an uninterrupted run gives; state files are refused when the settings diffe
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -12,10 +13,11 @@ import torch
 
 from conftest import caproj, caproj_cmd
 
-# Small but long enough to be caught mid-way: 400 CaP steps, then 2 short fine-tune epochs.
+# Small but long enough to be caught mid-way: 400 CaP steps, then 2 short fine-tune epochs
+# (with a weight EMA, so its state must survive the interruption too).
 ARGS = ["--data", "digits", "--target-macs", "0.5", "--cap-steps", "400", "--cap-batch-size",
-        "32", "--finetune-epochs", "2", "--batch-size", "32", "--save-every", "5",
-        "--threads", "1"]
+        "32", "--finetune-epochs", "2", "--batch-size", "32", "--ema", "0.9", "--save-every",
+        "5", "--threads", "1"]
 
 
 def _compress(trained, out, *extra):
@@ -69,10 +71,15 @@ def test_sigkill_during_cap_then_resume_matches_uninterrupted(trained, reference
     assert rc == -signal.SIGKILL and not out.exists() and state.exists()
     killed_at = _state_step(state)
     assert 20 <= killed_at < 400
-    r = _compress(trained, out, "--resume")
+    report = tmp_path / "a.json"
+    r = _compress(trained, out, "--resume", "--report", report)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {state} at step {killed_at}" in r.stdout
     _assert_same(out, reference)
+    rep = json.loads(report.read_text())  # the wall time counts the interrupted run's too
+    t = rep["cap_timings"]
+    assert t["resumed_at_step"] == killed_at and t["earlier_s"] > 0
+    assert rep["compress_seconds"] > t["earlier_s"] + t["optimise_s"]
     assert not state.exists() and not list(tmp_path.glob("*state.pt"))
 
 

@@ -256,9 +256,15 @@ class CaP:
         for k, v in st["base"].items():
             self.base[k] = v.to(self.device)
         self.history = list(st["history"])
+        # Wall time already spent by the interrupted run(s): a resumed run reports the total.
+        before = st.get("timings", {})
+        self.timings["earlier_s"] = sum(before.get(k, 0.0) for k in ("earlier_s", "init_s",
+                                                                      "refit_s", "optimise_s"))
+        self.timings["resumed_at_step"] = st["step"]
 
     def _state(self, opts: list[torch.optim.Optimizer]) -> dict:
-        return {"proxies": [a.detach().clone() for a in self.proxies],
+        return {"timings": dict(self.timings),
+                "proxies": [a.detach().clone() for a in self.proxies],
                 "consumer_w": {i: w.detach().clone() for i, w in self.consumer_w.items()},
                 "base": {k: v.detach().clone() for k, v in self.base.items()
                          if v.is_floating_point()},
@@ -410,6 +416,7 @@ class CaP:
                     self.log(f"cap step {step:4d}: loss {r['loss']:.4f} ce {r['ce']:.4f} "
                              f"recon {r['recon']:.4f} batch acc {r['acc']:.1f}%")
                 if checkpoint is not None and checkpoint.due(step + 1):
+                    self.timings["optimise_s"] = time.perf_counter() - t0
                     checkpoint.save(step + 1, self._state(all_opts))
         finally:
             for h in hooks:

@@ -81,7 +81,9 @@ def compress(model: nn.Module, splits: Data, cap_cfg: CapConfig, *, keep: float 
                               "finetune": config_dict(finetune) if finetune else None},
                              save_every, resume, log)
     small = cap.run(splits, checkpoint=cap_ck)
-    rep["compress_seconds"] = time.perf_counter() - t0 + alloc_seconds
+    # a resumed run: + the wall time its interrupted predecessors spent (cap_timings says so)
+    rep["compress_seconds"] = (time.perf_counter() - t0 + alloc_seconds
+                               + cap.timings.get("earlier_s", 0.0))
     rep["cap_timings"] = cap.timings
     rep["orthonormality_error"] = cap.max_orthonormality_error()
     macs = metrics.count_macs(small, shape)

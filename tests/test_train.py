@@ -45,3 +45,39 @@ def test_freeze_bn_keeps_running_statistics_but_learns_affine(digits):
         assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
         assert not torch.equal(m.weight.detach(), w)
     assert evaluate(model, digits)["acc"] > 25  # still learns (chance: 10 %)
+
+
+def _steps(digits, n: int, ema: float = 0.0):
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", num_classes=10, in_channels=1)
+    cfg = TrainConfig(epochs=1, lr=0.05, batch_size=64, seed=3, schedule="constant",
+                      bf16=False, max_steps=n, ema=ema)
+    hist = train(model, digits, cfg, log=lambda s: None)
+    return model.state_dict(), hist
+
+
+def test_ema_returns_the_average_of_the_step_weights_and_bn_statistics(digits):
+    w1, _ = _steps(digits, 1)
+    w2, _ = _steps(digits, 2)
+    avg, hist = _steps(digits, 2, ema=0.25)  # first step copied, then lerp by 1 - 0.25
+    checked = 0
+    for k, v in avg.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.25 * w1[k] + 0.75 * w2[k], rtol=1e-5, atol=1e-6)
+            checked += "running" in k
+    assert checked > 0, "BN running statistics must be averaged too"
+    assert "test_acc_raw" in hist[-1]  # the raw weights' accuracy is reported beside it
+    assert hist[-1]["test_acc"] == evaluate(_load(avg), digits)["acc"]
+
+
+def _load(state):
+    m = build_model("digits-cnn", num_classes=10, in_channels=1)
+    m.load_state_dict(state)
+    return m
+
+
+def test_ema_decay_out_of_range_is_refused():
+    from caproj.errors import CaprojError
+
+    with pytest.raises(CaprojError, match="ema decay"):
+        TrainConfig(ema=1.0).validate()

@@ -96,7 +96,8 @@ def run(model: nn.Module, splits: Data, arch: str, methods: list[str], targets: 
             path = cell_path(out_dir, method, target)
             if path.is_file():
                 done = json.loads(path.read_text())
-                if done.get("finetune_config") != config_dict(ft):
+                stored = done.get("finetune_config")  # keys added later: their defaults
+                if stored is None or {**config_dict(TrainConfig()), **stored} != config_dict(ft):
                     raise CaprojError(f"{path} was fine-tuned with another recipe "
                                       f"({done.get('finetune_config')}); use a new --out-dir")
                 cells.append(done)
@@ -124,7 +125,9 @@ def report(cells: list[dict], out_dir: Path) -> str:
              f"{epochs} epoch(s), SGD nesterov, {ftc['schedule']} lr {ftc['lr']}, batch "
              f"{ftc['batch_size']}, crop+flip"
              + (f", KD {ftc['kd_weight']} from the original" if ftc.get('kd_weight') else "")
-             + (", BN statistics frozen" if ftc.get('freeze_bn') else "") + ".", "",
+             + (", BN statistics frozen" if ftc.get('freeze_bn') else "")
+             + (f", weight EMA {ftc['ema']:g} (the averaged weights are evaluated)"
+                if ftc.get('ema') else "") + ".", "",
              "Speed-ups against the original in the same form, interleaved in the same run: "
              "PyTorch CPU with BN folded + channels_last, and onnxruntime (CPU).", "",
              "| target | method | MACs (M) | params (M) | top-1 before FT | top-1 after FT | "

@@ -234,6 +234,9 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs
                    help="sgd (nesterov, default) or adam (AdamW)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "
                    "fixed while training (affine parameters still learn)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay per "
+                   "step (e.g. 0.998) and return it; default 0 = off")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
                    "autocast where the hardware supports it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -267,7 +270,7 @@ def _train_config(a: argparse.Namespace):
                        seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
                        kd_weight=getattr(a, "kd_weight", 0.0), max_steps=a.max_steps,
                        freeze_bn=getattr(a, "freeze_bn", False),
-                       optimizer=getattr(a, "optimizer", "sgd"))
+                       optimizer=getattr(a, "optimizer", "sgd"), ema=a.ema)
 
 
 def _fmt_m(v: float, digits: int = 2) -> str:

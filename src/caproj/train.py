@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from caproj import dist
@@ -46,6 +47,9 @@ class TrainConfig:
     # BatchNorm keeps its running statistics while training (affine still learned), so the
     # network being fine-tuned is exactly the one that was evaluated (no batch-statistics shift)
     freeze_bn: bool = False
+    # exponential moving average of the weights (and BN statistics), decay per step; 0 = off.
+    # The averaged network is what is evaluated and returned.
+    ema: float = 0.0
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -61,6 +65,8 @@ class TrainConfig:
             raise CaprojError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.kd_weight <= 1:
             raise CaprojError(f"kd weight must be in [0, 1], got {self.kd_weight}")
+        if not 0 <= self.ema < 1:
+            raise CaprojError(f"ema decay must be in [0, 1), got {self.ema}")
         if self.batch_size < 1:
             raise CaprojError(f"batch size must be >= 1, got {self.batch_size}")
 
@@ -163,6 +169,8 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
     else:
         net = model
     fwd = torch.compile(net) if cfg.compile else net
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema > 0 else None)
     if teacher is not None:
         teacher.eval()
     history: list[dict] = []
@@ -171,6 +179,8 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
     st = checkpoint.load() if checkpoint is not None else None
     if st is not None:
         model.load_state_dict(st["model"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         history, partial = st["history"], st["partial"]
@@ -214,6 +224,8 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -221,6 +233,7 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
             if checkpoint is not None and checkpoint.due(step):
                 checkpoint.save(step, {
                     "model": model.state_dict(), "opt": opt.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
                     "sched": sched.state_dict(), "history": history, "epoch": epoch,
                     "batch": i + 1, "rng": rng_state(),
                     "partial": {"seen": seen, "loss_sum": loss_sum, "correct": correct,
@@ -236,12 +249,18 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
                "seconds": time.perf_counter() - t0,
                "images_per_s": seen / (time.perf_counter() - t0)}
         if eval_each_epoch:
-            rec.update({f"test_{k}": v for k, v in evaluate(model, splits).items() if k != "n"})
+            if ema is not None:  # the raw weights' accuracy too, to show what averaging adds
+                rec["test_acc_raw"] = evaluate(model, splits)["acc"]
+            rec.update({f"test_{k}": v for k, v in evaluate(
+                ema.module if ema is not None else model, splits).items() if k != "n"})
         history.append(rec)
         log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, train acc "
             f"{rec['train_acc']:.2f}%" + (f", test acc {rec['test_acc']:.2f}%"
                                           if eval_each_epoch else "")
+            + (f" (raw weights {rec['test_acc_raw']:.2f}%)" if "test_acc_raw" in rec else "")
             + f" ({rec['seconds']:.0f} s, {rec['images_per_s']:.0f} img/s)")
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     if cfg.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return history  # the caller removes the checkpoint's state once the result is saved

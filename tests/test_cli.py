@@ -110,6 +110,11 @@ def test_bench_writes_cells_table_plot_and_resumes(trained, tmp_path):
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout.count("not recomputed") == 2 and (out / "cap-0.5.json").is_file()
     assert (out / "l1-0.5.json").read_text() == before
+    # a cell written before a recipe option existed still counts (the option at its default)
+    cell = json.loads(before)
+    del cell["finetune_config"]["ema"]
+    (out / "l1-0.5.json").write_text(json.dumps(cell))
+    assert caproj(*args).stdout.count("not recomputed") == 3
     # a finished cell is never mixed into a table fine-tuned with another recipe
     r3 = caproj(*args, "--lr", "0.05")
     assert r3.returncode == 2 and "another recipe" in r3.stderr
@@ -119,13 +124,16 @@ def test_bench_fine_tunes_with_kd_from_the_original(trained, tmp_path):
     out = tmp_path / "bench"
     r = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "l1",
                "--targets", "0.5", "--finetune-epochs", "1", "--max-steps", "3", "--kd", "0.5",
-               "--freeze-bn", "--batch-size", "64", "--out-dir", out)
+               "--freeze-bn", "--ema", "0.9", "--batch-size", "64", "--out-dir", out)
     assert r.returncode == 0, r.stderr
     import json
 
     cell = json.loads((out / "l1-0.5.json").read_text())
     assert cell["finetune_config"]["kd_weight"] == 0.5 and cell["finetune_config"]["freeze_bn"]
-    assert "KD 0.5 from the original" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "KD 0.5 from the original" in table and "weight EMA 0.9" in table
+    raw = cell["finetune_history"][-1]["test_acc_raw"]
+    assert f"{cell['acc_after_finetune']:.2f} (raw {raw:.2f})" in table
 
 
 def test_bench_rejects_bad_targets_and_methods(trained, tmp_path):

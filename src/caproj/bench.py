@@ -139,11 +139,15 @@ def report(cells: list[dict], out_dir: Path) -> str:
         b1, b64 = (c.get(f"latency_onnxruntime_b{b}_speedup") for b in (1, 64))
         return f"{b1:.2f}x / {b64:.2f}x" if b1 and b64 else "–"
 
+    def raw(c: dict) -> str:  # with a weight EMA: the raw weights' accuracy beside it
+        r = (c.get("finetune_history") or [{}])[-1].get("test_acc_raw")
+        return f" (raw {r:.2f})" if r is not None else ""
+
     for c in cells:
         lines.append(
             f"| {c['target_macs']:g} | {c['method']} | {c['macs'] / 1e6:.2f} | "
             f"{c['params'] / 1e6:.3f} | {c['acc_before_finetune']:.2f} | "
-            f"{c['acc_after_finetune']:.2f} | {c['latency_b1_speedup']:.2f}x | "
+            f"{c['acc_after_finetune']:.2f}{raw(c)} | {c['latency_b1_speedup']:.2f}x | "
             f"{c['latency_b64_speedup']:.2f}x | {ort(c)} | "
             f"{c['peak_activation_bytes'] / 1024:.0f} | {c['compress_seconds']:.0f} |")
     text = "\n".join(lines) + "\n"

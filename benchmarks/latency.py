@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(a.threads)  # before any runtime session (onnxruntime) is created
     shape = (3, 32, 32)
     orig = build_model(a.arch).eval()
     if a.compressed:

@@ -112,3 +112,14 @@ def test_onnx_export_of_compressed_torchvision_resnet18():
     with torch.no_grad():
         ref = small(x)
     assert (torch.from_numpy(got) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max())
+
+
+def test_inductor_without_a_compiler_is_a_clear_error(monkeypatch):
+    import torch._inductor.config as ic
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(ic, "force_disable_caches", True)
+    monkeypatch.setattr(ic.cpp, "cxx", ("/nonexistent/c++",))
+    with pytest.raises(CaprojError, match="'inductor' unavailable here"):
+        deploy.for_inference(build_model("digits-cnn"), "inductor", (1, 8, 8))
+    torch._dynamo.reset()

@@ -111,7 +111,7 @@ def finish_states(state_prefix: str) -> None:
         Checkpointer(f"{state_prefix}.{kind}-state.pt", {}).finish()
 
 
-DEPLOY_FORMS = ("eager", "fold_bn_cl", "onnxruntime")
+DEPLOY_FORMS = ("eager", "fold_bn_cl", "inductor", "onnxruntime")
 
 
 def latency_report(orig: nn.Module, small: nn.Module, shape, threads,
@@ -123,9 +123,11 @@ def latency_report(orig: nn.Module, small: nn.Module, shape, threads,
     out: dict[str, float] = {}
     for form in forms:
         try:
-            o, s = (deploy.for_inference(m, form, shape) for m in (orig, small))
-        except CaprojError:
-            continue  # e.g. onnxruntime not installed
+            with metrics.threads(threads):  # onnxruntime sessions take their threads here
+                o, s = [deploy.for_inference(m, form, shape) for m in (orig, small)]
+        except CaprojError as e:  # e.g. onnxruntime not installed, no C++ compiler
+            print(f"latency: {e}; form skipped")
+            continue
         for b in (1, 64):
             r = metrics.compare_latency({"before": o, "after": s}, shape, b,
                                         rounds=15 if b == 1 else 8, num_threads=threads)

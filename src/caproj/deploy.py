@@ -58,7 +58,8 @@ def compiled(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         with torch.inference_mode():
             c(x)
     except Exception as e:  # inductor wraps toolchain failures in many exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(e).strip()
+        first = msg.splitlines()[0] if msg else type(e).__name__
         raise CaprojError(f"inference form 'inductor' unavailable here: {first}") from None
     return c
 

@@ -121,20 +121,20 @@ def latency_report(orig: nn.Module, small: nn.Module, shape, threads,
     from caproj import deploy
 
     out: dict[str, float] = {}
-    for form in forms:
-        try:
-            with metrics.threads(threads):  # onnxruntime sessions take their threads here
-                o, s = [deploy.for_inference(m, form, shape) for m in (orig, small)]
-        except CaprojError as e:  # e.g. onnxruntime not installed, no C++ compiler
-            print(f"latency: {e}; form skipped")
-            continue
-        for b in (1, 64):
-            r = metrics.compare_latency({"before": o, "after": s}, shape, b,
-                                        rounds=15 if b == 1 else 8, num_threads=threads)
-            key = f"latency_{form}_b{b}"
-            out[f"{key}_before_ms"] = r["before"]["median_ms"]
-            out[f"{key}_after_ms"] = r["after"]["median_ms"]
-            out[f"{key}_speedup"] = r["after"]["speedup"]
+    with metrics.threads(threads):  # set before runtime sessions (onnxruntime) are created
+        for form in forms:
+            try:
+                o, s = (deploy.for_inference(m, form, shape) for m in (orig, small))
+            except CaprojError as e:  # e.g. onnxruntime not installed, no C++ compiler
+                print(f"latency: {e}; form skipped")
+                continue
+            for b in (1, 64):
+                r = metrics.compare_latency({"before": o, "after": s}, shape, b,
+                                            rounds=15 if b == 1 else 8)
+                key = f"latency_{form}_b{b}"
+                out[f"{key}_before_ms"] = r["before"]["median_ms"]
+                out[f"{key}_after_ms"] = r["after"]["median_ms"]
+                out[f"{key}_speedup"] = r["after"]["speedup"]
     return out
 
 

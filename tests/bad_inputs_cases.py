@@ -32,6 +32,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("checkpoint has another number of classes (100 vs 3)",
      ["eval", "--weights", "c100.pt", "--data", "rgb3"],
      "'linear.weight' has shape (100, 64) in the checkpoint, (3, 64) in the model"),
+    ("checkpoint with a NaN inside (refused at load, naming the tensor)",
+     ["eval", "--arch", "resnet20", "--weights", "nan.th", "--data", "rgb3"],
+     "tensor 'conv1.weight' has 1 non-finite value(s)"),
+    ("unknown timm model",
+     ["info", "--arch", "timm:resnet999"], "unknown timm model 'resnet999'"),
+    ("CaP learning rate negative",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
+      "--cap-lr", "-1", "--out", "o.pt"], "--cap-lr: lr must be a finite number >= 0"),
     ("unknown architecture",
      ["info", "--arch", "resnet57"], "unknown architecture 'resnet57'"),
     ("unknown torchvision model",
@@ -118,6 +126,9 @@ def make_files(d: Path) -> None:
 
     torch.manual_seed(0)
     torch.save(build_model("resnet20", num_classes=3).state_dict(), d / "r20.th")
+    sd = build_model("resnet20", num_classes=3).state_dict()
+    sd["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, d / "nan.th")
     data = (d / "r20.th").read_bytes()
     (d / "truncated.th").write_bytes(data[: len(data) // 2])
     (d / "garbage.th").write_bytes(b"\x80\x04garbage")

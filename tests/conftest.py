@@ -81,3 +81,27 @@ def trained(tmp_path_factory):
                "--lr", "0.05", "--batch-size", "64", "--out", out)
     assert r.returncode == 0, r.stderr
     return out
+
+
+def loaders(splits, batch_size: int = 128, calib_images: int = 2000, seed: int = 0):
+    """caproj's own data as the library's iterables (what the CLI passes): augmented training
+    batches, an unaugmented calibration subset, test batches."""
+    from caproj.data import Batches
+
+    return (Batches.train_of(splits, batch_size, seed=seed),
+            Batches.subset_of(splits, calib_images, 250, seed=seed),
+            Batches.test_of(splits, 500))
+
+
+def make_cap(model, sites, widths, cfg, shape):
+    """A staged CaP over explicit sites and widths (what the method plug-ins build)."""
+    from caproj.cap import CaP
+
+    return CaP(model, torch.zeros(1, *shape), sites=sites, widths=widths, config=cfg)
+
+
+def run_cap(model, sites, widths, cfg, splits):
+    """CaP end to end on caproj's own data, as the CLI runs it."""
+    train, calib, _ = loaders(splits, cfg.batch_size, cfg.calib_images, cfg.seed)
+    cap = make_cap(model, sites, widths, cfg, splits.input_shape)
+    return cap, cap.run(train, calib)

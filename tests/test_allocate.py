@@ -8,12 +8,12 @@ from test_cap import batches, randomise_bn
 
 from caproj.allocate import allocate, site_profiles
 from caproj.budget import MacModel, predict_macs
-from caproj.cap import CaP, CapConfig
+from caproj.config import CapConfig
 from caproj.errors import CaprojError
 from caproj.models import build_model
 from caproj.sites import Site, require_sites
 
-from conftest import caproj
+from conftest import caproj, make_cap
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_target_one_keeps_every_channel_and_is_exact(r20):
     model, sites, mm, curves, sens, calib = r20
     widths = allocate(mm, sites, curves, sens, 1.0)
     assert widths == [s.channels for s in sites]
-    cap = CaP(model, sites, widths, CapConfig(steps=0, log_every=0))
-    cap.initialise(calib)
-    out = cap.finalize(calib)
+    cap = make_cap(model, sites, widths, CapConfig(steps=0, log_every=0), (3, 32, 32))
+    cap.calibrate(calib)
+    out = cap.finalize()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)

@@ -6,14 +6,14 @@ from torch import nn
 
 from caproj import metrics, projection, surgery
 from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
-from caproj.cap import CaP, CapConfig, calibration_images
+from caproj.config import CapConfig
 from caproj.coverage import randomise_bn
 from caproj.data import load_data
 from caproj.errors import CaprojError
 from caproj.models import build_model, load_model
 from caproj.sites import find_sites, require_sites
 
-from conftest import MODELS, needs_models
+from conftest import MODELS, loaders, make_cap, needs_models, run_cap
 
 ARCHS = [  # (arch, input shape, sites expected)
     ("resnet20", (3, 32, 32), 9),
@@ -49,10 +49,11 @@ def test_keep_one_is_exact_through_full_cap(arch, shape, n_sites):
     model = randomise_bn(build_model(arch))
     sites = require_sites(model)
     calib = batches(shape)
-    cap = CaP(model, sites, widths_for_keep(sites, 1.0), CapConfig(steps=5, log_every=0))
-    cap.initialise(calib)
-    cap.refit(calib)
-    out = cap.finalize(calib)
+    cap = make_cap(model, sites, widths_for_keep(sites, 1.0), CapConfig(steps=5, log_every=0),
+                   shape)
+    cap.calibrate(calib)
+    cap.refit()
+    out = cap.finalize()
     x = torch.randn(3, *shape)
     with torch.no_grad():
         ref = model(x)
@@ -65,10 +66,9 @@ def test_keep_one_is_exact_through_full_cap(arch, shape, n_sites):
 def test_keep_one_is_exact_on_real_resnet56(cifar):
     model, _ = load_model(MODELS / "resnet56-cifar10jpeg.th", "resnet56")
     sites = require_sites(model)
-    cap = CaP(model, sites, widths_for_keep(sites, 1.0), CapConfig(steps=5, log_every=0,
-                                                                   calib_images=200))
-    out = cap.run(cifar)
-    x = calibration_images(cifar, 64, torch.device("cpu"), seed=1)[0]
+    _, out = run_cap(model, sites, widths_for_keep(sites, 1.0),
+                     CapConfig(steps=5, log_every=0, calib_images=200), cifar)
+    x = next(iter(loaders(cifar, calib_images=64, seed=1)[1]))[0]
     with torch.no_grad():
         assert (out(x) - model(x)).abs().max().item() <= 1e-4
 
@@ -177,13 +177,13 @@ def test_selection_scores_rank_energy_times_weight():
 
 @pytest.fixture(scope="module")
 def digits_model():
-    from caproj.train import TrainConfig, train
+    from caproj.config import TrainConfig
+    from caproj.train import fit
 
     torch.manual_seed(0)
     data = load_data("digits")
     model = build_model("digits-cnn")
-    train(model, data, TrainConfig(epochs=4, lr=0.05, batch_size=64), log=lambda s: None,
-          eval_each_epoch=False)
+    fit(model, loaders(data, 64)[0], TrainConfig(epochs=4, lr=0.05, batch_size=64))
     return model.eval(), data
 
 
@@ -192,8 +192,7 @@ def test_reconstruction_falls_and_p_stays_orthonormal(digits_model):
     sites = require_sites(model)
     cfg = CapConfig(init="pca", relax="projection", refit=False, steps=40, lr=5e-3, kd=0.0,
                     batch_size=64, calib_images=256, log_every=0, bf16=False)
-    cap = CaP(model, sites, widths_for_keep(sites, 0.25), cfg)
-    out = cap.run(data)
+    cap, out = run_cap(model, sites, widths_for_keep(sites, 0.25), cfg, data)
     rec = [h["recon"] for h in cap.history]
     assert sum(rec[-5:]) / 5 < 0.9 * sum(rec[:5]) / 5
     assert cap.max_orthonormality_error() <= 1e-5
@@ -209,8 +208,8 @@ def test_refit_beats_plain_projection(digits_model):
     accs = {}
     for refit in (False, True):
         cfg = CapConfig(init="pca", refit=refit, steps=0, calib_images=512, log_every=0)
-        accs[refit] = evaluate(CaP(model, sites, widths_for_keep(sites, 0.25), cfg).run(data),
-                               data)["acc"]
+        _, small = run_cap(model, sites, widths_for_keep(sites, 0.25), cfg, data)
+        accs[refit] = evaluate(small, loaders(data)[2])["acc"]
     assert accs[True] > accs[False]
 
 
@@ -218,8 +217,8 @@ def test_same_seed_same_weights(digits_model):
     model, data = digits_model
     sites = require_sites(model)
     cfg = CapConfig(steps=8, batch_size=32, calib_images=128, log_every=0, seed=3)
-    a = CaP(model, sites, widths_for_keep(sites, 0.5), cfg).run(data).state_dict()
-    b = CaP(model, sites, widths_for_keep(sites, 0.5), cfg).run(data).state_dict()
+    a = run_cap(model, sites, widths_for_keep(sites, 0.5), cfg, data)[1].state_dict()
+    b = run_cap(model, sites, widths_for_keep(sites, 0.5), cfg, data)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -229,8 +228,7 @@ def test_reorthonormalise_replaces_drifted_proxies_keeping_p(digits_model, monke
     model, data = digits_model
     sites = require_sites(model)
     cfg = CapConfig(steps=0, calib_images=128, log_every=0, bf16=False)
-    cap = CaP(model, sites, widths_for_keep(sites, 0.5), cfg)
-    cap.run(data)
+    cap, _ = run_cap(model, sites, widths_for_keep(sites, 0.5), cfg, data)
     with torch.no_grad():  # a proxy far from orthonormal (what long float32 runs could drift to)
         cap.proxies[0].mul_(torch.linspace(1, 1e3, cap.proxies[0].shape[1]))
     before = [p.clone() for p in cap.projections()]

@@ -156,3 +156,30 @@ def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatc
     with pytest.raises(CaprojError, match="output directory is not writable"):
         utils.atomic_save({"a": 1}, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
+
+
+def test_failing_latency_report_keeps_the_saved_model(trained, tmp_path, monkeypatch, capsys):
+    """An optional measurement never sinks a finished run: every latency form fails here (as
+    ONNX export fails for AlexNet/VGG at 64 px), the model is saved anyway, with its weights."""
+    from caproj import cli, deploy
+    from caproj.data import Batches, load_data
+    from caproj.models import load_model
+    from caproj.train import evaluate
+
+    def boom(*a, **k):
+        raise RuntimeError("adaptive_avg_pool2d, output size that are not factor of input size")
+
+    monkeypatch.setattr(deploy, "for_inference", boom)
+    out = tmp_path / "o.pt"
+    rc = cli.main(["compress", "--weights", str(trained), "--data", "digits", "--target-macs",
+                   "0.5", "--cap-steps", "3", "--calib-images", "200", "--cap-batch-size", "64",
+                   "--latency", "full", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    assert not list(tmp_path.glob("*state*"))
+    ck = torch.load(out, weights_only=True)
+    notes = ck["metrics"]["latency_notes"]
+    assert len(notes) == 4 and all("not factor of input size" in n for n in notes)
+    assert "latency form skipped" in capsys.readouterr().out
+    model, _ = load_model(out)
+    acc = evaluate(model, Batches.test_of(load_data("digits")))["acc"]
+    assert acc == ck["metrics"]["acc_after_compress"]  # the saved weights are the result's

@@ -8,11 +8,14 @@ import torch
 from test_cap import randomise_bn
 from torch import nn
 
+import caproj
 from caproj import methods, metrics
-from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
+from caproj.budget import MacModel, predict_macs, widths_for_macs
 from caproj.data import load_data
 from caproj.models import build_model
 from caproj.sites import Site, require_sites
+
+from conftest import loaders
 
 HAS_TP = importlib.util.find_spec("torch_pruning") is not None
 
@@ -31,10 +34,9 @@ def model():
 @pytest.mark.parametrize("method", ["cp", "pca", "l1", "fpgm", "taylor", "cap"]
                          + (["tp-l2"] if HAS_TP else []))
 def test_keeping_all_channels_is_exact(method, model, digits):
-    sites = require_sites(model)
-    mm = MacModel.of(model, (1, 8, 8))
-    out = methods.run_method(method, model, sites, widths_for_keep(sites, 1.0), digits, mm, 1.0,
-                             log=lambda s: None)
+    train, calib, _ = loaders(digits, 64, 256)
+    out = caproj.compress(model, train, keep=1.0, method=method, calib_data=calib, steps=5,
+                          progress=False).model
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
@@ -75,7 +77,7 @@ def test_taylor_scores_ignore_dead_channels(digits):
         m.bn1.weight[5] = 0.0
         m.bn1.bias[5] = -10.0  # channel 5 is always zero after the ReLU: no effect on the loss
     sites = require_sites(m)
-    s = methods.taylor_scores(m, sites, digits, batches=3, batch_size=32)
+    s = methods.taylor_scores(m, sites, loaders(digits, 32)[0], batches=3)
     assert s[0][5].item() == 0.0 and s[0].max().item() > 0
     assert all(t.shape == (site.channels,) for t, site in zip(s, sites, strict=True))
 
@@ -89,7 +91,11 @@ def test_channel_methods_meet_macs_target(method, target, digits):
     sites = require_sites(m)
     mm = MacModel.of(m, (1, 8, 8))
     widths = widths_for_macs(mm, sites, target)
-    out = methods.run_method(method, m, sites, widths, digits, mm, target, log=lambda s: None)
+    train, calib, _ = loaders(digits, 64, 256)
+    res = caproj.compress(m, train, target_macs=target, method=method, calib_data=calib,
+                          channel_multiple=1, steps=5, progress=False)
+    assert res.widths == widths
+    out = res.model
     macs = metrics.count_macs(out, (1, 8, 8))
     assert macs == predict_macs(mm, sites, widths)
     assert abs(macs / mm.total - target) <= 0.01 * target
@@ -111,4 +117,4 @@ def test_unknown_method(model, digits):
     from caproj.errors import CaprojError
 
     with pytest.raises(CaprojError, match="unknown method 'magic'"):
-        methods.run_method("magic", model, [], [], digits, None, 0.5)
+        caproj.compress(model, loaders(digits)[0], method="magic")

@@ -7,11 +7,13 @@ import torch
 
 from caproj import metrics, surgery
 from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
-from caproj.cap import CaP, CapConfig
+from caproj.config import CapConfig
 from caproj.coverage import randomise_bn
 from caproj.data import Splits
 from caproj.models import build_model, load_model, make_checkpoint
 from caproj.sites import find_sites, require_sites
+
+from conftest import make_cap, run_cap
 
 STREAM_ARCHS = [  # (arch, input shape, stream sites, all sites)
     ("resnet20", (3, 32, 32), 3, 12),
@@ -63,10 +65,11 @@ def test_stream_keep_one_is_exact_through_full_cap(arch, shape, n_stream, n_all)
     assert sum(s.tied for s in sites) == n_stream and len(sites) == n_all
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(4, *shape, generator=g) for _ in range(2)]
-    cap = CaP(model, sites, widths_for_keep(sites, 1.0), CapConfig(steps=5, log_every=0))
-    cap.initialise(calib)
-    cap.refit(calib)
-    out = cap.finalize(calib)
+    cap = make_cap(model, sites, widths_for_keep(sites, 1.0), CapConfig(steps=5, log_every=0),
+                   shape)
+    cap.calibrate(calib)
+    cap.refit()
+    out = cap.finalize()
     x = torch.randn(2, *shape, generator=g)
     with torch.no_grad():
         ref = model(x)
@@ -112,8 +115,7 @@ def test_cap_optimisation_runs_on_streams_and_reduces_reconstruction():
     sites = require_sites(model, stream=True)
     cfg = CapConfig(init="pca", relax="projection", refit=False, kd=1.0, steps=30, lr=5e-3,
                     batch_size=32, calib_images=64, log_every=0, bf16=False)
-    cap = CaP(model, sites, widths_for_keep(sites, 0.5), cfg)
-    out = cap.run(splits)
+    cap, out = run_cap(model, sites, widths_for_keep(sites, 0.5), cfg, splits)
     rec = [h["recon"] for h in cap.history]
     assert len(rec) == 30 and sum(rec[-5:]) < 0.9 * sum(rec[:5])
     assert cap.max_orthonormality_error() <= 1e-5
@@ -179,11 +181,10 @@ def test_refit_covers_every_stream_consumer_and_lowers_their_error():
         return out
 
     cfg = CapConfig(init="select", steps=0, calib_images=128, log_every=0, bf16=False)
-    plain = CaP(model, sites, widths, cfg)
-    plain.initialise(calib)
-    refit = CaP(model, sites, widths, cfg)
-    refit.initialise(calib)
-    refit.refit(calib)
+    plain = make_cap(model, sites, widths, cfg.replace(refit=False), (3, 32, 32))
+    plain.calibrate(calib)
+    refit = make_cap(model, sites, widths, cfg, (3, 32, 32))
+    refit.calibrate(calib)  # statistics, init and the cascaded refit
     assert set(names) <= set(refit.consumer_w)  # every consumer of every stream is refitted
     before, after = errors(plain), errors(refit)
     assert sum(after.values()) < 0.8 * sum(before.values())
@@ -196,10 +197,11 @@ def test_stream_compression_lowers_the_default_learning_rates():
     sites = require_sites(model, stream=True)
     whole_streams = [s.channels if s.tied else s.channels // 2 for s in sites]
     half_streams = [s.channels // 2 if s.tied else s.channels for s in sites]
-    internal = CaP(model, sites, whole_streams, CapConfig())
-    stream = CaP(model, sites, half_streams, CapConfig())
-    chosen = CaP(model, sites, half_streams, CapConfig(lr=5e-4, weight_lr=2e-4))
-    assert (internal.lr, internal.weight_lr) == (1e-3, 3e-4)
-    assert (stream.lr, stream.weight_lr) == (2e-4, 1e-4)
-    assert (chosen.lr, chosen.weight_lr) == (5e-4, 2e-4)
+    shape = (3, 32, 32)
+    internal = make_cap(model, sites, whole_streams, CapConfig(), shape)
+    stream = make_cap(model, sites, half_streams, CapConfig(), shape)
+    chosen = make_cap(model, sites, half_streams, CapConfig(lr=5e-4, weight_lr=2e-4), shape)
+    assert (internal.cfg.lr, internal.cfg.weight_lr) == (1e-3, 3e-4)
+    assert (stream.cfg.lr, stream.cfg.weight_lr) == (2e-4, 1e-4)
+    assert (chosen.cfg.lr, chosen.cfg.weight_lr) == (5e-4, 2e-4)
     assert stream.config()["lr"] == 2e-4  # the rate used is what the report records

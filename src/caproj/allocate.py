@@ -19,17 +19,19 @@ and stored in the checkpoint like uniform ones. Keep = 1.0 (target 1.0) keeps ev
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from caproj import projection
-from caproj.budget import MacModel, predict_macs, site_step
+from caproj.budget import MacModel, predict_macs, site_step, solve
 from caproj.errors import CaprojError
 from caproj.sites import Site
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -79,83 +81,26 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
 
 
 def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: list[float],
-             target: float, multiple: int = 8,
-             log: Callable[[str], None] | None = None) -> list[int]:
-    """Greedy widths meeting `target` (fraction of mm.total MACs) to within 1 %."""
-    if not (math.isfinite(target) and 0 < target <= 1):
-        raise CaprojError(f"target-macs must be in (0, 1], got {target}")
-    if target == 1:
-        return [s.channels for s in sites]
-    budget = target * mm.total
+             target: float, multiple: int = 8) -> list[int]:
+    """Greedy widths meeting `target` (fraction of mm.total MACs) to within 1 % (`solve`, from
+    each site's narrowest step, by sensitivity x drop in e_s per extra MAC)."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
+        raise CaprojError(f"target_macs must be in (0, 1], got {target}", param="target_macs")
     steps = [site_step(s.channels, multiple) for s in sites]
-    widths = list(steps)
-    if predict_macs(mm, sites, widths) > budget:
-        floor = predict_macs(mm, sites, widths) / mm.total
-        raise CaprojError(f"target-macs {target:g} is unreachable: the narrowest allowed widths "
-                          f"already use {floor:.3f} of the MACs")
 
-    def grow(step_of: Callable[[int], int]) -> None:
-        cur = predict_macs(mm, sites, widths)
-        while True:
-            best, best_i, best_macs = -1.0, -1, 0
-            for i, s in enumerate(sites):
-                k = widths[i]
-                nk = min(s.channels, k + step_of(i))
-                if nk == k:
-                    continue
-                widths[i] = nk
-                macs = predict_macs(mm, sites, widths)
-                widths[i] = k
-                if macs > budget:
-                    continue
-                gain = sens[i] * (curves[i][k] - curves[i][nk]).item()
-                value = gain / max(macs - cur, 1)
-                if value > best:
-                    best, best_i, best_macs = value, i, macs
-            if best_i < 0:
-                return
-            widths[best_i] = min(sites[best_i].channels, widths[best_i] + step_of(best_i))
-            cur = best_macs
+    def value(i: int, k: int, nk: int, new: int, cur: int) -> float:
+        return sens[i] * (curves[i][k] - curves[i][nk]).item() / max(new - cur, 1)
 
-    grow(lambda i: steps[i])
-    if predict_macs(mm, sites, widths) < 0.99 * budget:
-        grow(lambda i: 1)  # whole steps cannot land within 1 %: single channels finish
-    while predict_macs(mm, sites, widths) < 0.99 * budget:
-        # Chained sites (VGG-like: a layer is one site's consumer and the next one's producer)
-        # can leave every single channel too expensive for the slack: trade one channel of a
-        # site for one of another, taking the trade that uses the most of the budget.
-        cur, best = predict_macs(mm, sites, widths), None
-        for i in range(len(sites)):
-            for j in range(len(sites)):
-                if i == j or widths[i] <= 1 or widths[j] >= sites[j].channels:
-                    continue
-                widths[i] -= 1
-                widths[j] += 1
-                macs = predict_macs(mm, sites, widths)
-                widths[i] += 1
-                widths[j] -= 1
-                if cur < macs <= budget and (best is None or macs > best[0]):
-                    best = (macs, i, j)
-        if best is None:
-            break
-        widths[best[1]] -= 1
-        widths[best[2]] += 1
+    widths = solve([s.channels for s in sites], lambda w: predict_macs(mm, sites, w),
+                   target * mm.total, steps=steps, start=list(steps), value=value, trades=True,
+                   what=f"target_macs {target:g}")
     got = predict_macs(mm, sites, widths) / mm.total
-    if got < 0.99 * target:
-        raise CaprojError(f"automatic allocation reached only {got:.3f} of the MACs for target "
-                          f"{target:g}")
-    if log is not None:
-        log(f"automatic allocation: widths {widths} ({got:.3f} of the MACs)")
+    log.info("automatic allocation: widths %s (%.3f of the MACs)", widths, got)
     return widths
 
 
-def auto_widths(model: nn.Module, sites: list[Site], mm: MacModel, splits, target: float,
-                multiple: int, calib_images: int, seed: int = 0,
-                log: Callable[[str], None] | None = None) -> list[int]:
-    """`--allocate auto` end to end: calibration images, profiles, greedy widths."""
-    from caproj.cap import calibration_images
-
-    device = next(model.parameters()).device
-    calib = calibration_images(splits, calib_images, device, seed=seed)
+def auto_widths(model: nn.Module, sites: list[Site], mm: MacModel, calib: list[torch.Tensor],
+                target: float, multiple: int) -> list[int]:
+    """Automatic allocation end to end: profiles on the calibration batches, greedy widths."""
     curves, sens = site_profiles(model, sites, calib)
-    return allocate(mm, sites, curves, sens, target, multiple, log=log)
+    return allocate(mm, sites, curves, sens, target, multiple)

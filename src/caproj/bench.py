@@ -10,7 +10,8 @@ turns the cells into a Markdown table and a matplotlib plot of accuracy against 
 from __future__ import annotations
 
 import json
-import time
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,78 +19,87 @@ import torch
 from torch import nn
 
 from caproj import metrics
-from caproj.budget import MacModel, widths_for_macs
-from caproj.cap import CapConfig
-from caproj.data import Data
+from caproj.api import compress, evaluate
+from caproj.config import CapConfig, TrainConfig
+from caproj.deploy import latency_report
 from caproj.errors import CaprojError
-from caproj.methods import check_methods, run_method
-from caproj.sites import require_sites
-from caproj.train import TrainConfig, config_dict, evaluate, train
+from caproj.methods import METHODS
 from caproj.utils import atomic_write_text, run_record
+
+log = logging.getLogger(__name__)
+
+# A method in the bench may carry options, spelled as suffixes of its cell name (so the cells
+# of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto.
+OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"}}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """A bench method spec -> (registered method, compress options)."""
+    base, *flags = spec.split("+")
+    if base not in METHODS:
+        raise CaprojError(f"unknown method {base!r}; choose from {', '.join(METHODS)}",
+                          param="method")
+    opts: dict[str, Any] = {}
+    for f in flags:
+        if f not in OPTION_SUFFIXES:
+            raise CaprojError(f"unknown option +{f} in method {spec!r}; known: "
+                              f"{', '.join('+' + k for k in OPTION_SUFFIXES)}", param="method")
+        opts.update(OPTION_SUFFIXES[f])
+    return base, opts
 
 
 def cell_path(out_dir: Path, method: str, target: float) -> Path:
     return out_dir / f"{method}-{target:g}.json"
 
 
-def run_cell(model: nn.Module, splits: Data, method: str, target: float, ft: TrainConfig,
-             cap_cfg: CapConfig, base_acc: float, log=print,
+def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, method: str,
+             target: float, ft: TrainConfig, cap_cfg: CapConfig, base_acc: float,
              channel_multiple: int = 8) -> dict[str, Any]:
-    shape = splits.input_shape
-    base, *flags = method.split("+")  # cap+stream+auto: CaP on streams too, auto widths
-    sites = require_sites(model, stream="stream" in flags)
-    mm = MacModel.of(model, shape)
+    """One (method, target) cell through `caproj.compress`: the same data, calibration images,
+    fine-tune recipe and teacher for every method."""
+    base, opts = parse_method(method)
     torch.manual_seed(ft.seed)
-    t0 = time.perf_counter()
-    if "auto" in flags:
-        from caproj.allocate import auto_widths
-
-        widths = auto_widths(model, sites, mm, splits, target, channel_multiple,
-                             cap_cfg.calib_images, cap_cfg.seed)
-    else:
-        widths = widths_for_macs(mm, sites, target, channel_multiple)
-    small = run_method(base, model, sites, widths, splits, mm, target, cap_cfg,
-                       log=lambda s: None)
-    seconds = time.perf_counter() - t0
+    res = compress(model, train, target_macs=target, method=base, calib_data=calib,
+                   eval_data=test, finetune=ft if ft.epochs else None, seed=cap_cfg.seed,
+                   channel_multiple=channel_multiple, progress=False,
+                   **opts, **{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"})
+    rep = res.report
+    shape = tuple(next(iter(test))[0].shape[1:])
+    small = res.model.eval()
     rec: dict[str, Any] = {
-        "method": method, "target_macs": target, "widths": widths if method != "svd" else None,
-        "compress_seconds": seconds, "acc_original": base_acc,
-        "macs_original": mm.total, "macs": metrics.count_macs(small, shape),
-        "params_original": metrics.count_params(model), "params": metrics.count_params(small),
-        "acc_before_finetune": evaluate(small, splits)["acc"],
+        "method": method, "target_macs": target, "widths": res.widths,
+        "compress_seconds": rep["compress_seconds"], "acc_original": base_acc,
+        "macs_original": rep["macs_before"], "macs": rep["macs_after"],
+        "params_original": rep["params_before"], "params": rep["params_after"],
+        "acc_before_finetune": rep["acc_after_compress"],
+        "finetune_seconds": rep.get("finetune_seconds", 0.0),
+        "finetune_history": rep.get("finetune", []),
+        "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
     }
-    log(f"  {method} @ {target:g}: {rec['acc_before_finetune']:.2f} % before fine-tuning "
-        f"({seconds:.0f} s)")
-    t1 = time.perf_counter()
-    teacher = model if ft.kd_weight > 0 else None  # distil from the original, as compress does
-    hist = train(small, splits, ft, teacher=teacher, log=lambda s: None) if ft.epochs else []
-    rec["finetune_seconds"] = time.perf_counter() - t1
-    rec["finetune_history"] = hist
-    rec["acc_after_finetune"] = hist[-1]["test_acc"] if hist else rec["acc_before_finetune"]
-    small.eval()
-    from caproj.pipeline import latency_report
-
-    lat = latency_report(model, small, shape, None)  # eager, BN folded + cl, onnxruntime
+    log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
+             rec["acc_before_finetune"], rec["compress_seconds"])
+    lat = latency_report(model, small, shape, None)  # eager, BN folded + cl, inductor, ort
     rec.update(lat)
     for b in (1, 64):  # the headline: one fixed deploy form for every method
-        rec[f"latency_b{b}_ms"] = lat[f"latency_fold_bn_cl_b{b}_after_ms"]
-        rec[f"latency_b{b}_original_ms"] = lat[f"latency_fold_bn_cl_b{b}_before_ms"]
-        rec[f"latency_b{b}_speedup"] = lat[f"latency_fold_bn_cl_b{b}_speedup"]
+        rec[f"latency_b{b}_ms"] = lat.get(f"latency_fold_bn_cl_b{b}_after_ms")
+        rec[f"latency_b{b}_original_ms"] = lat.get(f"latency_fold_bn_cl_b{b}_before_ms")
+        rec[f"latency_b{b}_speedup"] = lat.get(f"latency_fold_bn_cl_b{b}_speedup")
     rec["peak_activation_bytes"] = metrics.peak_activation_bytes(small, shape)
     rec["peak_activation_bytes_original"] = metrics.peak_activation_bytes(model, shape)
-    log(f"  {method} @ {target:g}: {rec['acc_after_finetune']:.2f} % after {ft.epochs} "
-        f"fine-tune epochs; b1 {rec['latency_b1_speedup']:.2f}x, "
-        f"b64 {rec['latency_b64_speedup']:.2f}x")
+    log.info("  %s @ %g: %.2f %% after %d fine-tune epochs", method, target,
+             rec["acc_after_finetune"], ft.epochs)
+    rec["seed"] = rep["seed"]
     return rec
 
 
-def run(model: nn.Module, splits: Data, arch: str, methods: list[str], targets: list[float],
-        ft: TrainConfig, cap_cfg: CapConfig, out_dir: Path, log=print,
-        channel_multiple: int = 8) -> list[dict]:
-    check_methods(methods)
+def run(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, arch: str,
+        methods: list[str], targets: list[float], ft: TrainConfig, cap_cfg: CapConfig,
+        out_dir: Path, channel_multiple: int = 8) -> list[dict]:
+    for m in methods:
+        parse_method(m)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_acc = evaluate(model, splits)["acc"]
-    log(f"{arch}: {base_acc:.2f} % original")
+    base_acc = evaluate(model, test)["acc"]
+    log.info("%s: %.2f %% original", arch, base_acc)
     cells = []
     for target in targets:
         for method in methods:
@@ -97,15 +107,16 @@ def run(model: nn.Module, splits: Data, arch: str, methods: list[str], targets: 
             if path.is_file():
                 done = json.loads(path.read_text())
                 stored = done.get("finetune_config")  # keys added later: their defaults
-                if stored is None or {**config_dict(TrainConfig()), **stored} != config_dict(ft):
+                if stored is None or {**TrainConfig().as_dict(), **stored} != ft.as_dict():
                     raise CaprojError(f"{path} was fine-tuned with another recipe "
-                                      f"({done.get('finetune_config')}); use a new --out-dir")
+                                      f"({done.get('finetune_config')}); use a new out_dir")
                 cells.append(done)
-                log(f"  {method} @ {target:g}: done earlier ({path.name}), not recomputed")
+                log.info("  %s @ %g: done earlier (%s), not recomputed", method, target,
+                         path.name)
                 continue
-            rec = run_cell(model, splits, method, target, ft, cap_cfg, base_acc, log,
+            rec = run_cell(model, train, calib, test, method, target, ft, cap_cfg, base_acc,
                            channel_multiple)
-            rec.update(arch=arch, finetune_config=config_dict(ft), cap_config=vars(cap_cfg),
+            rec.update(arch=arch, finetune_config=ft.as_dict(), cap_config=cap_cfg.as_dict(),
                        **run_record(ft.seed))
             atomic_write_text(json.dumps(rec, indent=2, default=str), path)
             cells.append(rec)
@@ -143,12 +154,15 @@ def report(cells: list[dict], out_dir: Path) -> str:
         r = (c.get("finetune_history") or [{}])[-1].get("test_acc_raw")
         return f" (raw {r:.2f})" if r is not None else ""
 
+    def x(v: float | None) -> str:
+        return f"{v:.2f}x" if v else "–"
+
     for c in cells:
         lines.append(
             f"| {c['target_macs']:g} | {c['method']} | {c['macs'] / 1e6:.2f} | "
             f"{c['params'] / 1e6:.3f} | {c['acc_before_finetune']:.2f} | "
-            f"{c['acc_after_finetune']:.2f}{raw(c)} | {c['latency_b1_speedup']:.2f}x | "
-            f"{c['latency_b64_speedup']:.2f}x | {ort(c)} | "
+            f"{c['acc_after_finetune']:.2f}{raw(c)} | {x(c.get('latency_b1_speedup'))} | "
+            f"{x(c.get('latency_b64_speedup'))} | {ort(c)} | "
             f"{c['peak_activation_bytes'] / 1024:.0f} | {c['compress_seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(text, out_dir / "results.md")

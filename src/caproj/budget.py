@@ -8,6 +8,7 @@ MACs of any choice of widths follow exactly from the original per-layer MACs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -71,81 +72,146 @@ def site_step(c: int, multiple: int) -> int:
     return max(1, min(multiple, c // 4))
 
 
-def _round_width(x: float, c: int, step: int) -> int:
-    return max(step, min(c, int(round(x / step)) * step))
-
-
 def widths_for_keep(sites: list[Site], keep: float, multiple: int = 1) -> list[int]:
-    if not (math.isfinite(keep) and 0 < keep <= 1):
-        raise CaprojError(f"keep must be in (0, 1], got {keep}")
+    if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0 < keep <= 1):
+        raise CaprojError(f"keep must be in (0, 1], got {keep}", param="keep")
     if multiple < 1:
-        raise CaprojError(f"channel multiple must be >= 1, got {multiple}")
+        raise CaprojError(f"channel_multiple must be >= 1, got {multiple}",
+                          param="channel_multiple")
     if keep == 1:
         return [s.channels for s in sites]
-    return [_round_width(keep * s.channels, s.channels, site_step(s.channels, multiple))
-            for s in sites]
+    steps = [site_step(s.channels, multiple) for s in sites]
+    return [max(st, min(s.channels, int(round(keep * s.channels / st)) * st))
+            for s, st in zip(sites, steps, strict=True)]
+
+
+def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
+          steps: list[int] | None = None, start: list[int] | None = None,
+          value: Callable[[int, int, int, int, int], float] | None = None,
+          trades: bool = False, tol: float = 0.01, what: str = "target_macs") -> list[int]:
+    """The one budget solver: sizes (widths, ranks) in [step_i, full_i] whose `cost` lands at
+    or just under `goal`, within `tol` of it.
+
+    1. Without `start`: one uniform fraction of `full`, bisected, rounded to each item's step.
+    2. Grow one step at a time where `value(i, size, new_size, new_cost, cost)` is largest
+       (default: the least-kept item first) while the cost stays within the goal; then single units.
+    3. Still short: with `trades`, one-for-one trades between items (chained sites can leave
+       every single unit too expensive for the slack); then one unit above the goal if that
+       lands within `tol`.
+    Raises CaprojError naming `what` if the goal is unreachable or cannot be met within `tol`.
+    """
+    n = len(full)
+    steps = steps or [1] * n
+    total = cost(list(full))
+    if goal >= total:
+        return list(full)
+    floor = cost(list(start) if start is not None else [1] * n)
+    if floor > goal:
+        raise CaprojError(f"{what} is unreachable: the narrowest allowed sizes still cost "
+                          f"{floor / total:.3f} of the total (the other layers are not "
+                          f"compressible here)", param=what)
+
+    def close(c: int) -> bool:
+        return abs(c - goal) <= tol * goal
+
+    def uniform(r: float, stp: list[int]) -> list[int]:
+        return [max(st, min(f, int(round(r * f / st)) * st)) for f, st in zip(full, stp,
+                                                                              strict=True)]
+
+    if start is None:
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cost(uniform(mid, steps)) <= goal else (lo, mid)
+        sizes = uniform(lo, steps)
+        if cost(sizes) > goal:  # steps too coarse for this goal: single units
+            steps = [1] * n
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if cost(uniform(mid, steps)) <= goal else (lo, mid)
+            sizes = uniform(lo, steps)
+    else:
+        sizes = list(start)
+
+    def least_kept(i: int, k: int, nk: int, new: int, cur: int) -> float:
+        return -k / full[i]
+
+    pick = value or least_kept
+
+    def grow(step_of: Callable[[int], int]) -> None:
+        cur = cost(sizes)
+        while True:
+            best, best_i, best_cost = None, -1, 0
+            for i in range(n):
+                k = sizes[i]
+                nk = min(full[i], k + step_of(i))
+                if nk == k:
+                    continue
+                sizes[i] = nk
+                c = cost(sizes)
+                sizes[i] = k
+                if c > goal:
+                    continue
+                v = pick(i, k, nk, c, cur)
+                if best is None or v > best:
+                    best, best_i, best_cost = v, i, c
+            if best is None:
+                return
+            sizes[best_i] = min(full[best_i], sizes[best_i] + step_of(best_i))
+            cur = best_cost
+
+    grow(lambda i: steps[i])
+    if not close(cost(sizes)):
+        grow(lambda i: 1)
+    while trades and not close(cost(sizes)):
+        cur, trade = cost(sizes), None
+        for i in range(n):
+            for j in range(n):
+                if i == j or sizes[i] <= 1 or sizes[j] >= full[j]:
+                    continue
+                sizes[i] -= 1
+                sizes[j] += 1
+                c = cost(sizes)
+                sizes[i] += 1
+                sizes[j] -= 1
+                if cur < c <= goal and (trade is None or c > trade[0]):
+                    trade = (c, i, j)
+        if trade is None:
+            break
+        sizes[trade[1]] -= 1
+        sizes[trade[2]] += 1
+    cur = cost(sizes)
+    if not close(cur):  # tiny sizes: one unit above may land within tol
+        above = []
+        for i in range(n):
+            if sizes[i] < full[i]:
+                s2 = sizes.copy()
+                s2[i] += 1
+                above.append((cost(s2), s2))
+        if above:
+            c, s2 = min(above, key=lambda t: t[0])
+            if close(c):
+                sizes, cur = s2, c
+    if not close(cur):
+        raise CaprojError(f"{what} cannot be met within {tol:.0%} (closest below: "
+                          f"{cur / total:.4f} of the total)", param=what)
+    return sizes
 
 
 def widths_for_macs(mm: MacModel, sites: list[Site], target: float,
                     multiple: int = 1) -> list[int]:
-    """Uniform keep ratio solved by bisection, then widths grown one step at a time, least-kept
-    site first, while the MACs stay at or below `target`.
+    """Per-site widths for a MACs fraction: one uniform keep ratio, then grown least-kept site
+    first (`solve`).
 
-    `multiple` > 1 keeps widths at multiples of it where a site is wide enough (the CLI's
-    default is 8): CPU convolution kernels block channels in groups of 8/16 (the measured effect
-    is within noise so far, benchmarks/RESULTS.md). If those steps cannot land within 1 % of
-    the target, single channels finish the job on as few sites as needed."""
-    if not (math.isfinite(target) and 0 < target <= 1):
-        raise CaprojError(f"target-macs must be in (0, 1], got {target}")
+    `multiple` > 1 keeps widths at multiples of it where a site is wide enough (the default is
+    8): CPU convolution kernels block channels in groups of 8/16. If those steps cannot land
+    within 1 % of the target, single channels finish the job on as few sites as needed."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
+        raise CaprojError(f"target_macs must be in (0, 1], got {target}", param="target_macs")
     if multiple < 1:
-        raise CaprojError(f"channel multiple must be >= 1, got {multiple}")
-    goal = target * mm.total
-    steps = [site_step(s.channels, multiple) for s in sites]
-    floor = predict_macs(mm, sites, [1] * len(sites))
-    if floor > goal:
-        raise CaprojError(f"target-macs {target} is unreachable: keeping one channel per site "
-                          f"still leaves {floor / mm.total:.3f} of the MACs (the other layers "
-                          f"are not compressible here)")
-
-    def uniform(r: float) -> list[int]:
-        return [_round_width(r * s.channels, s.channels, st) for s, st in zip(sites, steps,
-                                                                              strict=True)]
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if predict_macs(mm, sites, uniform(mid)) <= goal else (lo, mid)
-    widths = uniform(lo)
-    if predict_macs(mm, sites, widths) > goal and multiple > 1:
-        return widths_for_macs(mm, sites, target, 1)  # too coarse for this target
-
-    def grow(widths: list[int], step_of) -> list[int]:
-        while True:
-            for i in sorted(range(len(sites)), key=lambda i: widths[i] / sites[i].channels):
-                w2 = widths.copy()
-                w2[i] = min(sites[i].channels, widths[i] + step_of(i))
-                if w2[i] != widths[i] and predict_macs(mm, sites, w2) <= goal:
-                    widths = w2
-                    break
-            else:
-                return widths
-
-    widths = grow(widths, lambda i: steps[i])
-    if abs(predict_macs(mm, sites, widths) / mm.total - target) > 0.01 * target:
-        widths = grow(widths, lambda i: 1)
-    cur = predict_macs(mm, sites, widths)
-    if abs(cur / mm.total - target) > 0.01 * target:  # tiny widths: try one channel above
-        above = []
-        for i in range(len(sites)):
-            if widths[i] < sites[i].channels:
-                w2 = widths.copy()
-                w2[i] += 1
-                above.append((predict_macs(mm, sites, w2), w2))
-        if above:
-            m, w2 = min(above, key=lambda t: t[0])
-            if abs(m / mm.total - target) <= 0.01 * target:
-                widths, cur = w2, m
-    if abs(cur / mm.total - target) > 0.01 * target:
-        raise CaprojError(f"target-macs {target} cannot be met within 1 % with these sites "
-                          f"(closest below: {cur / mm.total:.4f})")
-    return widths
+        raise CaprojError(f"channel_multiple must be >= 1, got {multiple}",
+                          param="channel_multiple")
+    return solve([s.channels for s in sites], lambda w: predict_macs(mm, sites, w),
+                 target * mm.total, steps=[site_step(s.channels, multiple) for s in sites],
+                 what=f"target_macs {target:g}")

@@ -1,120 +1,145 @@
 """Cascaded Projection (Minnehan & Savakis, CVPR 2019), all sites at once.
 
 Stages (each measured in benchmarks/; see RESULTS.md for what each contributes):
-1. calibrate: streamed statistics of every site on calibration images;
-2. init: P from `select` (channel selection, orthonormal) or `pca`;
-3. refit: cascaded closed-form least squares of each consumer (every consumer of a residual
+1. calibrate: streamed statistics of every site on calibration images; (automatic widths);
+   P initialised from `select` (channel selection, orthonormal) or `pca`;
+   cascaded closed-form least squares of each consumer (every consumer of a residual
    stream too) - its input taken from the *compressed* prefix, its target the original
    consumer output - in execution order;
-4. optimise: SGD-style (Adam) steps on proxies of P retracted by QR, and optionally the
+2. optimise: SGD-style (Adam) steps on proxies of P retracted by QR, and optionally the
    compressed weights, with the mixture loss
        (1 - kd) CE(labels) + kd KD(original logits) + λ · mean_i ||ŷ_i - y_i||² / ||y_i||²
    where y_i is site i's consumer output in the original network and ŷ_i in the compressed
    network fed by its own (cascaded) outputs. Odd and even sites are updated alternately.
-5. finalize: surgery into plain narrower modules, fresh BNs re-estimated on calibration data.
+   Batches without labels drop the CE term (distillation + reconstruction: label-free).
+3. finalize: surgery into plain narrower modules, fresh BNs re-estimated on calibration data.
+
+Staged use, for people who own their loop:
+
+    cap = caproj.CaP(model, example_inputs, target_macs=0.5, steps=600)
+    cap.calibrate(loader)          # any iterable of batches; the first calib_images images
+    cap.optimise(loader)           # config.steps steps (batches regrouped to batch_size)
+    small = cap.finalize()         # a plain, physically narrower nn.Module
+    torch.save(cap.state_dict(), "cap-state.pt")   # resumable: load_state_dict, optimise
+
+The settings are a frozen `CapConfig`, resolved once (learning rates depend on whether a
+residual stream is narrowed) when the widths are known: what the optimisation reads cannot
+drift from what was configured and recorded.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from caproj import batches as B
 from caproj import dist, projection, surgery
-from caproj.data import Batches, Data
+from caproj.config import CapConfig
 from caproj.errors import CaprojError
+from caproj.plan import Plan
 from caproj.resume import Checkpointer, raise_if_stopped, rng_state, set_rng_state
 from caproj.sites import Site
-from caproj.train import bf16_supported, kd_loss
+from caproj.train import LossFn, OutputTransform, bf16_supported, kd_loss, model_device
 
-
-@dataclass
-class CapConfig:
-    init: str = "select"  # select | pca
-    calib_images: int = 2000
-    steps: int = 600
-    # Adam learning rates of the projection proxies and the relaxed weights. None: 1e-3 / 3e-4
-    # (best on ResNet-56; weight lr 1e-3 diverges there), or 2e-4 / 1e-4 when a residual stream
-    # is compressed: one stream P moves every layer of a stage at once, and at the internal
-    # rates ResNet-20's optimisation diverged (batch accuracy 70 % -> 23 %; RESULTS.md).
-    lr: float | None = None
-    weight_lr: float | None = None
-    weight_opt: str = "adam"  # adam | sgd (nesterov, momentum 0.9) for the relaxed weights
-    batch_size: int = 128
-    recon_weight: float = 1.0
-    kd: float = 0.5  # share of distillation in the classification term
-    kd_temperature: float = 4.0
-    relax: str = "all"  # projection | consumer | all
-    refit: bool = True
-    alternate: bool = True
-    retraction: str = "qr"
-    ridge: float = 1e-4
-    bn_recalibrate: bool = False  # re-estimate every BN's statistics on the compressed net
-    seed: int = 0
-    bf16: bool | None = None
-    log_every: int = 25
-
-    def validate(self) -> None:
-        if self.init not in ("select", "pca"):
-            raise CaprojError(f"init must be select or pca, got {self.init!r}")
-        if self.weight_opt not in ("adam", "sgd"):
-            raise CaprojError(f"weight optimiser must be adam or sgd, got {self.weight_opt!r}")
-        if self.relax not in ("projection", "consumer", "all"):
-            raise CaprojError(f"relax must be projection, consumer or all, got {self.relax!r}")
-        if self.steps < 0:
-            raise CaprojError(f"cap steps must be >= 0, got {self.steps}")
-        if self.calib_images < 1:
-            raise CaprojError(f"calibration images must be >= 1, got {self.calib_images}")
-        for name in ("lr", "weight_lr", "recon_weight", "ridge"):
-            v = getattr(self, name)
-            if v is None and name in ("lr", "weight_lr"):
-                continue
-            if not (math.isfinite(v) and v >= 0):
-                raise CaprojError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v}")
-        if not 0 <= self.kd <= 1:
-            raise CaprojError(f"kd must be in [0, 1], got {self.kd}")
+log = logging.getLogger(__name__)
+STATE_FORMAT = 3
 
 
 class _Stop(Exception):
     pass
 
 
-def calibration_images(splits: Data, n: int, device: torch.device, batch: int = 250,
-                       seed: int = 0) -> list[torch.Tensor]:
-    """A fixed random subset of training images (no augmentation), normalised, in batches."""
-    return [x for x, _ in Batches.subset_of(splits, n, batch, seed=seed, device=device)]
+def input_shape_of(example_inputs: torch.Tensor | tuple) -> tuple[int, ...]:
+    """(C, H, W) of a batch of example inputs (a tensor, or a tuple whose first item is one)."""
+    x = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise CaprojError("example_inputs must be a batch tensor of shape (N, C, H, W)",
+                          param="example_inputs")
+    return tuple(x.shape[1:])
 
 
 class CaP:
-    """Compress `model`'s `sites` to `widths` channels. `model` itself is never modified."""
+    """Compress `model` with Cascaded Projection. `model` itself is never modified.
 
-    def __init__(self, model: nn.Module, sites: list[Site], widths: list[int],
-                 cfg: CapConfig, log: Callable[[str], None] = print) -> None:
-        cfg.validate()
-        if len(widths) != len(sites):
-            raise CaprojError("one width per site needed")
-        for s, k in zip(sites, widths, strict=True):
-            if not 1 <= k <= s.channels:
-                raise CaprojError(f"width {k} for {s.producer} outside [1, {s.channels}]")
+    model: the trained network (its own class; traced with torch.fx to find the sites).
+    example_inputs: a batch of inputs (tracing, MACs); only its shape is used.
+    target_macs / keep / widths: the budget (fraction of MACs, fraction of channels per site,
+        or explicit per-site widths); allocation "uniform" or "auto"; channel_multiple.
+    stream_projection: also project residual streams (beyond the paper).
+    config: a CapConfig; `**options` override its fields (steps=300, lr=1e-3, kd=1.0, ...).
+    loss_fn(outputs, targets): replaces cross-entropy; output_transform(model output) ->
+        logits for models returning tuples/dicts; teacher: distil from it instead of `model`.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor | tuple, *,
+                 target_macs: float | None = None, keep: float | None = None,
+                 widths: list[int] | None = None, allocation: str = "uniform",
+                 channel_multiple: int | None = None, stream_projection: bool = False,
+                 sites: list[Site] | None = None, config: CapConfig | None = None,
+                 loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
+                 teacher: nn.Module | None = None, progress: bool = True,
+                 **options: Any) -> None:
+        from caproj.config import CHANNEL_MULTIPLE
+
+        if not isinstance(model, nn.Module):
+            raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                              param="model")
+        self._config = (config or CapConfig()).replace(**options)
+        self.plan = Plan.of(model, input_shape_of(example_inputs), target_macs=target_macs,
+                            keep=keep, allocation=allocation,
+                            channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
+                            stream_projection=stream_projection, widths=widths, sites=sites)
         self.orig = model.eval()  # only ever run under no_grad; its flags are left alone
-        self.sites, self.widths, self.cfg, self.log = sites, widths, cfg, log
-        streams = any(s.tied and k < s.channels for s, k in zip(sites, widths, strict=True))
-        self.lr = cfg.lr if cfg.lr is not None else (2e-4 if streams else 1e-3)
-        self.weight_lr = cfg.weight_lr if cfg.weight_lr is not None else \
-            (1e-4 if streams else 3e-4)
-        self.device = next(model.parameters()).device
+        self.sites = self.plan.sites
+        self.loss_fn, self.output_transform = loss_fn, output_transform
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.progress = progress
+        self.device = model_device(model)
         self.base = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.proxies: list[torch.Tensor] = []
         self.consumer_w: dict[str, torch.Tensor] = {}  # consumer name -> refitted weight
         self.narrow: nn.Module | None = None
+        self.calib: list[torch.Tensor] = []
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
+        self.step = 0
+        self.label_free = False
+        self._resolved: CapConfig | None = None
+        self._opt: dict[str, Any] | None = None  # optimisers, built by the first optimise
+        self._pending: dict[str, Any] | None = None  # a loaded state awaiting calibrate/optimise
+        self._weights_sum = sum(float(v.double().sum()) for v in self.base.values()
+                                if v.is_floating_point())
+        if self.plan.widths is not None:
+            self._resolve()
+
+    # ------------------------------------------------------------------ config
+    def _resolve(self) -> None:
+        if self._resolved is None:
+            self._resolved = self._config.resolve(self.plan.streams_narrowed)
+
+    @property
+    def cfg(self) -> CapConfig:
+        """The resolved, frozen settings (learning rates filled in once the widths are known)."""
+        return self._resolved if self._resolved is not None else self._config
+
+    @property
+    def widths(self) -> list[int]:
+        if self.plan.widths is None:
+            raise CaprojError("the widths are chosen during calibrate() (allocation='auto')",
+                              param="allocation")
+        return self.plan.widths
+
+    def config(self) -> dict:
+        return self.cfg.as_dict()
 
     # ------------------------------------------------------------------ helpers
     def projections(self) -> list[torch.Tensor]:
@@ -130,11 +155,34 @@ class CaP:
         assert self.narrow is not None
         return functional_call(self.narrow, tensors, (x,), strict=False)
 
-    # ------------------------------------------------------------------ 1+2: stats and init
+    def _logits(self, out: Any) -> torch.Tensor:
+        return self.output_transform(out) if self.output_transform is not None else out
+
+    # ------------------------------------------------------------------ 1: calibrate
     @torch.no_grad()
-    def initialise(self, calib: list[torch.Tensor]) -> None:
+    def calibrate(self, batches: Iterable) -> CaP:
+        """Statistics, (automatic widths), initial P and the cascaded least-squares refit, on
+        the first `calib_images` images of `batches` (used as given: no augmentation added).
+        After `load_state_dict` only the calibration images are kept (for BN re-estimation)."""
         t0 = time.perf_counter()
-        stats = projection.collect_stats(self.orig, self.sites, calib)
+        torch.manual_seed(self.cfg.seed)
+        calib = B.take(batches, self.cfg.calib_images, self.device)
+        self.calib = calib[dist.rank()::dist.world()]  # torchrun: statistics are all-reduced
+        self.plan.resolve(self.orig, self.calib)
+        self._resolve()
+        self.timings["calibrate_s"] = time.perf_counter() - t0
+        if self._pending is not None:  # resumed: P and weights come from the saved state
+            self.narrow = surgery.narrow_like(self.orig, self.tensors()).eval()
+            return self
+        self.initialise()
+        if self.cfg.refit and self.plan.compressed:
+            self.refit()
+        return self
+
+    @torch.no_grad()
+    def initialise(self) -> None:
+        t0 = time.perf_counter()
+        stats = projection.collect_stats(self.orig, self.sites, self.calib)
         ps = []
         for s, k, st in zip(self.sites, self.widths, stats, strict=True):
             if k == s.channels:
@@ -145,8 +193,7 @@ class CaP:
                 p = projection.init_select(projection.selection_scores(st, self.base, s), k)
             ps.append(p.to(self.device))
         self.proxies = ps
-        t = self.tensors()
-        self.narrow = surgery.narrow_like(self.orig, t).eval()
+        self.narrow = surgery.narrow_like(self.orig, self.tensors()).eval()
         self.timings["init_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ 3: cascaded refit
@@ -167,11 +214,12 @@ class CaP:
         return order
 
     @torch.no_grad()
-    def refit(self, calib: list[torch.Tensor]) -> None:
+    def refit(self) -> None:
         """Closed-form least squares of each consumer (every consumer of a stream too), in
-        execution order, on the compressed prefix."""
+        execution order, on the compressed prefix (the calibration batches)."""
         t0 = time.perf_counter()
-        assert self.narrow is not None
+        assert self.narrow is not None, "calibrate first"
+        calib = self.calib
         omods = dict(self.orig.named_modules())
         nmods = dict(self.narrow.named_modules())
         for name in self._consumer_order(calib[0]):
@@ -244,50 +292,73 @@ class CaP:
         return taps
 
     def fingerprint(self) -> dict:
-        """What a saved optimisation state must match to be resumed by this run."""
-        return {"format": 2, "cap": asdict(self.cfg), "widths": self.widths,
-                "sites": [s.producer for s in self.sites],
-                "weights": sum(float(v.double().sum()) for v in self.base.values()
-                               if v.is_floating_point())}
+        """What a saved state must match to be resumed by this job (widths follow from it):
+        settings, plan and the original weights (summed once, at construction)."""
+        return {"format": STATE_FORMAT, "cap": self._config.as_dict(),
+                "plan": {k: v for k, v in self.plan.describe().items() if k != "widths"},
+                "weights": self._weights_sum}
 
-    def _load_state(self, st: dict) -> None:
+    def with_config(self, **changes: Any) -> CaP:
+        """A copy of this calibrated job (P, refitted weights, calibration images) whose
+        settings differ by `changes`, resolved anew: optimisation variants compared from one
+        start (benchmarks/cap_ablation.py). Only before the first `optimise`."""
+        if self._opt is not None or self.step:
+            raise CaprojError("with_config copies a job before its optimisation starts",
+                              param="changes")
+        new = copy.copy(self)
+        new._config = self._config.replace(**changes)
+        new._resolved = None
+        if self.plan.widths is not None:
+            new._resolve()
+        new.plan = copy.copy(self.plan)
+        new.proxies = [a.detach().clone() for a in self.proxies]
+        new.consumer_w = {k: v.detach().clone() for k, v in self.consumer_w.items()}
+        new.base = {k: v.detach().clone() for k, v in self.base.items()}
+        new.narrow = copy.deepcopy(self.narrow)
+        new.history, new.timings = [], dict(self.timings)
+        return new
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the optimisation needs to continue: P proxies, relaxed weights, optimiser
+        states, step, history, RNG (tensors and plain values: loads with weights_only=True)."""
+        if not self.proxies:
+            raise CaprojError("nothing to save before calibrate()", param="state")
+        return {"fingerprint": Checkpointer.encode(self.fingerprint()),
+                "widths": list(self.widths),
+                "step": self.step, "timings": dict(self.timings),
+                "proxies": [a.detach().clone() for a in self.proxies],
+                "consumer_w": {n: w.detach().clone() for n, w in self.consumer_w.items()},
+                "base": {k: v.detach().clone() for k, v in self.base.items()
+                         if v.is_floating_point()},
+                "opts": [o.state_dict() for o in self._opt["all"]] if self._opt else None,
+                "history": list(self.history), "rng": rng_state()}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        """Continue a saved job: call before `calibrate` (which then keeps the saved P and
+        weights and only collects the calibration images), then `optimise`."""
+        if st.get("fingerprint") != Checkpointer.encode(self.fingerprint()):
+            raise CaprojError("this state was saved by a job with other settings, model or "
+                              "weights", param="state")
+        self.plan.widths = self.plan.check(list(st["widths"]))
+        self._resolve()
         self.proxies = [v.to(self.device) for v in st["proxies"]]
         self.consumer_w = {str(n): v.to(self.device) for n, v in st["consumer_w"].items()}
         for k, v in st["base"].items():
             self.base[k] = v.to(self.device)
         self.history = list(st["history"])
+        self.step = int(st["step"])
         # Wall time already spent by the interrupted run(s): a resumed run reports the total.
         before = st.get("timings", {})
-        self.timings["earlier_s"] = sum(before.get(k, 0.0) for k in ("earlier_s", "init_s",
-                                                                      "refit_s", "optimise_s"))
-        self.timings["resumed_at_step"] = st["step"]
+        self.timings["earlier_s"] = sum(before.get(k, 0.0) for k in (
+            "earlier_s", "calibrate_s", "init_s", "refit_s", "optimise_s"))
+        self.timings["resumed_at_step"] = self.step
+        self._pending = st
 
-    def _state(self, opts: list[torch.optim.Optimizer]) -> dict:
-        return {"timings": dict(self.timings),
-                "proxies": [a.detach().clone() for a in self.proxies],
-                "consumer_w": {i: w.detach().clone() for i, w in self.consumer_w.items()},
-                "base": {k: v.detach().clone() for k, v in self.base.items()
-                         if v.is_floating_point()},
-                "opts": [o.state_dict() for o in opts], "history": self.history,
-                "rng": rng_state()}
-
-    def optimise(self, splits: Data, steps: int | None = None,
-                 checkpoint: Checkpointer | None = None, state: dict | None = None) -> list[dict]:
-        """The mixture-loss optimisation. With a `checkpoint`, the state is saved every
-        `checkpoint.every` steps and on SIGTERM/SIGINT; `state` (from `checkpoint.load()`)
-        continues a saved run."""
+    # ------------------------------------------------------------------ 2: optimisation
+    def _trainable(self) -> dict[str, Any]:
+        """Parameter groups and optimisers (built once; odd and even sites alternate)."""
         cfg = self.cfg
-        steps = cfg.steps if steps is None else steps
-        if steps == 0 or all(k == s.channels for s, k in zip(self.sites, self.widths, strict=True)):
-            return []  # nothing is compressed: keep=1.0 leaves the network exactly as it was
-        assert self.narrow is not None
-        t0 = time.perf_counter()
-        start = 0
-        if state is not None:
-            self._load_state(state)
-            start = state["step"]
-        use_bf16 = bf16_supported(self.device) if cfg.bf16 is None else cfg.bf16
-        # Trainable state.
         groups: list[list[torch.Tensor]] = [[], []]
         for i, a in enumerate(self.proxies):
             if a.shape[0] != a.shape[1]:
@@ -314,30 +385,68 @@ class CaP:
                 if k in pnames and k not in consumers and v.is_floating_point():
                     v.requires_grad_(True)
                     shared.append(v)
+
         def weight_optimiser(params: list[torch.Tensor]) -> torch.optim.Optimizer:
             if cfg.weight_opt == "sgd":
-                return torch.optim.SGD(params, lr=self.weight_lr, momentum=0.9, nesterov=True)
-            return torch.optim.Adam(params, lr=self.weight_lr)
+                return torch.optim.SGD(params, lr=cfg.weight_lr, momentum=0.9, nesterov=True)
+            return torch.optim.Adam(params, lr=cfg.weight_lr)
 
-        # Odd and even sites alternate: one optimiser per parity for P proxies (Adam) and the
-        # consumer weights; weights outside the sites (relax=all) are updated every step.
-        opts = [(torch.optim.Adam(groups[g], lr=self.lr) if groups[g] else None,
-                 weight_optimiser(wgroups[g]) if wgroups[g] else None) for g in (0, 1)]
-        opts = [o for o in opts if o != (None, None)]
+        pairs = [(torch.optim.Adam(groups[g], lr=cfg.lr) if groups[g] else None,
+                  weight_optimiser(wgroups[g]) if wgroups[g] else None) for g in (0, 1)]
+        pairs = [o for o in pairs if o != (None, None)]
         shared_opt = weight_optimiser(shared) if shared else None
-        all_opts = [o for pair in opts for o in pair if o is not None] + \
+        every = [o for pair in pairs for o in pair if o is not None] + \
             ([shared_opt] if shared_opt else [])
-        for o in all_opts:
+        for o in every:
             for g in o.param_groups:
                 g["base_lr"] = g["lr"]
-        if state is not None:
-            for o, sd in zip(all_opts, state["opts"], strict=True):
+        return {"pairs": pairs, "shared": shared_opt, "all": every}
+
+    def _freeze(self) -> None:
+        for a in self.proxies:
+            a.requires_grad_(False)
+        for w in self.consumer_w.values():
+            w.requires_grad_(False)
+        for v in self.base.values():
+            v.requires_grad_(False)
+
+    def optimise(self, batches: Iterable, steps: int | None = None,
+                 checkpoint: Checkpointer | None = None) -> list[dict]:
+        """The mixture-loss optimisation, until `steps` steps in all (default config.steps) have
+        been taken, on batches of `batch_size` images regrouped from `batches` (pass after
+        pass; `set_epoch(epoch)` is called on it if it has one). The learning rates decay on a
+        cosine over max(config.steps, steps), so stopping early and calling again (or
+        resuming from `state_dict`) ends where one call would. With a `checkpoint`, the state
+        is saved every `checkpoint.every` steps and on SIGTERM/SIGINT."""
+        cfg = self.cfg
+        if self.narrow is None:
+            raise CaprojError("call calibrate() before optimise()", param="batches")
+        steps = cfg.steps if steps is None else steps
+        if steps < 0:
+            raise CaprojError(f"steps must be >= 0, got {steps}", param="steps")
+        if self.step >= steps or not self.plan.compressed:
+            return self.history  # keep=1.0 leaves the network exactly as it was
+        t0 = time.perf_counter() - self.timings.get("optimise_s", 0.0)
+        horizon = max(cfg.steps, steps)
+        start = self.step
+        use_bf16 = bf16_supported(self.device) if cfg.bf16 is None else cfg.bf16
+        first_build = self._opt is None
+        if first_build:
+            self._opt = self._trainable()
+        opt = self._opt
+        assert opt is not None
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.get("opts") is not None:
+            for o, sd in zip(opt["all"], pending["opts"], strict=True):
                 o.load_state_dict(sd)
-            set_rng_state(state["rng"])
-        elif checkpoint is not None:
-            checkpoint.save(0, self._state(all_opts))  # init + refit done: never redo them
+            set_rng_state(pending["rng"])
+        elif first_build and checkpoint is not None and start == 0:
+            checkpoint.save(0, self.state_dict())  # init + refit done: never redo them
+        pairs, shared_opt, every = opt["pairs"], opt["shared"], opt["all"]
+        self._rearm(every)
 
         taps = self._taps()
+        teacher = self.teacher if self.teacher is not None else self.orig
         omods, nmods = dict(self.orig.named_modules()), dict(self.narrow.named_modules())
         got_o: dict[int, torch.Tensor] = {}
         got_n: dict[int, torch.Tensor] = {}
@@ -347,21 +456,24 @@ class CaP:
                 lambda m, inp, out, i=i: got_o.__setitem__(i, out)))
             hooks.append(nmods[name].register_forward_hook(
                 lambda m, inp, out, i=i: got_n.__setitem__(i, out)))
-        batches = Batches.train_of(splits, cfg.batch_size, seed=cfg.seed, device=self.device)
-        it = self._endless(batches, start)
+        sharded = getattr(batches, "sharded", False)
+        it = B.endless(batches, cfg.batch_size, self.device, start)
         try:
             for step in range(start, steps):
                 x, y = next(it)
-                if not batches.sharded:  # torchrun: this rank's share
-                    x, y = dist.shard(x), dist.shard(y)
+                if not sharded:  # torchrun: this rank's share
+                    x = dist.shard(x)
+                    y = dist.shard(y) if y is not None else None
                 with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=use_bf16):
-                    t_logits = self.orig(x).float()
+                    if teacher is not self.orig:
+                        self.orig(x)  # the original's features, for the reconstruction term
+                    t_logits = self._logits(teacher(x)).float()
                 ps = self.projections()
                 tensors = surgery.compressed_tensors(self.orig, self.sites, self.base, ps,
                                                      self.consumer_w)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=use_bf16):
-                    logits = self._run(x, tensors).float()
+                    logits = self._logits(self._run(x, tensors)).float()
                 recon = []
                 for i, (_, lift) in enumerate(taps):
                     yo, yn = got_o[i].float(), got_n[i].float()
@@ -371,11 +483,17 @@ class CaP:
                     # over ranks: Σ_r ||ŷ - y||²_r / Σ_r ||y||²_r (y is a constant)
                     den = dist.all_reduce_(yo.pow(2).sum().detach())
                     recon.append((yn - yo).pow(2).sum() / den.clamp_min(1e-12))
-                rec = torch.stack(recon).mean()
-                ce = F.cross_entropy(logits, y)
-                cls = (1 - cfg.kd) * ce
-                if cfg.kd > 0:
-                    cls = cls + cfg.kd * kd_loss(logits, t_logits, cfg.kd_temperature)
+                rec = torch.stack(recon).mean() if recon else logits.new_zeros(())
+                if y is None:  # label-free: distillation from the original only
+                    self.label_free = True
+                    ce = kd_loss(logits, t_logits, cfg.kd_temperature)
+                    cls = ce
+                else:
+                    ce = self.loss_fn(logits, y) if self.loss_fn is not None else \
+                        F.cross_entropy(logits, y)
+                    cls = (1 - cfg.kd) * ce
+                    if cfg.kd > 0:
+                        cls = cls + cfg.kd * kd_loss(logits, t_logits, cfg.kd_temperature)
                 # This rank's share of the global loss: gradients are summed over ranks below.
                 local = cls / dist.world() + cfg.recon_weight * rec
                 loss = dist.all_reduce_(local.detach().clone())
@@ -387,68 +505,66 @@ class CaP:
                             f"{step - step % checkpoint.every})"
                             if checkpoint is not None and checkpoint.path else "")
                     raise CaprojError(f"CaP loss became {loss.item()} at step {step} (ce "
-                                      f"{ce.item():.4g}, recon {rec.item():.4g}); lower "
-                                      f"--cap-lr / --cap-weight-lr{last}")
-                for o in all_opts:
+                                      f"{ce.item():.4g}, recon {rec.item():.4g}); lower the "
+                                      f"learning rates lr / weight_lr{last}", param="lr")
+                for o in every:
                     o.zero_grad(set_to_none=True)
                 local.backward()
                 if dist.world() > 1:
-                    for o in all_opts:
+                    for o in every:
                         for g in o.param_groups:
                             for t in g["params"]:
                                 if t.grad is not None:
                                     dist.all_reduce_(t.grad)
-                for o in opts[step % len(opts)] if opts else ():
+                for o in pairs[step % len(pairs)] if pairs else ():
                     if o is not None:
                         o.step()
                 if shared_opt is not None:
                     shared_opt.step()
-                decay = 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))  # cosine to 0
-                for o in all_opts:
+                decay = 0.5 * (1 + math.cos(math.pi * (step + 1) / horizon))  # cosine to 0
+                for o in every:
                     for g in o.param_groups:
                         g["lr"] = g["base_lr"] * decay
                 if (step + 1) % 25 == 0:
                     self.reorthonormalise()
-                r = {"step": step, "loss": loss.item(), "ce": ce.item(), "recon": rec.item(),
-                     "acc": (logits.argmax(1) == y).float().mean().item() * 100}
+                r = {"step": step, "loss": loss.item(), "ce": ce.item(), "recon": rec.item()}
+                if y is not None and logits.dim() == 2 and y.dim() == 1:
+                    r["acc"] = (logits.argmax(1) == y).float().mean().item() * 100
                 self.history.append(r)
+                self.step = step + 1
                 if cfg.log_every and (step % cfg.log_every == 0 or step == steps - 1):
-                    self.log(f"cap step {step:4d}: loss {r['loss']:.4f} ce {r['ce']:.4f} "
-                             f"recon {r['recon']:.4f} batch acc {r['acc']:.1f}%")
+                    log.info("cap step %4d: loss %.4f ce %.4f recon %.4f%s", step, r["loss"],
+                             r["ce"], r["recon"],
+                             f" batch acc {r['acc']:.1f}%" if "acc" in r else "")
                 if checkpoint is not None and checkpoint.due(step + 1):
                     self.timings["optimise_s"] = time.perf_counter() - t0
-                    checkpoint.save(step + 1, self._state(all_opts))
+                    checkpoint.save(step + 1, self.state_dict())
         finally:
             for h in hooks:
                 h.remove()
-            for a in self.proxies:
-                a.requires_grad_(False)
-            for w in self.consumer_w.values():
-                w.requires_grad_(False)
-            for v in self.base.values():
-                v.requires_grad_(False)
+            self._freeze()
         self.timings["optimise_s"] = time.perf_counter() - t0
         return self.history
 
-    @staticmethod
-    def _endless(batches: Batches, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches forever, from the `start`-th (epochs of `len(batches)` steps)."""
-        epoch, offset = divmod(start, len(batches))
-        while True:
-            batches.set_epoch(epoch, offset)
-            yield from batches
-            epoch, offset = epoch + 1, 0
+    def _rearm(self, every: list[torch.optim.Optimizer]) -> None:
+        """Every tensor an optimiser holds trains (again, after a previous optimise call)."""
+        for o in every:
+            for g in o.param_groups:
+                for t in g["params"]:
+                    t.requires_grad_(True)
 
-    # ------------------------------------------------------------------ 5: surgery
+    # ------------------------------------------------------------------ 3: surgery
     @torch.no_grad()
-    def finalize(self, calib: list[torch.Tensor]) -> nn.Module:
-        assert self.narrow is not None
+    def finalize(self) -> nn.Module:
+        """The compressed network: plain, physically narrower modules, its fresh BNs given
+        statistics from the calibration images."""
+        if self.narrow is None:
+            raise CaprojError("call calibrate() before finalize()", param="batches")
         t = {k: v.detach() for k, v in self.tensors().items()}
         model = surgery.load_tensors(surgery.narrow_like(self.orig, t), t)
-        surgery.reestimate_bn(model, self.sites, calib)
-        compressed = any(k < s.channels for s, k in zip(self.sites, self.widths, strict=True))
-        if self.cfg.bn_recalibrate and compressed:
-            surgery.recalibrate_bn(model, calib)
+        surgery.reestimate_bn(model, self.sites, self.calib)
+        if self.cfg.bn_recalibrate and self.plan.compressed:
+            surgery.recalibrate_bn(model, self.calib)
         return model.eval()
 
     @torch.no_grad()
@@ -469,18 +585,13 @@ class CaP:
     def max_orthonormality_error(self) -> float:
         return max((projection.orthonormality_error(p) for p in self.projections()), default=0.0)
 
-    def run(self, splits: Data, checkpoint: Checkpointer | None = None) -> nn.Module:
-        """All stages with this config; returns the compressed nn.Module. With a
-        `checkpoint` the optimisation saves its state and resumes from it (see caproj.resume)."""
-        torch.manual_seed(self.cfg.seed)
-        calib = calibration_images(splits, self.cfg.calib_images, self.device, seed=self.cfg.seed)
-        calib = calib[dist.rank()::dist.world()]  # torchrun: statistics are all-reduced
-        self.initialise(calib)
+    def run(self, data: Iterable, calib_data: Iterable | None = None,
+            checkpoint: Checkpointer | None = None) -> nn.Module:
+        """calibrate (on `calib_data`, default `data`), optimise on `data`, finalize. With a
+        `checkpoint`, a saved state is resumed and the optimisation saves its own."""
         st = checkpoint.load() if checkpoint is not None else None
-        if st is None and self.cfg.refit:
-            self.refit(calib)
-        self.optimise(splits, checkpoint=checkpoint, state=st)
-        return self.finalize(calib)  # the caller removes the state once all its work is saved
-
-    def config(self) -> dict:
-        return asdict(self.cfg) | {"lr": self.lr, "weight_lr": self.weight_lr}
+        if st is not None:
+            self.load_state_dict(st)
+        self.calibrate(calib_data if calib_data is not None else data)
+        self.optimise(data, checkpoint=checkpoint)
+        return self.finalize()  # the caller removes the state once all its work is saved

@@ -1,18 +1,28 @@
-"""The `caproj` command line: info, eval, train, compress, demo."""
+"""The `caproj` command line: info, eval, train, compress, bench, export, demo.
+
+A thin shell over the library (`caproj.api`): it turns flags into parameters, caproj's data
+specs (digits, cifar10, an ImageFolder directory or archive) into iterables of batches, prints
+what the library logs, and turns a `CaprojError` into one line `caproj: error: ...` (naming the
+flag for the parameter at fault) and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from caproj import __version__, dist
+from caproj import dist
+from caproj.config import CAP, CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, TRAIN, CapConfig, TrainConfig
 from caproj.errors import CaprojError
+from caproj.version import __version__
 
 EXAMPLES = {
     "info": """examples:
@@ -138,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("train", "train or fine-tune a model; writes a caproj checkpoint")
     _add_model_args(p)
     _add_data_args(p)
-    _add_train_args(p, epochs_flag="--epochs", default_epochs=3)
+    _add_train_args(p, "--epochs", TRAIN, default_epochs=TRAIN.epochs)
     p.add_argument("--teacher", help="checkpoint to distil from (with --kd W), e.g. the "
                    "original model when fine-tuning a compressed one")
     p.add_argument("--out", required=True, help="output checkpoint path (written atomically)")
@@ -152,38 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
     budget.add_argument("--target-macs", type=_fraction,
                         help="fraction of the original MACs to keep (default 0.5)")
-    p.add_argument("--channel-multiple", type=_positive_int, default=8,
+    p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE,
                    help="keep widths at multiples of this where a site is wide enough "
-                   "(default 8: fast CPU kernels; 1 = any width)")
+                   "(default %(default)s: fast CPU kernels; 1 = any width)")
     p.add_argument("--stream-projection", action="store_true",
                    help="also project residual streams (block outputs, shortcuts, stem, "
                    "classifier input), one shared P per tied group (beyond the paper)")
     p.add_argument("--allocate", choices=("uniform", "auto"), default="uniform",
                    help="per-site widths for --target-macs: uniform ratio (default) or auto "
                    "(greedy by measured sensitivity x channel spectrum per MAC)")
-    p.add_argument("--init", choices=("select", "pca"), default="select",
+    p.add_argument("--init", choices=("select", "pca"), default=CAP.init,
                    help="initial projection (default select: the best measured start)")
-    p.add_argument("--calib-images", type=_positive_int, default=2000,
-                   help="calibration images for statistics and least squares (default 2000)")
-    p.add_argument("--cap-steps", type=int, default=600,
-                   help="projection optimisation steps (default 600; 0 = closed form only)")
+    p.add_argument("--calib-images", type=_positive_int, default=CAP.calib_images,
+                   help="calibration images for statistics and least squares "
+                   "(default %(default)s)")
+    p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps,
+                   help="projection optimisation steps (default %(default)s; 0 = closed form "
+                   "only)")
     p.add_argument("--cap-lr", type=float,
                    help="Adam lr of the projection proxies (default 1e-3; 2e-4 when residual "
                    "streams are compressed)")
     p.add_argument("--cap-weight-lr", type=float,
                    help="Adam lr of the relaxed weights during CaP (default 3e-4; 1e-4 when "
                    "residual streams are compressed)")
-    p.add_argument("--cap-batch-size", type=_positive_int, default=128)
-    p.add_argument("--recon-weight", type=float, default=1.0,
-                   help="λ, weight of the reconstruction term (default 1)")
-    p.add_argument("--relax", choices=("projection", "consumer", "all"), default="all",
+    p.add_argument("--cap-batch-size", type=_positive_int, default=CAP.batch_size)
+    p.add_argument("--recon-weight", type=float, default=CAP.recon_weight,
+                   help="λ, weight of the reconstruction term (default %(default)s)")
+    p.add_argument("--relax", choices=("projection", "consumer", "all"), default=CAP.relax,
                    help="what CaP optimises besides P: nothing, consumer weights, all weights")
-    _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=0)
-    # Measured on ResNet-56 (RESULTS.md): peak lr 0.005 + KD 0.5 keeps CaP's head start
-    # (89.05 % after 3 epochs) where the usual lr 0.02 without KD falls to 75 % first (87.63 %).
-    p.set_defaults(lr=0.005, kd_weight=0.5)
+    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0)
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
+    p.add_argument("--latency", choices=("none", "fast", "full"), default="fast",
+                   help="latency report after the model is saved: none, fast (default: "
+                   "BN folded + channels_last, batch 1 and 64, few rounds) or full (eager, "
+                   "BN folded, inductor, onnxruntime)")
     _add_resume_args(p)
     _add_common(p)
 
@@ -191,13 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
     p.add_argument("--methods", default="cap,cp,pca,l1,fpgm,taylor,svd,tp-l2",
-                   help="comma-separated: cap, cp, pca, l1, fpgm, taylor, svd, tp-l2, and CaP "
-                   "beyond the paper: cap+stream, cap+auto, cap+stream+auto")
+                   help="comma-separated registered methods (cap, cp, pca, l1, fpgm, taylor, "
+                   "svd, tp-l2); a method may carry options: cap+stream (stream_projection), "
+                   "cap+auto (allocation auto), cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
-    p.add_argument("--cap-steps", type=int, default=600)
-    p.add_argument("--channel-multiple", type=_positive_int, default=8)
-    _add_train_args(p, epochs_flag="--finetune-epochs", default_epochs=1)
-    p.set_defaults(lr=0.005, kd_weight=0.5)  # the same fine-tune recipe as compress, for all
+    p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
+    p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)
+    # the same fine-tune recipe as compress, for every method
+    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=1)
     p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
     _add_common(p)
 
@@ -217,24 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, default_epochs: int) -> None:
+def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, recipe: TrainConfig,
+                    default_epochs: int) -> None:
+    """Training flags, their defaults read from `recipe` (caproj.config: one source)."""
     p.add_argument(epochs_flag, dest="epochs", type=int, default=default_epochs,
                    help=f"epochs (default {default_epochs})")
-    p.add_argument("--lr", type=float, default=0.02,
+    p.add_argument("--lr", type=float, default=recipe.lr,
                    help="peak learning rate (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), default="onecycle")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--kd", type=float, default=0.0, dest="kd_weight",
+    p.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
+    p.add_argument("--schedule", choices=("onecycle", "cosine", "constant"),
+                   default=recipe.schedule)
+    p.add_argument("--label-smoothing", type=float, default=recipe.label_smoothing)
+    p.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
+    p.add_argument("--kd", type=float, default=recipe.kd_weight, dest="kd_weight",
                    help="distillation weight (0..1) from the original model (compress, "
                    "bench: in CaP's optimisation and the fine-tuning) or from --teacher "
                    "(train); default %(default)s")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=recipe.optimizer,
                    help="sgd (nesterov, default) or adam (AdamW)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "
                    "fixed while training (affine parameters still learn)")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    p.add_argument("--ema", type=float, default=recipe.ema, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay per "
                    "step (e.g. 0.998) and return it; default 0 = off")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
@@ -258,13 +275,11 @@ def _add_resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its "
                    "state file (<out>.*state.pt, written every --save-every steps and on "
                    "SIGTERM/Ctrl-C)")
-    p.add_argument("--save-every", type=_positive_int, default=50,
+    p.add_argument("--save-every", type=_positive_int, default=SAVE_EVERY,
                    help="steps between state saves (default %(default)s)")
 
 
-def _train_config(a: argparse.Namespace):
-    from caproj.train import TrainConfig
-
+def _train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule,
                        label_smoothing=a.label_smoothing, weight_decay=a.weight_decay,
                        seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
@@ -315,15 +330,6 @@ def cmd_info(a: argparse.Namespace) -> None:
                   f"{lat.threads} threads)")
 
 
-def cmd_eval(a: argparse.Namespace) -> None:
-    from caproj.train import evaluate
-
-    data, model, meta = _data_and_model(a)
-    r = evaluate(model, data, a.batch_size)
-    print(f"{meta['arch']} on {data.name} test ({r['n']} images): top-1 {r['acc']:.2f} %  "
-          f"(loss {r['loss']:.4f})")
-
-
 def _data_and_model(a: argparse.Namespace):
     """The data and model of a job, checked against each other; model on the chosen device."""
     from caproj.data import load_data
@@ -340,22 +346,44 @@ def _data_and_model(a: argparse.Namespace):
 
 
 def _check_fits(model: torch.nn.Module, data) -> None:
-    from caproj.models import _guess_num_classes
+    from caproj.models import guess_num_classes
 
-    n = _guess_num_classes(model.state_dict())
+    n = guess_num_classes(model.state_dict())
     if n != data.num_classes:
         raise CaprojError(f"model has {n} outputs but data {data.name} has {data.num_classes} "
                           f"classes")
 
 
+def _batches(data, device: torch.device, batch_size: int, seed: int, calib_images: int = 0):
+    """caproj's data as the library's iterables: augmented training batches, unaugmented
+    calibration images (a fixed random subset), test batches."""
+    from caproj.data import Batches
+
+    train = Batches.train_of(data, batch_size, seed=seed, device=device)
+    calib = Batches.subset_of(data, calib_images, 250, seed=seed, device=device) \
+        if calib_images else None
+    return train, calib, Batches.test_of(data, 500, device=device)
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from caproj.api import evaluate
+    from caproj.data import Batches
+
+    data, model, meta = _data_and_model(a)
+    device = next(model.parameters()).device
+    r = evaluate(model, Batches.test_of(data, a.batch_size, device=device))
+    print(f"{meta['arch']} on {data.name} test ({r['n']} images): top-1 {r['acc']:.2f} %  "
+          f"(loss {r['loss']:.4f})")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from caproj.models import load_model, make_checkpoint
-    from caproj.train import config_dict, evaluate, train
+    from caproj.resume import Checkpointer, stop_on_signal
+    from caproj.train import evaluate, fit
     from caproj.utils import atomic_save, check_output_path, run_record
 
     check_output_path(a.out)
     cfg = _train_config(a)
-    cfg.validate()
     data, model, meta = _data_and_model(a)
     device = next(model.parameters()).device
     teacher = None
@@ -366,18 +394,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         teacher.to(device)
     elif a.teacher:
         raise CaprojError("--teacher is used only with --kd W (W > 0)")
-    from caproj.resume import Checkpointer, stop_on_signal
-
-    ck = Checkpointer(f"{a.out}.state.pt", {"train": config_dict(cfg), "data": data.describe(),
+    train_b, _, test_b = _batches(data, device, cfg.batch_size, a.seed)
+    ck = Checkpointer(f"{a.out}.state.pt", {"train": cfg.as_dict(), "data": data.describe(),
                                            "weights": str(a.weights), "teacher": a.teacher},
                       a.save_every, a.resume)
     with stop_on_signal():
-        hist = train(model, data, cfg, teacher=teacher, checkpoint=ck)
-    final = hist[-1] if hist else {f"test_{k}": v for k, v in evaluate(model, data).items()}
+        hist = fit(model, train_b, cfg, teacher=teacher, eval_data=test_b, checkpoint=ck)
+    final = hist[-1] if hist else {f"test_{k}": v for k, v in evaluate(model, test_b).items()}
     out = make_checkpoint(model.cpu(), meta["arch"], num_classes=data.num_classes,
                           in_channels=data.input_shape[0], input_shape=list(data.input_shape),
                           compressed=bool(meta.get("compressed")), data=data.describe(),
-                          train_config=config_dict(cfg), history=hist,
+                          train_config=cfg.as_dict(), history=hist,
                           metrics={"test_acc": final.get("test_acc")}, **run_record(a.seed))
     if dist.is_main():
         atomic_save(out, a.out)
@@ -385,16 +412,209 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"saved {a.out}: test acc {final.get('test_acc', float('nan')):.2f} %")
 
 
+def _cap_options(a: argparse.Namespace) -> dict[str, Any]:
+    return {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
+            "batch_size": a.cap_batch_size, "recon_weight": a.recon_weight, "relax": a.relax,
+            "kd": a.kd_weight, "bf16": False if a.no_bf16 else None}
+
+
+LATENCY = {"none": (), "fast": ("fold_bn_cl",), "full": None}
+CAP_FLAGS = {"lr": "--cap-lr", "weight_lr": "--cap-weight-lr", "batch_size": "--cap-batch-size",
+             "steps": "--cap-steps", "recon_weight": "--recon-weight", "kd": "--kd"}
+
+
+def cmd_compress(a: argparse.Namespace) -> None:
+    from caproj.api import compress, evaluate
+    from caproj.deploy import LATENCY_FORMS, latency_report
+    from caproj.models import make_checkpoint
+    from caproj.resume import stop_on_signal
+    from caproj.utils import atomic_save, check_output_path, run_record
+
+    check_output_path(a.out)
+    if a.report:
+        check_output_path(a.report)
+    try:  # check CaP's settings now, naming compress's own flags for them
+        CapConfig(calib_images=a.calib_images, steps=a.cap_steps, **_cap_options(a))
+    except CaprojError as e:
+        flag = CAP_FLAGS.get(e.param or "")
+        raise CaprojError(f"{flag}: {e}" if flag else str(e), e.param) from None
+    ft = _train_config(a)
+    data, model, meta = _data_and_model(a)
+    if meta.get("compressed"):
+        raise CaprojError(f"{a.weights} is already compressed; compress the original model")
+    device = next(model.parameters()).device
+    train_b, calib_b, test_b = _batches(data, device, ft.batch_size, a.seed, a.calib_images)
+    acc0 = evaluate(model, test_b)["acc"]
+    print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
+    with stop_on_signal():
+        res = compress(model, train_b, keep=a.keep, target_macs=a.target_macs,
+                       calib_data=calib_b, eval_data=test_b, calib_images=a.calib_images,
+                       steps=a.cap_steps, finetune=ft if ft.epochs > 0 else None, seed=a.seed,
+                       channel_multiple=a.channel_multiple, allocation=a.allocate,
+                       stream_projection=a.stream_projection, state_path=a.out,
+                       resume=a.resume, save_every=a.save_every, **_cap_options(a))
+    rep = res.report
+    rep["acc_before"] = acc0
+    rep["acc_after_cap"] = rep["acc_after_compress"]
+    if not dist.is_main():
+        return  # torchrun: rank 0 writes and measures
+    small = res.model.cpu()
+
+    def save() -> None:
+        ck = make_checkpoint(small, meta["arch"], num_classes=data.num_classes,
+                             in_channels=data.input_shape[0], input_shape=list(data.input_shape),
+                             compressed=True, data=data.describe(),
+                             train_config=ft.as_dict(),
+                             metrics={k: v for k, v in rep.items() if k != "cap_history"},
+                             cap_history=rep.get("cap_history"), **run_record(a.seed))
+        atomic_save(ck, a.out)
+
+    save()  # the result is safe before any optional measurement
+    forms = LATENCY[a.latency]
+    if forms != ():
+        fast = a.latency == "fast"
+        rep.update(latency_report(model.cpu(), small, data.input_shape, a.threads,
+                                  forms=LATENCY_FORMS if forms is None else forms,
+                                  rounds=(8, 4) if fast else (15, 8)))
+        save()  # again, with the latencies (atomic: the first file stays if this fails)
+    if a.report:
+        dump_json({"arch": meta["arch"], "data": data.describe(), **rep}, a.report)
+    print(format_report(rep))
+    print(f"saved {a.out}")
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    from caproj.deploy import LATENCY_FORMS
+
+    def row(name, before, after, fmt):
+        ratio = before / after if after else float("nan")
+        return f"  {name:22s} {fmt(before):>12s} {fmt(after):>12s}   {ratio:5.2f}x"
+
+    acc_final = rep.get("acc_after_finetune", rep["acc_after_cap"])
+    lines = [f"  {'':22s} {'original':>12s} {'compressed':>12s}   ratio",
+             f"  {'top-1 accuracy':22s} {rep['acc_before']:11.2f}% {acc_final:11.2f}%"
+             + (f"   (after CaP, before fine-tuning: {rep['acc_after_cap']:.2f} %)"
+                if "acc_after_finetune" in rep else ""),
+             row("MACs", rep["macs_before"], rep["macs_after"], lambda v: f"{v / 1e6:.2f} M"),
+             row("params", rep["params_before"], rep["params_after"], lambda v: f"{v / 1e6:.3f} M")]
+    for form in LATENCY_FORMS:
+        for b in (1, 64):
+            k = f"latency_{form}_b{b}"
+            if f"{k}_before_ms" in rep:
+                lines.append(f"  {f'latency {form} b{b}':22s} {rep[f'{k}_before_ms']:9.2f} ms "
+                             f"{rep[f'{k}_after_ms']:9.2f} ms   {rep[f'{k}_speedup']:5.2f}x")
+    if any(k.startswith("latency_") and k.endswith("_ms") for k in rep):
+        lines.append("  (latency: medians of interleaved rounds; ratio = median of per-round "
+                     "ratios)")
+    for note in rep.get("latency_notes", []):
+        lines.append(f"  latency form skipped: {note}")
+    return "\n".join(lines)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    """Train digits-cnn on scikit-learn's digits, then compress it to half its MACs with CaP,
+    all through the library API."""
+    from caproj.api import compress, evaluate, save
+    from caproj.data import load_data
+    from caproj.deploy import latency_report
+    from caproj.models import load_model
+    from caproj.train import fit
+    from caproj.utils import check_output_path, pick_device, seed_everything
+
+    if a.out:
+        check_output_path(a.out)
+    device = pick_device(a.device)
+    seed_everything(a.seed)
+    data = load_data("digits")
+    model, _ = load_model(None, "digits-cnn", data.num_classes, 1)
+    model.to(device)
+    print(f"digits: {len(data.train_y)} train / {len(data.test_y)} test images of 8x8")
+    train_b, calib_b, test_b = _batches(data, device, 64, a.seed, 1000)
+    logging.getLogger("caproj").setLevel(logging.WARNING)  # the demo prints its own summary
+    fit(model, train_b, TrainConfig(epochs=15, lr=0.05, batch_size=64, seed=a.seed),
+        eval_data=None)
+    acc = evaluate(model, test_b)["acc"]
+    print(f"trained digits-cnn: {acc:.2f} % test accuracy")
+    res = compress(model, train_b, target_macs=0.5, calib_data=calib_b, eval_data=test_b,
+                   calib_images=1000, steps=60, batch_size=64, log_every=0, seed=a.seed,
+                   finetune={"epochs": 5, "lr": 0.02, "batch_size": 64})
+    rep = res.report
+    rep["acc_before"] = acc
+    rep["acc_after_cap"] = rep["acc_after_compress"]
+    rep.update(latency_report(model.cpu(), res.model.cpu(), data.input_shape, a.threads,
+                              forms=("eager",)))
+    print(f"CaP to 50 % MACs ({len(res.sites)} sites, widths {res.widths}):")
+    print(format_report(rep))
+    if a.out:
+        save(res.model.cpu(), a.out, arch="digits-cnn", num_classes=10, in_channels=1,
+             input_shape=[1, 8, 8], data=data.describe(),
+             metrics={k: v for k, v in rep.items() if k != "cap_history"}, seed=a.seed)
+        print(f"saved {a.out}")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from caproj import bench
+
+    try:
+        targets = [float(t) for t in a.targets.split(",")]
+    except ValueError:
+        raise CaprojError(f"--targets must be comma-separated numbers, got {a.targets!r}") from None
+    for t in targets:
+        if not 0 < t <= 1:
+            raise CaprojError(f"--targets values must be in (0, 1], got {t}")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in methods:
+        bench.parse_method(m)  # unknown names fail before any work
+    out = Path(a.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CaprojError(f"--out-dir {out} exists and is not a directory")
+    ft = _train_config(a)
+    data, model, meta = _data_and_model(a)
+    cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0, kd=ft.kd_weight,
+                        bf16=False if a.no_bf16 else None)  # --kd: distil in CaP and FT alike
+    device = next(model.parameters()).device
+    train_b, calib_b, test_b = _batches(data, device, ft.batch_size, a.seed, cap_cfg.calib_images)
+    bench.run(model, train_b, calib_b, test_b, meta["arch"], methods, targets, ft, cap_cfg, out,
+              channel_multiple=a.channel_multiple)
+    print((out / "results.md").read_text())
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     """The written file is reloaded and checked against PyTorch before it appears."""
     from caproj import deploy
-    from caproj.models import _guess_num_classes, default_input_shape, load_model
+    from caproj.models import default_input_shape, guess_num_classes, load_model
 
     model, meta = load_model(a.weights, a.arch, a.num_classes)
     shape = a.input_size or tuple(meta.get("input_shape") or default_input_shape(meta["arch"]))
-    meta.setdefault("num_classes", _guess_num_classes(model.state_dict()))
+    meta.setdefault("num_classes", guess_num_classes(model.state_dict()))
     diff = deploy.export(model, a.format, a.out, shape, meta)
     print(f"wrote {a.out} ({a.format}, input {shape}); max abs diff to PyTorch {diff:.2e}")
+
+
+# The library names parameters; the CLI names the flags that set them.
+FLAGS = {"target_macs": "--target-macs", "keep": "--keep", "channel_multiple":
+         "--channel-multiple", "calib_images": "--calib-images", "allocation": "--allocate",
+         "stream_projection": "--stream-projection", "weight_lr": "--cap-weight-lr",
+         "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":
+         "--label-smoothing", "weight_decay": "--weight-decay", "max_steps": "--max-steps",
+         "image_size=N": "--image-size N", "image_size": "--image-size", "stream=True": "--stream",
+         "resume=True": "--resume", "out_dir": "--out-dir"}
+
+
+def translate(e: CaprojError) -> str:
+    """The library's message with parameter names replaced by this CLI's flags."""
+    msg = "; ".join(str(e).split("\n"))  # one line
+    for param, flag in FLAGS.items():
+        msg = re.sub(rf"(?<![\w-]){param}\b", flag, msg)
+    return msg
+
+
+class _Echo(logging.Handler):
+    """The library's log records, printed as plain lines (rank 0 only)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr if record.levelno >= logging.WARNING
+              else sys.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,23 +622,27 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress in logs
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    root = logging.getLogger("caproj")
+    handler = _Echo()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     handlers = {"info": cmd_info, "eval": cmd_eval, "train": cmd_train,
-                "compress": _lazy("cmd_compress"), "demo": _lazy("cmd_demo"),
-                "bench": _lazy("cmd_bench"), "export": cmd_export}
+                "compress": cmd_compress, "demo": cmd_demo, "bench": cmd_bench,
+                "export": cmd_export}
     t0 = time.perf_counter()
     try:
         _join_torchrun(args)
         handlers[args.cmd](args)
     except CaprojError as e:
         where = f" (rank {dist.rank()})" if dist.world() > 1 else ""
-        print(f"caproj: error{where}: {'; '.join(str(e).split(chr(10)))}",  # one line
-              file=sys.stderr)
+        print(f"caproj: error{where}: {translate(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("caproj: interrupted; no output written", file=sys.stderr)
         return 130
     finally:
         dist.shutdown()
+        root.removeHandler(handler)
     if args.cmd in ("train", "compress", "demo", "bench"):
         print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -438,14 +662,6 @@ def _join_torchrun(args: argparse.Namespace) -> None:
     dist.init_from_env(pick_device(args.device))
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
-
-
-def _lazy(name: str):
-    def run(a: argparse.Namespace) -> None:
-        from caproj import pipeline
-
-        getattr(pipeline, name)(a)
-    return run
 
 
 def dump_json(obj, path: str | Path) -> None:

@@ -1,15 +1,18 @@
-"""Which models caproj can compress: sites found, keep=1.0 exactness, MACs at half width.
+"""Which models caproj can compress.
 
-`check(name)` builds a torchvision classifier with random weights and non-trivial BatchNorm
-statistics, finds its sites and, if there are any, runs surgery with identity projections
-(keep=1.0) and compares the logits with the original's, then predicts the MACs when every site
-keeps half its channels. A model without sites is refused with the first layer and the pattern
-that stops it. scripts/torchvision_coverage.py turns this into the README's table; the tests run
-it on every supported model.
+- `run(arch)`: a real run through `caproj.compress`, as a user would: the model (random weights,
+  non-trivial BatchNorm statistics) is compressed at keep=1.0 and its logits compared with the
+  original's, then compressed to 50 % of its MACs with a short CaP optimisation, the result run
+  and its MACs counted. A model is refused up front (one line naming the layer and pattern) or
+  compresses; a crash at any stage is a row too, never an exception.
+  `scripts/coverage.py --zoo timm` writes the README's timm table from these runs.
+- `check(name)`: the earlier graph-level check of torchvision models (sites, identity surgery,
+  MACs predicted at half width), behind the README's torchvision table.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +101,70 @@ def _check(name: str, num_classes: int, seed: int) -> Coverage:
     half = predict_macs(mm, sites, widths_for_keep(sites, 0.5)) / mm.total
     return Coverage(name, size, len(sites), producers, exact, diff, half,
                     f"{n_skipped} producers are not sites" if n_skipped else "")
+
+
+@dataclass
+class RealRun:
+    model: str  # arch spec: tv:<name>, timm:<name>, or a zoo name
+    input_size: int
+    sites: int
+    producers: int  # Conv2d/Linear layers in the model
+    exact: bool | None  # keep=1.0 logits equal the original's (None: refused)
+    max_diff: float | None  # relative to the logits' scale
+    macs_reached: float | None  # MACs fraction of the model compressed for `target`
+    runs: bool | None  # that model's forward gives finite logits of the right shape
+    seconds: float
+    reason: str = ""
+
+
+def run(arch: str, input_size: int = SMALL, target: float = 0.5, steps: int = 2,
+        seed: int = 0) -> RealRun:
+    """One coverage row from real runs of `caproj.compress` (see the module docstring)."""
+    t0 = time.perf_counter()
+    try:
+        return _run(arch, input_size, target, steps, seed, t0)
+    except Exception as e:  # reported in the table and failed by the tests
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return RealRun(arch, input_size, 0, 0, False, None, None, False,
+                       time.perf_counter() - t0, f"crashed: {type(e).__name__}: {first}")
+
+
+def _run(arch: str, size: int, target: float, steps: int, seed: int, t0: float) -> RealRun:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from caproj.api import compress
+    from caproj.models import build_model
+    from caproj.sites import PRODUCERS, find_sites
+
+    torch.manual_seed(seed)
+    model = randomise_bn(build_model(arch, num_classes=1000))
+    producers = sum(isinstance(m, PRODUCERS) for m in model.modules())
+    g = torch.Generator().manual_seed(seed)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, size, size, generator=g),
+                                    torch.randint(0, 1000, (8,), generator=g)), batch_size=4)
+    x = torch.randn(2, 3, size, size, generator=g)
+    try:
+        same = compress(model, data, keep=1.0, steps=0, calib_images=8, progress=False)
+    except CaprojError as e:
+        return RealRun(arch, size, 0, producers, None, None, None, None,
+                       time.perf_counter() - t0, str(e))
+    n_sites = len(same.sites)
+    with torch.no_grad():
+        ref = model(x)
+        diff = ((same.model(x) - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+    reason = ""
+    n_skipped = len(find_sites(model).skipped)
+    if n_skipped:
+        reason = f"{n_skipped} producers are not sites"
+    try:
+        res = compress(model, data, target_macs=target, steps=steps, calib_images=8,
+                       batch_size=4, progress=False)
+    except CaprojError as e:
+        return RealRun(arch, size, n_sites, producers, diff <= 1e-4, diff, None, None,
+                       time.perf_counter() - t0, f"{target:g} MACs: {e}")
+    with torch.no_grad():
+        out = res.model(x)
+    ok = tuple(out.shape) == tuple(ref.shape) and bool(torch.isfinite(out).all())
+    reached = res.report["macs_after"] / res.report["macs_before"]
+    return RealRun(arch, size, n_sites, producers, diff <= 1e-4, diff, reached, ok,
+                   time.perf_counter() - t0, reason)

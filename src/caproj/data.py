@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from caproj import dist
 from caproj.errors import CaprojError
-from caproj.stream import IMAGENET_MEAN, IMAGENET_STD, Stream, _Images, _one_line
+from caproj.stream import IMAGENET_MEAN, IMAGENET_STD, Images, Stream, one_line
 from caproj.utils import atomic_save
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -131,7 +131,7 @@ def _cifar10() -> Splits:
     except Exception as e:  # URLError, socket errors, checksum failures
         raise CaprojError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: "
                           f"{str(e)[:120]}); offline? pass a local ImageFolder directory or "
-                          f"archive with --data instead") from None
+                          f"archive as the data spec instead") from None
 
     def conv(ds: torchvision.datasets.CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
@@ -243,14 +243,14 @@ def _read_folder_tree(tree: _FsTree | _ArchiveTree, image_size: int | None, spec
         shapes = {x.shape for x in xs}
         if len(shapes) > 1:
             raise CaprojError(f"{spec}: images in {split}/ have different sizes "
-                              f"({sorted(shapes)[:3]}...); pass --image-size N to resize, "
-                              f"or --stream for data too big for memory")
+                              f"({sorted(shapes)[:3]}...); pass image_size=N to resize, "
+                              f"or stream=True for data too big for memory")
         out.append((torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
                     torch.tensor(ys, dtype=torch.int64)))
     (trx, tr_y), (tex, te_y) = out
     if trx.shape[1:] != tex.shape[1:]:
         raise CaprojError(f"{spec}: train images are {tuple(trx.shape[1:])}, "
-                          f"{test_name} images {tuple(tex.shape[1:])}; pass --image-size N")
+                          f"{test_name} images {tuple(tex.shape[1:])}; pass image_size=N")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if trx.shape[1] == 3 else ((0.5,), (0.5,))
     pad = 4 if trx.shape[-1] <= 64 else 0  # CIFAR-style crop padding for small images
     return Splits(Path(spec).name, trx, tr_y, tex, te_y, classes, mean, std, crop_padding=pad)
@@ -404,7 +404,7 @@ class StreamBatches(Batches):
                  shard: bool = False) -> None:
         self._setup(len(samples), batch_size, stream.mean, stream.std, train, seed, device,
                     drop_last, channels_last)
-        self.images = _Images(samples, stream.transform(train), seed)
+        self.images = Images(samples, stream.transform(train), seed)
         self.workers = stream.workers
         self.sharded = shard and dist.world() > 1  # callers must not shard again
 
@@ -436,6 +436,6 @@ class StreamBatches(Batches):
             except StopIteration:
                 return
             except CaprojError as e:
-                raise CaprojError(_one_line(e)) from None
+                raise CaprojError(one_line(e)) from None
             yield (self.normalise(xb.to(self.device, non_blocking=True)),
                    yb.to(self.device, non_blocking=True))

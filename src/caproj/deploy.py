@@ -17,7 +17,7 @@ are compared (benchmarks/latency.py measures them all):
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from caproj import metrics
 from caproj.errors import CaprojError
+
+log = logging.getLogger(__name__)
 
 FORMS = ("eager", "fold_bn", "fold_bn_cl", "freeze", "inductor", "onnxruntime")
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors", "pt2")
@@ -185,17 +188,11 @@ def _torchscript(model, shape, tmp, meta, x) -> torch.Tensor:
 
 
 def _safetensors(model, shape, tmp, meta, x) -> torch.Tensor:
-    from caproj.models import CHECKPOINT_FORMAT, load_model
+    from caproj.models import CHECKPOINT_FORMAT, load_model, write_safetensors
 
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise CaprojError("safetensors export needs safetensors: pip install -e '.[export]'") \
-            from None
     header = {**meta, "format": CHECKPOINT_FORMAT, "input_shape": list(shape)}
     header.pop("state_dict", None)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, tmp, metadata={"caproj": json.dumps(header, default=str)})
+    write_safetensors(model.state_dict(), tmp, header)
     return load_model(tmp)[0](x)
 
 
@@ -208,3 +205,38 @@ def _pt2(model, shape, tmp, meta, x) -> torch.Tensor:
 
 _WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "safetensors": _safetensors,
             "pt2": _pt2}
+
+
+# ----------------------------------------------------------------------------- latency report
+LATENCY_FORMS = ("eager", "fold_bn_cl", "inductor", "onnxruntime")
+
+
+def latency_report(orig: nn.Module, small: nn.Module, shape: tuple[int, ...],
+                   threads: int | None = None, forms: tuple[str, ...] = LATENCY_FORMS,
+                   batches: tuple[int, ...] = (1, 64), rounds: tuple[int, int] = (15, 8)
+                   ) -> dict[str, Any]:
+    """Original vs compressed in each inference form, interleaved in the same run
+    (metrics.compare_latency). An optional measurement: a form that cannot be built or run
+    here (no onnxruntime, no C++ compiler, an op the exporter refuses) is skipped with a
+    one-line note in `latency_notes`, never an exception."""
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    with metrics.threads(threads):  # set before runtime sessions (onnxruntime) are created
+        for form in forms:
+            try:
+                o, s = (for_inference(m, form, shape) for m in (orig, small))
+                for b in batches:
+                    r = metrics.compare_latency({"before": o, "after": s}, shape, b,
+                                                rounds=rounds[0] if b == 1 else rounds[1])
+                    key = f"latency_{form}_b{b}"
+                    out[f"{key}_before_ms"] = r["before"]["median_ms"]
+                    out[f"{key}_after_ms"] = r["after"]["median_ms"]
+                    out[f"{key}_speedup"] = r["after"]["speedup"]
+            except Exception as e:  # noqa: BLE001  (any failure of an optional form)
+                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else \
+                    type(e).__name__
+                notes.append(f"{form}: {msg}")
+                log.warning("latency form %s skipped: %s", form, msg)
+    if notes:
+        out["latency_notes"] = notes
+    return out

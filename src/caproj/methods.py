@@ -1,36 +1,111 @@
-"""Compression methods over the same sites, for side-by-side comparison with CaP.
+"""Compression methods as plug-ins over the same sites.
 
-Every channel method decides, per site, a c x c' matrix P and (optionally) refitted consumer
-weights; `surgery.apply` then builds the physically narrower network, exactly as for CaP:
+A method is any callable `method(job) -> nn.Module` with a `name` (the `Method` protocol): it
+gets a `Job` (the model, the planned sites and widths, calibration images, the training
+batches, the CaP settings) and returns the compressed network, built by `surgery` exactly as
+for CaP. `register_method(name, method)` adds one to the registry that `caproj.compress(method=
+...)`, the CLI and the benchmark read. A channel-scoring function `score(model, site) -> tensor
+of site.channels scores (higher = keep)` becomes a method with `Selection(score)`.
+
+Registered:
+- `cap`: Cascaded Projection, the full method (caproj.cap);
+- `cp`: channel selection + cascaded least-squares reconstruction of the next layer (He et
+  al., ICCV 2017); selection by post-nonlinearity energy x consumer weight norm;
+- `pca`: PCA projection without optimisation (the CaP ablation);
 - `l1`: keep the filters with the largest L1 norm (Li et al., ICLR 2017);
 - `fpgm`: drop the filters closest to the geometric median of the layer (He et al., CVPR 2019);
-- `taylor`: first-order Taylor importance of each channel, (sum of grad x BN weight + grad x BN
-  bias)^2 over calibration batches (Molchanov et al., CVPR 2019);
-- `cp`: channel selection + cascaded least-squares reconstruction of the next layer (He et al.,
-  ICCV 2017, "CP"); selection by post-nonlinearity energy x consumer weight norm;
-- `pca`: PCA projection without optimisation (the CaP ablation);
-- `cap`: the full method (caproj.cap).
-`svd` is the factorisation family CaP argues against: each conv of a site becomes a k x k conv
-with r filters followed by a 1x1 conv (weight SVD), which adds a layer and activation memory.
+- `taylor`: first-order Taylor importance of each channel, (sum of grad x activation)^2 over
+  training batches (Molchanov et al., CVPR 2019); without labels, the original's own top-1
+  stands in for the label;
+- `svd`: the factorisation family CaP argues against: each conv of a site becomes a k x k conv
+  with r filters followed by a 1x1 conv (weight SVD), which adds a layer and activation memory;
+- `tp-l2`: Torch-Pruning (DepGraph, CVPR 2023) group-L2 importance, our channel counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from caproj import batches as B
 from caproj import projection, surgery
-from caproj.budget import MacModel
-from caproj.cap import CaP, CapConfig, calibration_images
-from caproj.data import Batches, Data
+from caproj.budget import solve
+from caproj.cap import CaP
+from caproj.config import CapConfig
 from caproj.errors import CaprojError
-from caproj.models import set_submodule
+from caproj.plan import Plan
+from caproj.resume import Checkpointer
 from caproj.sites import Site
+from caproj.train import LossFn, OutputTransform, outputs_of
 
 
+@dataclass
+class Job:
+    """What a method compresses and with what. `report` collects what the method measured."""
+
+    model: nn.Module
+    plan: Plan
+    calib: list[torch.Tensor]  # calibration inputs (the first calib_images images, as given)
+    data: Iterable | None = None  # training batches (CaP's optimisation, Taylor gradients)
+    config: CapConfig = field(default_factory=CapConfig)
+    loss_fn: LossFn | None = None
+    output_transform: OutputTransform | None = None
+    teacher: nn.Module | None = None
+    checkpoint: Checkpointer | None = None
+    progress: bool = True
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[Site]:
+        return self.plan.sites
+
+    @property
+    def widths(self) -> list[int]:
+        assert self.plan.widths is not None
+        return self.plan.widths
+
+    @property
+    def example_inputs(self) -> torch.Tensor:
+        return self.calib[0][:1]
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+
+    def __call__(self, job: Job) -> nn.Module: ...
+
+
+# ----------------------------------------------------------------------------- CaP family
+@dataclass
+class CaPMethod:
+    """CaP with settings fixed on top of the job's (cp and pca are CaP without optimisation)."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, job: Job) -> nn.Module:
+        cap = CaP(job.model, job.example_inputs, sites=job.sites, widths=job.widths,
+                  config=job.config.replace(**self.overrides), loss_fn=job.loss_fn,
+                  output_transform=job.output_transform, teacher=job.teacher,
+                  progress=job.progress)
+        ck = job.checkpoint
+        if ck is not None:
+            ck.fingerprint = Checkpointer.encode(cap.fingerprint())
+        small = cap.run(job.data if job.data is not None else job.calib, job.calib, ck)
+        job.report.update(cap_timings=cap.timings, cap_history=cap.history,
+                          cap_config=cap.config(), label_free=cap.label_free,
+                          orthonormality_error=cap.max_orthonormality_error())
+        return small
+
+
+# ----------------------------------------------------------------------------- selection
 def producer_filters(model: nn.Module, site: Site) -> torch.Tensor:
     w = dict(model.named_modules())[site.producer].weight.detach()
     return w.reshape(w.shape[0], -1)
@@ -46,9 +121,38 @@ def fpgm_scores(model: nn.Module, site: Site) -> torch.Tensor:
     return torch.cdist(w, w).sum(1)
 
 
-def taylor_scores(model: nn.Module, sites: list[Site], splits: Data, batches: int = 16,
-                  batch_size: int = 64, seed: int = 0) -> list[torch.Tensor]:
-    """Molchanov et al. 2019, on the BN after each producer (or its output if no BN)."""
+def selection(scores: list[torch.Tensor], sites: list[Site], widths: list[int]
+              ) -> list[torch.Tensor]:
+    """Per site: the columns of the identity of its top-`width` channels (P of a pruning)."""
+    return [torch.eye(s.channels, device=sc.device) if k == s.channels
+            else projection.init_select(sc, k) for sc, s, k in zip(scores, sites, widths,
+                                                                   strict=True)]
+
+
+@dataclass
+class Selection:
+    """Channel pruning by a score: keep each site's `width` highest-scoring channels.
+    `score(model, site)` returns one number per channel of `site` (higher = keep)."""
+
+    score: Callable[[nn.Module, Site], torch.Tensor]
+    name: str = "selection"
+
+    def __call__(self, job: Job) -> nn.Module:
+        scores = []
+        for s in job.sites:
+            sc = torch.as_tensor(self.score(job.model, s)).detach().float().flatten()
+            if sc.numel() != s.channels or not torch.isfinite(sc).all():
+                raise CaprojError(f"score for {s.producer} must be {s.channels} finite numbers, "
+                                  f"got {sc.numel()}", param="method")
+            scores.append(sc.to(job.calib[0].device))
+        return surgery.apply(job.model, job.sites, selection(scores, job.sites, job.widths),
+                             calib=job.calib)
+
+
+def taylor_scores(model: nn.Module, sites: list[Site], data: Iterable, batches: int = 16,
+                  output_transform: OutputTransform | None = None) -> list[torch.Tensor]:
+    """Molchanov et al. 2019, on the BN after each producer (or its output if no BN), over the
+    first `batches` batches of `data` (labels, or the model's own top-1 where there are none)."""
     mods = dict(model.named_modules())
     device = next(model.parameters()).device
     scores = [torch.zeros(s.channels, device=device) for s in sites]
@@ -63,14 +167,16 @@ def taylor_scores(model: nn.Module, sites: list[Site], splits: Data, batches: in
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(True)
-    data = Batches.train_of(splits, batch_size, seed=seed, device=device)
+    B.set_epoch(data, 0)
     try:
-        for n, (x, y) in enumerate(data):
+        for n, (x, y) in enumerate(B.iterate(data, device)):
             if n == batches:
                 break
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                F.cross_entropy(model(x), y).backward()
+                out = outputs_of(model, x, output_transform)
+                target = y if y is not None else out.detach().argmax(1)
+                F.cross_entropy(out, target).backward()
             for i in range(len(sites)):
                 t = taps[i]
                 # d loss / d(channel gate) = sum over positions of grad * activation
@@ -85,27 +191,14 @@ def taylor_scores(model: nn.Module, sites: list[Site], splits: Data, batches: in
     return scores
 
 
-def _selection(scores: list[torch.Tensor], sites: list[Site], widths: list[int]
-               ) -> list[torch.Tensor]:
-    return [torch.eye(s.channels, device=sc.device) if k == s.channels
-            else projection.init_select(sc, k) for sc, s, k in zip(scores, sites, widths,
-                                                                   strict=True)]
+class Taylor:
+    name = "taylor"
 
-
-def prune(model: nn.Module, sites: list[Site], widths: list[int], method: str,
-          splits: Data, calib_images: int = 2000, seed: int = 0) -> nn.Module:
-    """A selection method's compressed network (no fine-tuning)."""
-    device = next(model.parameters()).device
-    calib = calibration_images(splits, calib_images, device, seed=seed)
-    if method == "l1":
-        scores = [l1_scores(model, s) for s in sites]
-    elif method == "fpgm":
-        scores = [fpgm_scores(model, s) for s in sites]
-    elif method == "taylor":
-        scores = taylor_scores(model, sites, splits, seed=seed)
-    else:
-        raise CaprojError(f"unknown pruning method {method!r}")
-    return surgery.apply(model, sites, _selection(scores, sites, widths), calib=calib)
+    def __call__(self, job: Job) -> nn.Module:
+        scores = taylor_scores(job.model, job.sites, job.data if job.data is not None
+                               else job.calib, output_transform=job.output_transform)
+        return surgery.apply(job.model, job.sites, selection(scores, job.sites, job.widths),
+                             calib=job.calib)
 
 
 # ----------------------------------------------------------------------------- factorisation
@@ -135,9 +228,9 @@ def svd_layers(sites: list[Site], model: nn.Module) -> list[str]:
     return names
 
 
-def svd_ranks(mm: MacModel, model: nn.Module, layers: list[str], target: float) -> list[int]:
-    """One rank fraction for all layers solved by bisection, then single ranks added greedily,
-    so the factorised model has `target` MACs within 1 %."""
+def svd_ranks(mm, model: nn.Module, layers: list[str], target: float) -> list[int]:
+    """Ranks for `layers` so the factorised model has `target` MACs within 1 % (`solve`: one
+    rank fraction for all layers, then single ranks to the least-kept layer first)."""
     mods = dict(model.named_modules())
     info = []  # (full rank, MACs per unit of rank, original MACs)
     for n in layers:
@@ -151,39 +244,29 @@ def svd_ranks(mm: MacModel, model: nn.Module, layers: list[str], target: float) 
         return mm.total + sum(r * per - orig for r, (_, per, orig) in zip(ranks, info,
                                                                           strict=True))
 
-    def uniform(frac: float) -> list[int]:
-        return [max(1, round(frac * full)) for full, _, _ in info]
-
-    goal = target * mm.total
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if macs(uniform(mid)) <= goal else (lo, mid)
-    ranks = uniform(lo)
-    grown = True
-    while grown:
-        grown = False
-        for i in sorted(range(len(ranks)), key=lambda i: ranks[i] / info[i][0]):
-            if ranks[i] < info[i][0] and macs(ranks) + info[i][1] <= goal:
-                ranks[i] += 1
-                grown = True
-                break
-    if abs(macs(ranks) / mm.total - target) > 0.01 * target:
-        raise CaprojError(f"svd cannot reach target-macs {target} within 1 % "
-                          f"(closest {macs(ranks) / mm.total:.4f})")
-    return ranks
+    return solve([full for full, _, _ in info], macs, target * mm.total,
+                 what=f"target_macs {target:g} (svd)")
 
 
-def factorise(model: nn.Module, sites: list[Site], mm: MacModel, target: float) -> nn.Module:
-    import copy
-
+def factorise(model: nn.Module, sites: list[Site], mm, target: float) -> nn.Module:
     layers = svd_layers(sites, model)
     ranks = svd_ranks(mm, model, layers, target)
     out = copy.deepcopy(model).eval()
     mods = dict(out.named_modules())
     for n, r in zip(layers, ranks, strict=True):
-        set_submodule(out, n, svd_factorise(mods[n], r))  # type: ignore[arg-type]
+        surgery.set_submodule(out, n, svd_factorise(mods[n], r))  # type: ignore[arg-type]
     return out
+
+
+class SVD:
+    name = "svd"
+    uses_widths = False  # ranks of its own, for the same MACs target
+
+    def __call__(self, job: Job) -> nn.Module:
+        if job.plan.target_macs is None:
+            raise CaprojError("svd factorises to a target_macs budget; keep/widths do not "
+                              "apply", param="target_macs")
+        return factorise(job.model, job.sites, job.plan.mm, job.plan.target_macs)
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning
@@ -191,8 +274,6 @@ def torch_pruning_l2(model: nn.Module, sites: list[Site], widths: list[int],
                      input_shape: tuple[int, ...]) -> nn.Module:
     """Torch-Pruning (DepGraph, CVPR 2023) group-L2 importance on the same sites and widths:
     its own dependency graph and importance, our channel counts (so MACs match exactly)."""
-    import copy
-
     try:
         import torch_pruning as tp
     except ImportError:
@@ -216,36 +297,46 @@ def torch_pruning_l2(model: nn.Module, sites: list[Site], widths: list[int],
     return out
 
 
+class TorchPruningL2:
+    name = "tp-l2"
+
+    def __call__(self, job: Job) -> nn.Module:
+        return torch_pruning_l2(job.model, job.sites, job.widths, job.plan.input_shape)
+
+
 # ----------------------------------------------------------------------------- registry
-METHODS = ("cap", "cp", "pca", "l1", "fpgm", "taylor", "svd", "tp-l2")
-# CaP beyond the paper, for the bench: +stream projects the residual streams too, +auto
-# chooses per-site widths (caproj.allocate) instead of one uniform ratio.
-CAP_VARIANTS = ("cap+stream", "cap+auto", "cap+stream+auto")
+METHODS: dict[str, Method] = {}
 
 
-def check_methods(methods: list[str]) -> None:
-    for m in methods:
-        if m not in METHODS + CAP_VARIANTS:
-            raise CaprojError(f"unknown method {m!r}; choose from "
-                              f"{', '.join(METHODS + CAP_VARIANTS)}")
+def register_method(name: str, method: Method, *, replace: bool = False) -> None:
+    """Make `method` available as `caproj.compress(..., method=name)` and in the benchmark."""
+    if not callable(method):
+        raise CaprojError(f"method {name!r} must be callable as method(job)", param="method")
+    if name in METHODS and not replace:
+        raise CaprojError(f"method {name!r} is already registered (pass replace=True)",
+                          param="method")
+    METHODS[name] = method
 
 
-def run_method(method: str, model: nn.Module, sites: list[Site], widths: list[int],
-               splits: Data, mm: MacModel, target: float, cap_cfg: CapConfig | None = None,
-               log: Callable[[str], None] = print) -> nn.Module:
-    """The compressed network of `method` at these widths (or, for svd, at MACs `target`)."""
-    if method == "cap":
-        return CaP(model, sites, widths, cap_cfg or CapConfig(), log=log).run(splits)
-    if method == "cp":
-        cfg = CapConfig(init="select", refit=True, steps=0)
-        return CaP(model, sites, widths, cfg, log=log).run(splits)
-    if method == "pca":
-        cfg = CapConfig(init="pca", refit=False, steps=0)
-        return CaP(model, sites, widths, cfg, log=log).run(splits)
-    if method in ("l1", "fpgm", "taylor"):
-        return prune(model, sites, widths, method, splits)
-    if method == "svd":
-        return factorise(model, sites, mm, target)
-    if method == "tp-l2":
-        return torch_pruning_l2(model, sites, widths, splits.input_shape)
-    raise CaprojError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+def get_method(method: str | Method) -> Method:
+    """A registered method by name, or `method` itself if it is a callable plug-in."""
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise CaprojError(f"unknown method {method!r}; choose from {', '.join(METHODS)}",
+                              param="method")
+        return METHODS[method]
+    if callable(method):
+        return method
+    raise CaprojError(f"method must be a name or a callable, got {type(method).__name__}",
+                      param="method")
+
+
+def method_name(method: str | Method) -> str:
+    return method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+
+
+for _m in (CaPMethod("cap"), CaPMethod("cp", {"init": "select", "refit": True, "steps": 0}),
+           CaPMethod("pca", {"init": "pca", "refit": False, "steps": 0}),
+           Selection(l1_scores, "l1"), Selection(fpgm_scores, "fpgm"), Taylor(), SVD(),
+           TorchPruningL2()):
+    register_method(_m.name, _m)

@@ -5,7 +5,8 @@ Plain nn.Modules in the style of torchvision's model files:
   parameter names as akamaster/pytorch_resnet_cifar10 so its checkpoints load directly;
 - CIFAR VGG-16-BN;
 - `digits-cnn`, the small network of `caproj demo`;
-- any torchvision classification model as `tv:<name>` (e.g. `tv:resnet18`).
+- any torchvision classification model as `tv:<name>` (e.g. `tv:resnet18`);
+- any timm model as `timm:<name>` (e.g. `timm:resnet18d`; needs the timm package).
 
 Checkpoints: `read_checkpoint` accepts `{"state_dict": {...}}` (with or without DataParallel's
 `module.` prefix), a plain state_dict, or caproj's own format (architecture and, for compressed
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caproj.errors import CaprojError
+from caproj.surgery import resize_to_state_dict
 
 CHECKPOINT_FORMAT = "caproj-checkpoint-v1"
 
@@ -175,11 +177,11 @@ DEFAULT_INPUT = {"digits-cnn": (1, 8, 8)}
 def default_input_shape(arch: str) -> tuple[int, int, int]:
     if arch in DEFAULT_INPUT:
         return DEFAULT_INPUT[arch]
-    return (3, 224, 224) if arch.startswith("tv:") else (3, 32, 32)
+    return (3, 224, 224) if arch.startswith(("tv:", "timm:")) else (3, 32, 32)
 
 
 def list_archs() -> list[str]:
-    return sorted(ARCHS) + ["tv:<torchvision model name>"]
+    return sorted(ARCHS) + ["tv:<torchvision model name>", "timm:<timm model name>"]
 
 
 def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
@@ -195,6 +197,16 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None
         if in_channels not in (None, 3):
             raise CaprojError(f"{arch} takes 3 input channels, data has {in_channels}")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise CaprojError(f"{arch} needs the timm package: pip install timm") from None
+        name = arch[5:]
+        if name not in timm.list_models():
+            raise CaprojError(f"unknown timm model {name!r} (see timm.list_models())")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 in_chans=in_channels or 3)
     if arch not in ARCHS:
         raise CaprojError(f"unknown architecture {arch!r}; choose one of: "
                           f"{', '.join(list_archs())}")
@@ -259,6 +271,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return {"state_dict": sd}
 
 
+def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights with NaN/Inf, naming the first bad tensor (they would only surface later as
+    a diverging loss with a misleading hint)."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise CaprojError(f"checkpoint {where}: tensor {k!r} has {bad} non-finite "
+                              f"value(s) (NaN/Inf)")
+
+
 def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -> None:
     """Raise a one-line error naming the first key/shape that does not fit `model`."""
     own = model.state_dict()
@@ -276,36 +298,6 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], arch: str) -
             raise CaprojError(f"checkpoint does not fit {arch}: unexpected key {k!r}")
 
 
-def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Replace Conv2d/Linear/BatchNorm2d modules whose stored shapes are narrower (compressed
-    checkpoints keep the original module names, only widths change)."""
-    for name, m in list(model.named_modules()):
-        w = sd.get(f"{name}.weight")
-        if w is None:
-            continue
-        has_bias = f"{name}.bias" in sd
-        new: nn.Module | None = None
-        if isinstance(m, nn.Conv2d) and (tuple(w.shape) != tuple(m.weight.shape)
-                                         or has_bias != (m.bias is not None)):
-            new = nn.Conv2d(w.shape[1] * m.groups, w.shape[0], m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, bias=has_bias)
-        elif isinstance(m, nn.Linear) and (tuple(w.shape) != tuple(m.weight.shape)
-                                           or has_bias != (m.bias is not None)):
-            new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and w.shape[0] != m.num_features:
-            new = type(m)(w.shape[0], m.eps, m.momentum)
-        elif hasattr(m, "channel_map") and (m.weight is None or m.weight.shape != w.shape):
-            m.weight = nn.Parameter(torch.empty_like(w))  # a projected fixed channel map
-        if new is not None:
-            set_submodule(model, name, new.to(w.device))
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def load_model(weights: str | os.PathLike | None, arch: str | None = None,
                num_classes: int | None = None, in_channels: int | None = None
                ) -> tuple[nn.Module, dict[str, Any]]:
@@ -314,7 +306,7 @@ def load_model(weights: str | os.PathLike | None, arch: str | None = None,
     meta: dict[str, Any] = {}
     if weights is None:
         if arch is None:
-            raise CaprojError("give --arch (and optionally --weights)")
+            raise CaprojError("give arch (and optionally weights)", param="arch")
         model = build_model(arch, num_classes or 10, in_channels)
         return model.eval(), {"arch": arch}
     ck = read_checkpoint(weights)
@@ -327,9 +319,12 @@ def load_model(weights: str | os.PathLike | None, arch: str | None = None,
         num_classes = num_classes or meta.get("num_classes")
         in_channels = in_channels or meta.get("in_channels")
     if arch is None:
-        raise CaprojError(f"checkpoint {weights} does not name its architecture; pass --arch")
+        raise CaprojError(f"checkpoint {weights} does not name its architecture; pass arch "
+                          f"(or load it into your own model: caproj.load(path, model=...))",
+                          param="arch")
+    check_finite(sd, str(weights))
     if num_classes is None:
-        num_classes = _guess_num_classes(sd)
+        num_classes = guess_num_classes(sd)
     model = build_model(arch, num_classes, in_channels)
     if meta.get("compressed"):
         resize_to_state_dict(model, sd)
@@ -339,10 +334,23 @@ def load_model(weights: str | os.PathLike | None, arch: str | None = None,
     return model.eval(), meta
 
 
-def _guess_num_classes(sd: dict[str, torch.Tensor]) -> int:
+def guess_num_classes(sd: dict[str, torch.Tensor]) -> int:
     """The last 2-D weight in a state_dict is the classifier's (true for every model here)."""
     last = [v for k, v in sd.items() if k.endswith("weight") and v.dim() == 2]
     return int(last[-1].shape[0]) if last else 10
+
+
+def write_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike,
+                      header: dict[str, Any]) -> None:
+    """Tensors plus caproj's metadata (JSON in the header's "caproj" entry) as safetensors."""
+    import json
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CaprojError("safetensors files need: pip install safetensors") from None
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(path),
+              metadata={"caproj": json.dumps(header, default=str)})
 
 
 def make_checkpoint(model: nn.Module, arch: str, **meta: Any) -> dict[str, Any]:

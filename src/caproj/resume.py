@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from caproj import dist
 from caproj.errors import CaprojError
 from caproj.utils import atomic_save
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(CaprojError):
@@ -88,23 +91,28 @@ class Checkpointer:
     """State file of one loop. `path=None` disables it (library use without resume)."""
 
     def __init__(self, path: str | Path | None, fingerprint: dict[str, Any], every: int = 50,
-                 resume: bool = False, log: Callable[[str], None] = print) -> None:
+                 resume: bool = False) -> None:
         if every < 1:
             raise CaprojError(f"checkpoint interval must be >= 1 step, got {every}")
         self.path = Path(path) if path is not None else None
-        self.fingerprint = json.dumps(fingerprint, sort_keys=True, default=str)
-        self.every, self.resume, self.log = every, resume, log
+        self.fingerprint = self.encode(fingerprint)
+        self.every, self.resume = every, resume
         self._stopping = False  # set by `due` when any rank got a stop signal
+
+    @staticmethod
+    def encode(fingerprint: dict[str, Any]) -> str:
+        """The settings a state file must match, as the stable text it is compared by."""
+        return json.dumps(fingerprint, sort_keys=True, default=str)
 
     def load(self) -> dict[str, Any] | None:
         """The saved state if resuming and one exists (checked against this run's settings)."""
         if self.path is None or not self.path.is_file():
             if self.resume and self.path is not None:
-                self.log(f"no state at {self.path}: starting from the beginning")
+                log.info("no state at %s: starting from the beginning", self.path)
             return None
         if not self.resume:
-            self.log(f"found {self.path} from an interrupted run; starting over "
-                     f"(pass --resume to continue it)")
+            log.warning("found %s from an interrupted run; starting over (resume=True "
+                        "continues it)", self.path)
             return None
         try:
             st = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -115,7 +123,7 @@ class Checkpointer:
         if not isinstance(st, dict) or st.get("fingerprint") != self.fingerprint:
             raise CaprojError(f"state file {self.path} was written by a run with other "
                               f"settings; rerun with the same options or delete it")
-        self.log(f"resuming from {self.path} at step {st['step']}")
+        log.info("resuming from %s at step %s", self.path, st["step"])
         return st
 
     def due(self, step: int) -> bool:
@@ -130,12 +138,11 @@ class Checkpointer:
         if self.path is None:
             return
         if dist.is_main():
-            atomic_save({"fingerprint": self.fingerprint, "step": step, **state}, self.path)
+            atomic_save({**state, "fingerprint": self.fingerprint, "step": step}, self.path)
         if self._stopping or stop_requested() is not None:
             sig = stop_requested() or signal.SIGTERM
             raise Interrupted(f"stopped by {signal.Signals(sig).name} after step {step}; state "
-                              f"saved to {self.path}; rerun the same command with --resume",
-                              sig)
+                              f"saved to {self.path}; rerun the same command with resume=True", sig)
 
     def finish(self) -> None:
         if self.path is not None and dist.is_main() and self.path.exists():

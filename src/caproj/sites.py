@@ -94,10 +94,33 @@ class SiteReport:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps modules with a fixed `channel_map` (option-A shortcuts) as single graph nodes."""
+    """Keeps modules with a fixed `channel_map` (option-A shortcuts) and every BatchNorm
+    subclass (timm's BatchNormAct2d: BN + activation in one module) as single graph nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return hasattr(m, "channel_map") or super().is_leaf_module(m, qualname)
+        return hasattr(m, "channel_map") or isinstance(m, nn.modules.batchnorm._BatchNorm) \
+            or super().is_leaf_module(m, qualname)
+
+
+def _fused_act(m: nn.Module) -> nn.Module | None:
+    """The activation a BN subclass applies after normalising (timm's BatchNormAct2d), if any
+    that is not the identity."""
+    act = getattr(m, "act", None)
+    drop = getattr(m, "drop", None)
+    extra = [a for a in (act, drop) if isinstance(a, nn.Module) and not isinstance(
+        a, (nn.Identity, nn.Dropout, nn.Dropout2d))]
+    return extra[0] if extra else None
+
+
+def _bn_ok(m: nn.Module) -> bool:
+    """A BN a site may fold: plain, or followed inside the module by a channel-wise activation
+    (per-channel parameters such as PReLU(c) would have to be projected too)."""
+    act = _fused_act(m)
+    if act is None:
+        return True
+    if isinstance(act, nn.PReLU) and act.num_parameters != 1:
+        return False
+    return isinstance(act, CHANNELWISE_MODULES)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -192,6 +215,8 @@ def _stream_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict
                 if not isinstance(sm, PRODUCERS) or len(src.users) != 1 or \
                         calls[str(src.target)] != 1 or calls[str(n.target)] != 1:
                     problem = f"{n.target} normalises the stream itself (pre-activation)"
+                elif _fused_act(m) is not None:
+                    problem = f"{n.target} applies an activation inside its BatchNorm"
                 else:
                     producers.append((src, str(src.target), str(n.target)))
             elif isinstance(m, PRODUCERS):
@@ -313,7 +338,8 @@ def _find_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[s
                 break
             m = modules.get(str(nxt.target)) if nxt.op == "call_module" else None
             if m is not None and isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and bn is None \
-                    and not ops and calls[str(nxt.target)] == 1 and m.num_features == c:
+                    and not ops and calls[str(nxt.target)] == 1 and m.num_features == c \
+                    and _bn_ok(m):
                 bn, cur = str(nxt.target), nxt
                 continue
             if m is not None and isinstance(m, PRODUCERS) and calls[str(nxt.target)] == 1:

@@ -51,7 +51,7 @@ class Stream:
 
         root = Path(spec)
         if not root.is_dir():
-            raise CaprojError(f"--stream reads an ImageFolder directory with train/ and val/ "
+            raise CaprojError(f"stream=True reads an ImageFolder directory with train/ and val/ "
                               f"(or test/); {spec!r} is not a directory")
         test = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
         if not (root / "train").is_dir() or test is None:
@@ -97,7 +97,7 @@ class Stream:
                            v2.PILToTensor()])
 
 
-class _Images(torch.utils.data.Dataset):
+class Images(torch.utils.data.Dataset):
     """Decodes one image and applies the transform under a per-(seed, epoch, index) seed."""
 
     def __init__(self, samples: list[tuple[str, int]], transform, seed: int) -> None:
@@ -120,7 +120,7 @@ class _Images(torch.utils.data.Dataset):
             return self.transform(img), y
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     """A worker's exception arrives wrapped with its traceback; keep the original message."""
     last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     return last.split(": ", 1)[1] if last.startswith("caproj.errors.CaprojError: ") else last

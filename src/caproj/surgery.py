@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from caproj import dist
-from caproj.models import resize_to_state_dict
 from caproj.sites import Site
 from caproj.utils import run_with_hooks
 
@@ -77,6 +76,9 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
                 b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
             out[f"{prod}.weight"] = (p.T @ w.reshape(w.shape[0], -1)).reshape(-1, *w.shape[1:])
             out[f"{bn}.bias" if bn else f"{prod}.bias"] = p.T @ b
+            if bn and f"{prod}.bias" in out:  # a conv with its own bias and a BN: the folded
+                # bias now lives in the fresh BN, the conv's own is zero at the new width
+                out[f"{prod}.bias"] = torch.zeros(p.shape[1], dtype=w.dtype, device=w.device)
     # Fixed channel maps between two streams (option-A shortcuts): E becomes P_out^T E P_in.
     ins = {m: projections[i] for i, s in enumerate(sites) for m in s.maps_out}
     outs = {m: projections[i] for i, s in enumerate(sites) for m in s.maps_in}
@@ -93,6 +95,36 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
             e = p_out.T @ e
         out[f"{m}.weight"] = e[:, :, None, None]
     return out
+
+
+def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Replace Conv2d/Linear/BatchNorm2d modules whose stored shapes are narrower (compressed
+    checkpoints keep the original module names, only widths change)."""
+    for name, m in list(model.named_modules()):
+        w = sd.get(f"{name}.weight")
+        if w is None:
+            continue
+        has_bias = f"{name}.bias" in sd
+        new: nn.Module | None = None
+        if isinstance(m, nn.Conv2d) and (tuple(w.shape) != tuple(m.weight.shape)
+                                         or has_bias != (m.bias is not None)):
+            new = nn.Conv2d(w.shape[1] * m.groups, w.shape[0], m.kernel_size, m.stride, m.padding,
+                            m.dilation, m.groups, bias=has_bias, padding_mode=m.padding_mode)
+        elif isinstance(m, nn.Linear) and (tuple(w.shape) != tuple(m.weight.shape)
+                                           or has_bias != (m.bias is not None)):
+            new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and w.shape[0] != m.num_features:
+            new = type(m)(w.shape[0], m.eps, m.momentum)
+        elif hasattr(m, "channel_map") and (m.weight is None or m.weight.shape != w.shape):
+            m.weight = nn.Parameter(torch.empty_like(w))  # a projected fixed channel map
+        if new is not None:
+            set_submodule(model, name, new.to(w.device))
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def narrow_like(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:

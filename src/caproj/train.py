@@ -1,18 +1,18 @@
-"""Train / fine-tune / evaluate.
+"""The engine: train / fine-tune (`fit`) and `evaluate` over any iterable of batches.
 
-Fast on a small CPU by design (measured in benchmarks/train_throughput.py): data stays resident as
-uint8 tensors with batched augmentation, convolutions run channels_last, and the forward/backward
-runs under bf16 autocast where the processor supports it (BatchNorm and the loss stay float32).
-Evaluation runs in float32 so reported accuracies are exact.
+Fast on a small CPU by design (measured in benchmarks/train_throughput.py): convolutions run
+channels_last, and the forward/backward runs under bf16 autocast where the processor supports it
+(BatchNorm and the loss stay float32). caproj's own data sources keep images resident as uint8
+tensors with batched augmentation; a user's DataLoader is read as it is. Evaluation runs in
+float32 so reported accuracies are exact.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,55 +20,16 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from caproj import batches as B
 from caproj import dist
-from caproj.data import Batches, Data
+from caproj.config import TrainConfig
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, rng_state, set_rng_state
 from caproj.utils import seed_everything
 
-
-@dataclass
-class TrainConfig:
-    epochs: int = 3
-    lr: float = 0.02
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | cosine | constant
-    optimizer: str = "sgd"  # sgd (nesterov) | adam (AdamW: the optimiser CaP itself runs)
-    label_smoothing: float = 0.0
-    seed: int = 0
-    bf16: bool | None = None  # None: on where the hardware runs bf16 fast
-    channels_last: bool = True
-    compile: bool = False
-    kd_weight: float = 0.0  # weight of distillation from `teacher` (0 = plain cross-entropy)
-    kd_temperature: float = 4.0
-    max_steps: int | None = None  # stop early (tests, smoke runs)
-    # BatchNorm keeps its running statistics while training (affine still learned), so the
-    # network being fine-tuned is exactly the one that was evaluated (no batch-statistics shift)
-    freeze_bn: bool = False
-    # exponential moving average of the weights (and BN statistics), decay per step; 0 = off.
-    # The averaged network is what is evaluated and returned.
-    ema: float = 0.0
-
-    def validate(self) -> None:
-        if self.epochs < 0:
-            raise CaprojError(f"epochs must be >= 0, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise CaprojError(f"lr must be a positive number, got {self.lr}")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise CaprojError(f"schedule must be onecycle, cosine or constant, "
-                              f"got {self.schedule!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise CaprojError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise CaprojError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.kd_weight <= 1:
-            raise CaprojError(f"kd weight must be in [0, 1], got {self.kd_weight}")
-        if not 0 <= self.ema < 1:
-            raise CaprojError(f"ema decay must be in [0, 1), got {self.ema}")
-        if self.batch_size < 1:
-            raise CaprojError(f"batch size must be >= 1, got {self.batch_size}")
+log = logging.getLogger(__name__)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OutputTransform = Callable[[object], torch.Tensor]
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -87,29 +48,58 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def progress(iterable, total: int, desc: str):
-    return tqdm(iterable, total=total, desc=desc, leave=False,
-                disable=not sys.stderr.isatty() or not dist.is_main(), dynamic_ncols=True)
+def progress(iterable, total: int | None, desc: str, enabled: bool = True):
+    """A tqdm bar on an interactive terminal (rank 0 only), else the iterable itself."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not enabled or not sys.stderr.isatty() or not dist.is_main())
+
+
+def outputs_of(model: nn.Module, x: torch.Tensor,
+               output_transform: OutputTransform | None = None) -> torch.Tensor:
+    """The model's logits for `x` (through `output_transform` for tuple/dict outputs)."""
+    out = model(x)
+    if output_transform is not None:
+        out = output_transform(out)
+    if not isinstance(out, torch.Tensor):
+        raise CaprojError(f"the model returns {type(out).__name__}, not a tensor of logits; "
+                          f"pass output_transform=... to pick the logits", param="output_transform")
+    return out
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, splits: Data, batch_size: int = 500,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy on the test split, float32, eval mode."""
+def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
+             output_transform: OutputTransform | None = None, max_batches: int | None = None,
+             progress_bar: bool = True) -> dict[str, float]:
+    """Top-1 accuracy (%), mean loss (cross-entropy or `loss_fn`) and image count over labelled
+    batches, float32, eval mode (the model's mode is restored)."""
     device = model_device(model)
     was = model.training
     model.eval()
-    batches = Batches.test_of(splits, batch_size, device=device)
     correct, loss, n = 0, 0.0, 0
-    total = len(batches) if max_batches is None else min(max_batches, len(batches))
-    for i, (x, y) in enumerate(progress(batches, total, "eval")):
-        if i == total:
-            break
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
-    model.train(was)
+    total = B.steps_per_pass(data)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    B.set_epoch(data, 0)
+    try:
+        for i, (x, y) in enumerate(progress(B.iterate(data, device), total, "eval",
+                                            progress_bar)):
+            if max_batches is not None and i == max_batches:
+                break
+            if y is None:
+                raise CaprojError("evaluation needs labelled batches (x, y); the data yields "
+                                  "inputs only", param="data")
+            out = outputs_of(model, x, output_transform).float()
+            if loss_fn is not None:
+                loss += float(loss_fn(out, y)) * len(y)
+            else:
+                loss += F.cross_entropy(out, y, reduction="sum").item()
+            if out.dim() == 2 and y.dim() == 1:
+                correct += (out.argmax(1) == y).sum().item()
+            n += len(y)
+    finally:
+        model.train(was)
+    if n == 0:
+        raise CaprojError("evaluation data is empty: it yielded no batch", param="data")
     return {"acc": 100.0 * correct / n, "loss": loss / n, "n": n}
 
 
@@ -119,34 +109,43 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Ten
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(total, 1),
-                                                   pct_start=0.25, anneal_strategy="linear",
+    if cfg.schedule == "onecycle" and total >= 4:  # shorter runs: one constant rate
+        # warm-up over a quarter of the steps (at least two, which OneCycleLR needs)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
+                                                   pct_start=max(0.25, 2 / total),
+                                                   anneal_strategy="linear",
                                                    div_factor=10, final_div_factor=100)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module | None = None,
-          log: Callable[[str], None] = print, eval_each_epoch: bool = True,
-          checkpoint: Checkpointer | None = None) -> list[dict]:
-    """Train `model` in place on `splits.train`. Returns one record per epoch.
+def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Module | None = None,
+        eval_data: Iterable | None = None, loss_fn: LossFn | None = None,
+        output_transform: OutputTransform | None = None,
+        checkpoint: Checkpointer | None = None, progress_bar: bool = True) -> list[dict]:
+    """Train `model` in place on the batches of `data`, `cfg.epochs` passes. Returns one
+    record per epoch (train loss/accuracy, time, and test accuracy/loss when `eval_data`).
 
-    With a `checkpoint`, the whole training state is saved every `checkpoint.every` steps and on
-    SIGTERM/SIGINT, and a resumed call continues from the saved step to the same result.
+    The loss is cross-entropy (or `loss_fn(outputs, y)`), mixed with distillation from
+    `teacher` by `cfg.kd_weight`; batches without labels are distilled only (label-free).
+    With a `checkpoint`, the whole training state is saved every `checkpoint.every` steps and
+    on SIGTERM/SIGINT, and a resumed call continues from the saved step to the same result.
     """
     cfg.validate()
+    B.check_iterable(data)
     if cfg.kd_weight > 0 and teacher is None:
-        raise CaprojError("kd_weight > 0 needs a teacher model")
+        raise CaprojError("kd_weight > 0 needs a teacher model", param="teacher")
     seed_everything(cfg.seed)
     device = model_device(model)
     use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    batches = Batches.train_of(splits, cfg.batch_size, seed=cfg.seed, device=device,
-                               channels_last=cfg.channels_last)
-    steps_per_epoch = len(batches)
+    steps_per_epoch = B.steps_per_pass(data)
+    if steps_per_epoch is None:  # a re-iterable without len(): count one pass
+        steps_per_epoch = sum(1 for _ in data)
+    if steps_per_epoch == 0:
+        raise CaprojError("training data is empty: it yielded no batch", param="data")
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -163,7 +162,6 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
                               nesterov=cfg.momentum > 0)
     sched = make_scheduler(opt, cfg, total)
     if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch
-        dist.check_divisible(cfg.batch_size)
         net: nn.Module = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
@@ -173,6 +171,7 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
            if cfg.ema > 0 else None)
     if teacher is not None:
         teacher.eval()
+    sharded = getattr(data, "sharded", False)  # caproj's streamed batches are already shares
     history: list[dict] = []
     step, first_epoch, first_batch = 0, 0, 0
     partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
@@ -195,31 +194,47 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         start = first_batch if epoch == first_epoch else 0
-        batches.set_epoch(epoch, start)
+        skip = start - B.set_epoch(data, epoch, start)
         if start == 0:
             partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
         t0 = time.perf_counter() - partial["seconds"]
         seen, loss_sum, correct = partial["seen"], partial["loss_sum"], partial["correct"]
-        bar = progress(batches, min(steps_per_epoch - start, total - step),
-                       f"epoch {epoch + 1}/{cfg.epochs}")
-        for i, (x, y) in enumerate(bar, start=start):
-            if not batches.sharded:  # torchrun: each rank takes its share of the global batch
-                x, y = dist.shard(x), dist.shard(y)
+        bar = progress(B.iterate(data, device), min(steps_per_epoch - start, total - step),
+                       f"epoch {epoch + 1}/{cfg.epochs}", progress_bar)
+        i = start - 1
+        for x, y in bar:
+            if skip > 0:  # resumed mid-epoch over data that cannot skip by itself
+                skip -= 1
+                continue
+            i += 1
+            if not sharded:  # torchrun: each rank takes its share of the global batch
+                x = dist.shard(x)
+                y = dist.shard(y) if y is not None else None
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = fwd(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-                if cfg.kd_weight > 0:
+                out = outputs_of(fwd, x, output_transform).float()
+                if teacher is not None and (cfg.kd_weight > 0 or y is None):
                     with torch.no_grad():
-                        t_out = teacher(x).float()  # type: ignore[misc]
-                    loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(
-                        out.float(), t_out, cfg.kd_temperature)
+                        t_out = outputs_of(teacher, x, output_transform).float()
+                if y is None:  # label-free: distillation only
+                    if teacher is None:
+                        raise CaprojError("the training data has no labels: fine-tuning "
+                                          "needs a teacher to distil from", param="teacher")
+                    loss = kd_loss(out, t_out, cfg.kd_temperature)
+                else:
+                    loss = (loss_fn(out, y) if loss_fn is not None else
+                            F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
+                    if cfg.kd_weight > 0:
+                        loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(
+                            out, t_out, cfg.kd_temperature)
             if dist.any_rank(not torch.isfinite(loss)):
                 last = (f"; last good state: {checkpoint.path} (step "
                         f"{step - step % checkpoint.every})" if checkpoint is not None
                         and checkpoint.path is not None and checkpoint.path.exists() else "")
                 raise CaprojError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; "
-                                  f"lower the learning rate (now {sched.get_last_lr()[0]:.4g})"
-                                  f"{last}")
+                                  f"lower the learning rate lr (now "
+                                  f"{sched.get_last_lr()[0]:.4g}){last}", param="lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -227,9 +242,10 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
+            seen += len(x)
+            loss_sum += loss.item() * len(x)
+            if y is not None and out.dim() == 2 and y.dim() == 1:
+                correct += (out.argmax(1) == y).sum().item()
             if checkpoint is not None and checkpoint.due(step):
                 checkpoint.save(step, {
                     "model": model.state_dict(), "opt": opt.state_dict(),
@@ -238,7 +254,7 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
                     "batch": i + 1, "rng": rng_state(),
                     "partial": {"seen": seen, "loss_sum": loss_sum, "correct": correct,
                                 "seconds": time.perf_counter() - t0}})
-            if step >= total:
+            if step >= total or i + 1 >= steps_per_epoch:
                 break
         if dist.world() > 1:  # the epoch's numbers over the global batches
             tot = dist.all_reduce_(torch.tensor([seen, loss_sum, correct], dtype=torch.float64,
@@ -248,23 +264,23 @@ def train(model: nn.Module, splits: Data, cfg: TrainConfig, teacher: nn.Module |
                "train_acc": 100.0 * correct / max(seen, 1),
                "seconds": time.perf_counter() - t0,
                "images_per_s": seen / (time.perf_counter() - t0)}
-        if eval_each_epoch:
+        if eval_data is not None:
             if ema is not None:  # the raw weights' accuracy too, to show what averaging adds
-                rec["test_acc_raw"] = evaluate(model, splits)["acc"]
+                rec["test_acc_raw"] = evaluate(model, eval_data, loss_fn=loss_fn,
+                                               output_transform=output_transform,
+                                               progress_bar=progress_bar)["acc"]
             rec.update({f"test_{k}": v for k, v in evaluate(
-                ema.module if ema is not None else model, splits).items() if k != "n"})
+                ema.module if ema is not None else model, eval_data, loss_fn=loss_fn,
+                output_transform=output_transform, progress_bar=progress_bar).items()
+                if k != "n"})
         history.append(rec)
-        log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, train acc "
-            f"{rec['train_acc']:.2f}%" + (f", test acc {rec['test_acc']:.2f}%"
-                                          if eval_each_epoch else "")
-            + (f" (raw weights {rec['test_acc_raw']:.2f}%)" if "test_acc_raw" in rec else "")
-            + f" ({rec['seconds']:.0f} s, {rec['images_per_s']:.0f} img/s)")
+        log.info("epoch %d: train loss %.4f, train acc %.2f%%%s%s (%.0f s, %.0f img/s)",
+                 epoch + 1, rec["train_loss"], rec["train_acc"],
+                 f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else "",
+                 f" (raw weights {rec['test_acc_raw']:.2f}%)" if "test_acc_raw" in rec else "",
+                 rec["seconds"], rec["images_per_s"])
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
     if cfg.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return history  # the caller removes the checkpoint's state once the result is saved
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -103,7 +103,7 @@ def run_with_hooks(model: torch.nn.Module, batches: Iterable[torch.Tensor],
 
 def run_record(seed: int | None = None, **extra: Any) -> dict[str, Any]:
     """What every output carries: seed, versions, command line, machine."""
-    from caproj import __version__
+    from caproj.version import __version__
 
     return {
         "caproj_version": __version__,

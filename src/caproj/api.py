@@ -1,0 +1,290 @@
+"""caproj's public API: compress, finetune, evaluate, save, load, over any model and any
+iterable of batches.
+
+    import caproj
+    res = caproj.compress(model, train_loader, target_macs=0.5)      # CaP, seed 0
+    caproj.finetune(res.model, train_loader, epochs=3, teacher=model)
+    print(caproj.evaluate(res.model, test_loader))                   # {'acc': ..., 'loss': ...}
+    caproj.save(res.model, "small.pt")
+    small = caproj.load("small.pt", model=MyNet())                   # your class, narrowed
+
+`data` is whatever the model already trains on: a DataLoader (or any re-iterable) yielding
+(x, y), (x,) or bare x. Without labels compression is label-free. caproj adds no
+normalisation or augmentation; calibration uses the first `calib_images` images as given (pass
+`calib_data=` for an unaugmented loader). The library logs through `logging` ("caproj") and
+raises `CaprojError` naming the parameter at fault; it never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from caproj import batches as B
+from caproj import metrics
+from caproj.cap import input_shape_of
+from caproj.config import CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, CapConfig, TrainConfig
+from caproj.errors import CaprojError
+from caproj.methods import Job, Method, get_method, method_name
+from caproj.models import (
+    check_finite,
+    check_state_dict,
+    load_model,
+    make_checkpoint,
+    read_checkpoint,
+    write_safetensors,
+)
+from caproj.plan import Plan
+from caproj.resume import Checkpointer
+from caproj.surgery import resize_to_state_dict
+from caproj.train import LossFn, OutputTransform, fit, model_device
+from caproj.train import evaluate as _evaluate_impl
+from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Result", "compress", "finetune", "evaluate", "save", "load"]
+
+
+@dataclass
+class Result:
+    """What `compress` returns. `model` is a plain nn.Module, physically narrower than the
+    input model (which is left untouched); `widths` the channels kept per site; `report` a
+    JSON-able dict: MACs/params before and after, timings, configuration, seed, versions."""
+
+    model: nn.Module
+    widths: list[int] | None
+    report: dict[str, Any] = field(default_factory=dict)
+    sites: list[Any] = field(default_factory=list)
+
+
+def _peek(data: Iterable, name: str) -> tuple[torch.Tensor, bool]:
+    B.check_iterable(data, name)
+    for x, y in B.iterate(data):
+        return x, y is not None
+    raise CaprojError(f"{name} is empty: it yielded no batch", param=name)
+
+
+def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, seed: int,
+                     has_teacher: bool) -> TrainConfig | None:
+    if finetune is None or finetune is False:
+        return None
+    if isinstance(finetune, TrainConfig):
+        return finetune
+    if isinstance(finetune, bool) or not isinstance(finetune, (int, Mapping)):
+        raise CaprojError("finetune must be a number of epochs, a dict of recipe options or a "
+                          "TrainConfig", param="finetune")
+    opts: dict[str, Any] = {"epochs": finetune} if isinstance(finetune, int) else dict(finetune)
+    opts.setdefault("seed", seed)
+    if not has_teacher:
+        opts.setdefault("kd_weight", 0.0)
+    cfg = FINETUNE.replace(**opts)
+    return cfg if cfg.epochs > 0 else None
+
+
+def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = None,
+             keep: float | None = None, method: str | Method = "cap",
+             example_inputs: torch.Tensor | None = None, calib_images: int | None = None,
+             steps: int | None = None, loss_fn: LossFn | None = None,
+             teacher: nn.Module | None = None,
+             finetune: int | Mapping[str, Any] | TrainConfig | None = None, seed: int = 0,
+             progress: bool = True, calib_data: Iterable | None = None,
+             eval_data: Iterable | None = None,
+             output_transform: OutputTransform | None = None, stream_projection: bool = False,
+             allocation: str = "uniform", channel_multiple: int | None = None,
+             widths: list[int] | None = None, state_path: str | os.PathLike | None = None,
+             resume: bool = False, save_every: int = SAVE_EVERY, **options: Any) -> Result:
+    """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5)
+    or `keep` (fraction of channels per site) with `method` (a registered name, see
+    `caproj.METHODS`, or a plug-in), optionally fine-tune, and report.
+
+    data: iterable of batches (x, y) / (x,) / x: CaP's optimisation, Taylor scores, the
+        fine-tuning. calib_data: where calibration images come from (default: data).
+    eval_data: labelled batches; if given the report holds top-1 before/after each stage.
+    example_inputs: for tracing and MACs (default: the first batch's inputs).
+    calib_images, steps, **options: CaP settings (`caproj.CapConfig` fields: lr, weight_lr,
+        kd, init, batch_size, relax, ...).
+    loss_fn(outputs, targets): replaces cross-entropy; output_transform(model output) ->
+        logits for models returning a tuple/dict; teacher: distil from it (default: model).
+    finetune: epochs (int), a dict of recipe options (`caproj.TrainConfig` fields) or a
+        TrainConfig; default recipe `caproj.FINETUNE` (SGD one-cycle 0.005, KD 0.5).
+    stream_projection, allocation ("uniform" | "auto"), channel_multiple, widths: what is
+        narrowed and how the budget is spread.
+    state_path: save resumable state to `<state_path>.cap-state.pt` / `.ft-state.pt` every
+        `save_every` steps and on SIGTERM/SIGINT; resume=True continues from it. The state
+        files are removed when the job finishes.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                          param="model")
+    x0, labelled = _peek(data, "data")
+    if calib_data is not None:
+        _peek(calib_data, "calib_data")
+    m = get_method(method)
+    name = method_name(method)
+    seed_everything(seed)
+    device = model_device(model)
+    if example_inputs is None:
+        example_inputs = x0
+    example_inputs = example_inputs.to(device)
+    shape = input_shape_of(example_inputs)
+    if calib_images is not None:
+        options["calib_images"] = calib_images
+    if steps is not None:
+        options["steps"] = steps
+    config = CapConfig(seed=seed).replace(**options)
+    ft = _finetune_config(finetune, seed, has_teacher=True)
+    model.eval()
+    uses_widths = getattr(m, "uses_widths", True)
+    plan = Plan.of(model, shape, target_macs=target_macs, keep=keep, allocation=allocation,
+                   channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
+                   stream_projection=stream_projection, widths=widths)
+    t0 = time.perf_counter()
+    calib = B.take(calib_data if calib_data is not None else data, config.calib_images, device)
+    if uses_widths:
+        plan.resolve(model, calib)
+    alloc_s = time.perf_counter() - t0
+    before = {"macs_before": plan.mm.total, "params_before": metrics.count_params(model)}
+    if uses_widths:
+        log.info("%d sites; widths %s; predicted MACs %.2f M (%.3f of %.2f M)", len(plan.sites),
+                 plan.widths, plan.predicted_macs() / 1e6, plan.predicted_macs() / plan.mm.total,
+                 plan.mm.total / 1e6)
+    cap_ck = ft_ck = None
+    if state_path is not None:
+        cap_ck = Checkpointer(f"{state_path}.cap-state.pt", {}, save_every, resume)
+        ft_ck = Checkpointer(f"{state_path}.ft-state.pt",
+                             {"plan": plan.describe(), "cap": config.as_dict(), "method": name,
+                              "finetune": ft.as_dict() if ft else None}, save_every, resume)
+    job = Job(model, plan, calib, data, config, loss_fn, output_transform, teacher, cap_ck,
+              progress)
+    rep: dict[str, Any] = {"method": name, **plan.describe(), "label_free": not labelled,
+                           "allocation_seconds": alloc_s, **before}
+    if eval_data is not None:
+        rep["acc_before"] = _evaluate_impl(model, eval_data, loss_fn=loss_fn,
+                                           output_transform=output_transform,
+                                           progress_bar=progress)["acc"]
+    t1 = time.perf_counter()
+    small = m(job)
+    rep.update(job.report)
+    rep["compress_seconds"] = (time.perf_counter() - t1 + alloc_s
+                               + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
+    if not isinstance(small, nn.Module):
+        raise CaprojError(f"method {name!r} returned {type(small).__name__}, not an nn.Module",
+                          param="method")
+    small.eval()
+    macs = metrics.count_macs(small, shape)
+    if uses_widths and macs != plan.predicted_macs():
+        raise CaprojError(f"internal error: MACs after surgery {macs} != predicted "
+                          f"{plan.predicted_macs()} (method {name})")
+    rep.update(macs_after=macs, params_after=metrics.count_params(small))
+    log.info("%s: %.2f M -> %.2f M MACs (%.3f) in %.0f s", name, plan.mm.total / 1e6,
+             macs / 1e6, macs / plan.mm.total, rep["compress_seconds"])
+    if eval_data is not None:
+        rep["acc_after_compress"] = _evaluate_impl(small, eval_data, loss_fn=loss_fn,
+                                                   output_transform=output_transform,
+                                                   progress_bar=progress)["acc"]
+        log.info("after %s (no fine-tuning): %.2f %%", name, rep["acc_after_compress"])
+    if ft is not None:
+        t2 = time.perf_counter()
+        kd_teacher = teacher if teacher is not None else model
+        rep["finetune"] = fit(small, data, ft, teacher=kd_teacher if ft.kd_weight > 0 or
+                              not labelled else None, eval_data=eval_data, loss_fn=loss_fn,
+                              output_transform=output_transform, checkpoint=ft_ck,
+                              progress_bar=progress)
+        rep["finetune_seconds"] = time.perf_counter() - t2
+        rep["finetune_config"] = ft.as_dict()
+        if rep["finetune"] and "test_acc" in rep["finetune"][-1]:
+            rep["acc_after_finetune"] = rep["finetune"][-1]["test_acc"]
+        small.eval()
+    for ck in (cap_ck, ft_ck):
+        if ck is not None:
+            ck.finish()
+    rep["total_seconds"] = time.perf_counter() - t_start
+    rep.update(run_record(seed), cap_config_requested=config.as_dict())
+    return Result(small, list(plan.widths) if uses_widths and plan.widths else None, rep,
+                  plan.sites)
+
+
+def finetune(model: nn.Module, data: Iterable, *, epochs: int,
+             teacher: nn.Module | None = None, eval_data: Iterable | None = None,
+             loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
+             seed: int = 0, progress: bool = True, state_path: str | os.PathLike | None = None,
+             resume: bool = False, save_every: int = SAVE_EVERY, **recipe: Any) -> list[dict]:
+    """Fine-tune `model` in place on `data` for `epochs` passes with the measured recipe
+    (`caproj.FINETUNE`: SGD nesterov, one-cycle peak lr 0.005, KD 0.5 from `teacher`; without a
+    teacher plain cross-entropy), `**recipe` overriding any `caproj.TrainConfig` field.
+    Returns one record per epoch (test accuracy too when `eval_data` is given); the model is
+    left in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                          param="model")
+    cfg = _finetune_config({"epochs": epochs, **recipe}, seed, teacher is not None)
+    if cfg is None:
+        return []
+    if cfg.kd_weight > 0 and teacher is None:
+        raise CaprojError("kd_weight > 0 needs a teacher model", param="teacher")
+    ck = None
+    if state_path is not None:
+        ck = Checkpointer(f"{state_path}.ft-state.pt", {"finetune": cfg.as_dict()}, save_every,
+                          resume)
+    hist = fit(model, data, cfg, teacher=teacher, eval_data=eval_data, loss_fn=loss_fn,
+               output_transform=output_transform, checkpoint=ck, progress_bar=progress)
+    if ck is not None:
+        ck.finish()
+    model.eval()  # handed back ready for inference, as compress hands back its result
+    return hist
+
+
+def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
+             output_transform: OutputTransform | None = None, max_batches: int | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """{"acc": top-1 %, "loss": mean loss, "n": images} over labelled batches (x, y)."""
+    return _evaluate_impl(model, data, loss_fn=loss_fn, output_transform=output_transform,
+                          max_batches=max_batches, progress_bar=progress)
+
+
+def save(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
+    """Write `model`'s weights and `meta` (JSON-able: e.g. arch="tv:resnet18", input_shape)
+    atomically: a caproj checkpoint (.pt; loads with weights_only=True), or safetensors when
+    `path` ends in .safetensors. No pickled modules: reload with `load(path, model=YourNet())`,
+    or without `model` for caproj's zoo / tv: / timm: architectures named by `arch`."""
+    if not isinstance(model, nn.Module):
+        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                          param="model")
+    meta.setdefault("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
+    meta.setdefault("compressed", True)
+    ck = make_checkpoint(model, meta.pop("arch", None), **meta)
+    if str(path).endswith(".safetensors"):
+        with atomic_path(path) as tmp:
+            write_safetensors(ck["state_dict"],
+                              tmp, {k: v for k, v in ck.items() if k != "state_dict"})
+    else:
+        atomic_save(ck, path)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """A model from `path` (caproj checkpoint, safetensors, or a plain state_dict), in eval
+    mode. With `model` (a fresh instance of your own class), its layers are narrowed to the
+    stored widths and the weights loaded into it; without, the architecture named in the
+    checkpoint (`arch`: zoo, tv:, timm:) is rebuilt."""
+    if model is None:
+        m, _ = load_model(path)
+        return m
+    if not isinstance(model, nn.Module):
+        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                          param="model")
+    sd = read_checkpoint(Path(path))["state_dict"]
+    check_finite(sd, str(path))
+    resize_to_state_dict(model, sd)
+    check_state_dict(model, sd, type(model).__name__)
+    model.load_state_dict(sd, strict=False)
+    return model.eval()

@@ -1,0 +1,175 @@
+"""Any iterable of batches, as caproj's loops read it.
+
+A user's data is whatever they already feed their model: a `torch.utils.data.DataLoader` (or any
+re-iterable object) yielding `(x, y)`, `(x,)`, `(x, y, anything...)` or a bare tensor `x`.
+caproj adds no normalisation and no augmentation of its own. Batches without labels make the
+job label-free (distillation from the original model only).
+
+- `split` turns one batch into `(x, y or None)` on a device;
+- `rebatch` regroups a pass into batches of exactly `size` images (CaP's optimisation runs at a
+  fixed batch; a short tail is dropped unless the whole pass is shorter than one batch);
+- `take` collects the first `n` images (calibration);
+- `endless` runs pass after pass, calling the data's `set_epoch(epoch)` (or its sampler's, as
+  `DistributedSampler` wants) before each, and skips the first batches of a resumed pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from caproj.errors import CaprojError
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def split(batch: Any, device: torch.device | None = None) -> Batch:
+    """(x, y or None) of one batch, moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        x, y = batch, None
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+    else:
+        raise CaprojError(f"data must yield tensors x, (x,) or (x, y) tuples; got a batch of "
+                          f"type {type(batch).__name__}", param="data")
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True) if y is not None else None
+    return x, y
+
+
+def check_iterable(data: Any, name: str = "data") -> None:
+    if data is None or isinstance(data, (torch.Tensor, str, bytes)) or \
+            not isinstance(data, Iterable):
+        raise CaprojError(f"{name} must be an iterable of batches (a DataLoader, a list of "
+                          f"(x, y) tuples, ...), got {type(data).__name__}", param=name)
+
+
+def iterate(data: Iterable, device: torch.device | None = None) -> Iterator[Batch]:
+    check_iterable(data)
+    for b in data:
+        yield split(b, device)
+
+
+def first_inputs(data: Iterable) -> torch.Tensor:
+    """The inputs of the first batch (what tracing and MACs use by default)."""
+    for x, _ in iterate(data):
+        return x
+    raise CaprojError("data is empty: it yielded no batch", param="data")
+
+
+def has_labels(data: Iterable) -> bool:
+    for _, y in iterate(data):
+        return y is not None
+    return False
+
+
+def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """Batches of exactly `size` images, concatenating or splitting the given ones."""
+    if size < 1:
+        raise CaprojError(f"batch_size must be >= 1, got {size}")
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor | None] = []
+    n, yielded = 0, False
+    for x, y in batches:
+        if not xs and len(x) == size:  # the common case: nothing to regroup
+            yield x, y
+            yielded = True
+            continue
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+        while n >= size:
+            cx = torch.cat(xs)
+            cy = torch.cat(ys) if all(v is not None for v in ys) else None  # type: ignore[misc]
+            yield cx[:size], (cy[:size] if cy is not None else None)
+            yielded = True
+            rest = cx[size:]
+            xs = [rest] if len(rest) else []
+            ys = [cy[size:]] if cy is not None and len(rest) else ([None] if len(rest) else [])
+            n = len(rest)
+    if xs and not yielded:  # a pass shorter than one batch: use what there is
+        cy = torch.cat(ys) if all(v is not None for v in ys) else None  # type: ignore[misc]
+        yield torch.cat(xs), cy
+
+
+def take(data: Iterable, n: int, device: torch.device | None = None,
+         chunk: int = 250) -> list[torch.Tensor]:
+    """The inputs of the first `n` images of one pass, in batches of at most `chunk`."""
+    out: list[torch.Tensor] = []
+    got = 0
+    for x, _ in rebatch(iterate(data, device), chunk):
+        x = x[: n - got]
+        out.append(x)
+        got += len(x)
+        if got >= n:
+            break
+    if not out:
+        raise CaprojError("data is empty: it yielded no batch", param="data")
+    return out
+
+
+def set_epoch(data: Any, epoch: int, start: int = 0) -> int:
+    """Tell `data` which pass comes next. Returns how many leading batches it will skip by
+    itself (caproj's own batch sources can skip without reading; others skip nothing)."""
+    fn = getattr(data, "set_epoch", None)
+    if fn is None:
+        sampler = getattr(data, "sampler", None) or getattr(data, "batch_sampler", None)
+        fn = getattr(sampler, "set_epoch", None)
+        if fn is not None:
+            fn(epoch)
+        return 0
+    try:
+        takes_start = len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_start = False
+    if takes_start:
+        fn(epoch, start)
+        return start
+    fn(epoch)
+    return 0
+
+
+def steps_per_pass(data: Any, size: int | None = None) -> int | None:
+    """Batches in one pass (after rebatching to `size`), if the data knows its length."""
+    try:
+        n = len(data)
+    except TypeError:
+        return None
+    own = getattr(data, "batch_size", None)
+    if size is None or own == size:
+        return n
+    ds = getattr(data, "dataset", None)
+    try:
+        images = len(ds) if ds is not None else None
+    except TypeError:
+        images = None
+    return max(1, images // size) if images else None
+
+
+def endless(data: Iterable, size: int | None, device: torch.device | None = None,
+            start: int = 0) -> Iterator[Batch]:
+    """Batches forever, pass after pass, from the `start`-th (of the rebatched stream)."""
+    check_iterable(data)
+    per = steps_per_pass(data, size)
+    epoch, skip = divmod(start, per) if per else (0, start)
+    while True:
+        own = size is None or getattr(data, "batch_size", None) == size
+        skip -= set_epoch(data, epoch, skip) if own else set_epoch(data, epoch)
+        it = iterate(data, device)
+        seen = 0
+        for b in rebatch(it, size) if size is not None else it:
+            seen += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            yield b
+        if seen == 0 and skip == 0:
+            raise CaprojError("data is empty: it yielded no batch", param="data")
+        epoch += 1
+        if per:
+            skip = 0

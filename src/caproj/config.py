@@ -1,0 +1,176 @@
+"""The one source of defaults: CaP's settings, the training recipe, and the fine-tune recipe
+for compressed networks. The library, the CLI (its flags' defaults are read from here) and the
+benchmark all take them from these frozen dataclasses, so a setting cannot drift after it is
+resolved: change one with `dataclasses.replace` (or `.replace(**changes)`), which validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from caproj.errors import CaprojError
+
+CHANNEL_MULTIPLE = 8  # widths at multiples of 8 where a site is wide enough (CPU kernel blocks)
+TARGET_MACS = 0.5  # what `compress` aims for when neither target_macs nor keep is given
+SAVE_EVERY = 50  # steps between resumable state saves
+
+
+def _finite_nonneg(name: str, v: Any) -> None:
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise CaprojError(f"{name} must be a finite number >= 0, got {v}", param=name)
+
+
+@dataclass(frozen=True)
+class CapConfig:
+    """Cascaded Projection's settings (see caproj.cap)."""
+
+    init: str = "select"  # select | pca
+    calib_images: int = 2000
+    steps: int = 600
+    # Adam learning rates of the projection proxies and the relaxed weights. None: 1e-3 / 3e-4
+    # (best on ResNet-56; weight lr 1e-3 diverges there), or 2e-4 / 1e-4 when a residual stream
+    # is compressed: one stream P moves every layer of a stage at once, and at the internal
+    # rates ResNet-20's optimisation diverged (batch accuracy 70 % -> 23 %; RESULTS.md).
+    # `resolve` fills them in once; the optimisation reads only resolved values.
+    lr: float | None = None
+    weight_lr: float | None = None
+    weight_opt: str = "adam"  # adam | sgd (nesterov, momentum 0.9) for the relaxed weights
+    batch_size: int = 128
+    recon_weight: float = 1.0
+    kd: float = 0.5  # share of distillation in the classification term (1 without labels)
+    kd_temperature: float = 4.0
+    relax: str = "all"  # projection | consumer | all
+    refit: bool = True
+    alternate: bool = True
+    retraction: str = "qr"
+    ridge: float = 1e-4
+    bn_recalibrate: bool = False  # re-estimate every BN's statistics on the compressed net
+    seed: int = 0
+    bf16: bool | None = None
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.init not in ("select", "pca"):
+            raise CaprojError(f"init must be select or pca, got {self.init!r}", param="init")
+        if self.weight_opt not in ("adam", "sgd"):
+            raise CaprojError(f"weight_opt must be adam or sgd, got {self.weight_opt!r}",
+                              param="weight_opt")
+        if self.relax not in ("projection", "consumer", "all"):
+            raise CaprojError(f"relax must be projection, consumer or all, got {self.relax!r}",
+                              param="relax")
+        if self.retraction not in ("qr", "polar"):
+            raise CaprojError(f"retraction must be qr or polar, got {self.retraction!r}",
+                              param="retraction")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise CaprojError(f"steps must be an integer >= 0, got {self.steps}", param="steps")
+        if not isinstance(self.calib_images, int) or self.calib_images < 1:
+            raise CaprojError(f"calib_images must be >= 1, got {self.calib_images}",
+                              param="calib_images")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise CaprojError(f"batch_size must be >= 1, got {self.batch_size}",
+                              param="batch_size")
+        for name in ("lr", "weight_lr", "recon_weight", "ridge", "kd_temperature"):
+            v = getattr(self, name)
+            if v is None and name in ("lr", "weight_lr"):
+                continue
+            _finite_nonneg(name, v)
+        if not 0 <= self.kd <= 1:
+            raise CaprojError(f"kd must be in [0, 1], got {self.kd}", param="kd")
+
+    def resolve(self, streams: bool) -> CapConfig:
+        """Learning rates filled in for this job (`streams`: a residual stream is narrowed)."""
+        return self.replace(lr=self.lr if self.lr is not None else (2e-4 if streams else 1e-3),
+                            weight_lr=self.weight_lr if self.weight_lr is not None
+                            else (1e-4 if streams else 3e-4))
+
+    def replace(self, **changes: Any) -> CapConfig:
+        return dataclasses.replace(self, **_known(self, changes))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe (the engine's: caproj.train.fit)."""
+
+    epochs: int = 3
+    lr: float = 0.02
+    batch_size: int = 128  # what the CLI's own data sources batch by; user loaders keep theirs
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    optimizer: str = "sgd"  # sgd (nesterov) | adam (AdamW: the optimiser CaP itself runs)
+    label_smoothing: float = 0.0
+    seed: int = 0
+    bf16: bool | None = None  # None: on where the hardware runs bf16 fast
+    channels_last: bool = True
+    compile: bool = False
+    kd_weight: float = 0.0  # weight of distillation from `teacher` (0 = plain cross-entropy)
+    kd_temperature: float = 4.0
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    # BatchNorm keeps its running statistics while training (affine still learned), so the
+    # network being fine-tuned is exactly the one that was evaluated (no batch-statistics shift)
+    freeze_bn: bool = False
+    # exponential moving average of the weights (and BN statistics), decay per step; 0 = off.
+    # The averaged network is what is evaluated and returned.
+    ema: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise CaprojError(f"epochs must be >= 0, got {self.epochs}", param="epochs")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise CaprojError(f"lr must be a positive number, got {self.lr}", param="lr")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise CaprojError(f"schedule must be onecycle, cosine or constant, "
+                              f"got {self.schedule!r}", param="schedule")
+        if self.optimizer not in ("sgd", "adam"):
+            raise CaprojError(f"optimizer must be sgd or adam, got {self.optimizer!r}",
+                              param="optimizer")
+        if not 0 <= self.label_smoothing < 1:
+            raise CaprojError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
+                              param="label_smoothing")
+        if not 0 <= self.kd_weight <= 1:
+            raise CaprojError(f"kd_weight must be in [0, 1], got {self.kd_weight}",
+                              param="kd_weight")
+        if not 0 <= self.ema < 1:
+            raise CaprojError(f"ema must be in [0, 1), got {self.ema}", param="ema")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise CaprojError(f"batch_size must be >= 1, got {self.batch_size}",
+                              param="batch_size")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise CaprojError(f"max_steps must be >= 1, got {self.max_steps}", param="max_steps")
+        _finite_nonneg("weight_decay", self.weight_decay)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **_known(self, changes))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _known(cfg: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for k in changes:
+        if k not in names:
+            raise CaprojError(f"unknown {type(cfg).__name__} option {k!r}; known: "
+                              f"{', '.join(sorted(names))}", param=k)
+    return changes
+
+
+# Training from scratch or adapting a model to new data (`caproj train`).
+TRAIN = TrainConfig()
+# Fine-tuning a compressed network, as measured on ResNet-56 (RESULTS.md): peak lr 0.005 with
+# KD 0.5 from the original keeps CaP's head start (89.05 % after 3 epochs) where lr 0.02 without
+# KD falls to 75 % first (87.63 %).
+FINETUNE = TrainConfig(epochs=3, lr=0.005, kd_weight=0.5)
+CAP = CapConfig()

@@ -143,7 +143,8 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
         options["steps"] = steps
     config = CapConfig(seed=seed).replace(**options)
     ft = _finetune_config(finetune, seed, has_teacher=True)
-    model.eval()
+    was_training = model.training
+    model.eval()  # compression reads the trained network as deployed; mode restored below
     uses_widths = getattr(m, "uses_widths", True)
     plan = Plan.of(model, shape, target_macs=target_macs, keep=keep, allocation=allocation,
                    channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
@@ -208,6 +209,7 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
     for ck in (cap_ck, ft_ck):
         if ck is not None:
             ck.finish()
+    model.train(was_training)
     rep["total_seconds"] = time.perf_counter() - t_start
     rep.update(run_record(seed), cap_config_requested=config.as_dict())
     return Result(small, list(plan.widths) if uses_widths and plan.widths else None, rep,

@@ -55,19 +55,6 @@ def iterate(data: Iterable, device: torch.device | None = None) -> Iterator[Batc
         yield split(b, device)
 
 
-def first_inputs(data: Iterable) -> torch.Tensor:
-    """The inputs of the first batch (what tracing and MACs use by default)."""
-    for x, _ in iterate(data):
-        return x
-    raise CaprojError("data is empty: it yielded no batch", param="data")
-
-
-def has_labels(data: Iterable) -> bool:
-    for _, y in iterate(data):
-        return y is not None
-    return False
-
-
 def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
     """Batches of exactly `size` images, concatenating or splitting the given ones."""
     if size < 1:

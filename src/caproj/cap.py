@@ -49,6 +49,7 @@ from caproj.plan import Plan
 from caproj.resume import Checkpointer, raise_if_stopped, rng_state, set_rng_state
 from caproj.sites import Site
 from caproj.train import LossFn, OutputTransform, bf16_supported, kd_loss, model_device
+from caproj.train import progress as progress_bar
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 3
@@ -459,7 +460,7 @@ class CaP:
         sharded = getattr(batches, "sharded", False)
         it = B.endless(batches, cfg.batch_size, self.device, start)
         try:
-            for step in range(start, steps):
+            for step in progress_bar(range(start, steps), steps - start, "cap", self.progress):
                 x, y = next(it)
                 if not sharded:  # torchrun: this rank's share
                     x = dist.shard(x)

@@ -11,21 +11,18 @@ Writes one JSON record per variant (accuracy, wall time, config, seed, versions)
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from caproj.budget import MacModel, widths_for_macs  # noqa: E402
-from caproj.cap import CaP, CapConfig, calibration_images  # noqa: E402
-from caproj.data import load_data  # noqa: E402
+from caproj.cap import CaP  # noqa: E402
+from caproj.config import CapConfig  # noqa: E402
+from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
-from caproj.sites import require_sites  # noqa: E402
+from caproj.surgery import recalibrate_bn  # noqa: E402
 from caproj.train import evaluate  # noqa: E402
 from caproj.utils import run_record, seed_everything  # noqa: E402
 
@@ -65,14 +62,15 @@ def main() -> None:
     seed_everything(a.seed)
     data = load_data(a.data)
     model, _ = load_model(weights, a.arch)
-    sites = require_sites(model)
-    widths = widths_for_macs(MacModel.of(model, data.input_shape), sites, a.target_macs,
-                             a.channel_multiple)
-    calib = calibration_images(data, a.calib_images, torch.device("cpu"), seed=a.seed)
+    train = Batches.train_of(data, 128, seed=a.seed)
+    calib = Batches.subset_of(data, a.calib_images, 250, seed=a.seed)
+    test = Batches.test_of(data, 500)
+    base = CapConfig(calib_images=a.calib_images, seed=a.seed, log_every=0, steps=a.steps)
     rows: list[dict] = []
+    widths: list[int] = []
 
     def record(name: str, net, seconds: float, **extra) -> None:
-        acc = evaluate(net, data)["acc"]
+        acc = evaluate(net, test)["acc"]
         rows.append({"variant": name, "acc": acc, "seconds": round(seconds, 1), **extra})
         print(f"{name:40s} {acc:6.2f} %  ({seconds:.0f} s)", flush=True)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -80,32 +78,37 @@ def main() -> None:
                                            "widths": widths, "rows": rows,
                                            **run_record(a.seed)}, indent=2))
 
-    print(f"{a.arch} baseline {evaluate(model, data)['acc']:.2f} %; widths {widths}")
+    def recalibrated(cap: CaP):
+        net = cap.finalize()
+        recalibrate_bn(net, cap.calib)
+        return net
+
+    print(f"{a.arch} baseline {evaluate(model, test)['acc']:.2f} %")
     refit_state = None
     for init in ("select",) if a.no_pca else ("select", "pca"):
-        cfg = CapConfig(init=init, calib_images=a.calib_images, seed=a.seed, log_every=0)
         t0 = time.perf_counter()
-        cap = CaP(model, sites, widths, cfg)
-        cap.initialise(calib)
-        record(f"{init} init only", cap.finalize(calib), time.perf_counter() - t0)
-        cap.refit(calib)
-        record(f"{init} + cascaded LS refit", cap.finalize(calib), time.perf_counter() - t0)
-        cap.cfg.bn_recalibrate = True
-        record(f"{init} + cascaded LS refit + BN recalibration", cap.finalize(calib),
+        cap = CaP(model, data.train_x[:1].float(), target_macs=a.target_macs,
+                  channel_multiple=a.channel_multiple, config=base.replace(init=init,
+                                                                          refit=False))
+        cap.calibrate(calib)
+        widths[:] = cap.widths
+        record(f"{init} init only", cap.finalize(), time.perf_counter() - t0)
+        cap.refit()
+        record(f"{init} + cascaded LS refit", cap.finalize(), time.perf_counter() - t0)
+        record(f"{init} + cascaded LS refit + BN recalibration", recalibrated(cap),
                time.perf_counter() - t0)
-        cap.cfg.bn_recalibrate = False
         if init == "select":
-            refit_state = (copy.deepcopy(cap), time.perf_counter() - t0)
+            refit_state = (cap, time.perf_counter() - t0)
     assert refit_state is not None
     names = list(VARIANTS)
     chosen = names if a.variants == "all" else [names[int(i)] for i in a.variants.split(",")]
     for name in chosen:
-        cap = copy.deepcopy(refit_state[0])
-        for k, v in VARIANTS[name].items():
-            setattr(cap.cfg, k, v)
+        # a copy of the refit state whose settings are resolved anew: the rates asked for are
+        # the rates used (before the frozen config, variants silently ran at the defaults)
+        cap = refit_state[0].with_config(**VARIANTS[name])
         t0 = time.perf_counter()
         try:
-            cap.optimise(data, a.steps)
+            cap.optimise(train, a.steps)
         except Exception as e:  # a diverging variant is a result too
             rows.append({"variant": f"select + refit + {name}", "error": str(e)})
             print(f"select + refit + {name}: FAILED: {e}", flush=True)
@@ -114,9 +117,8 @@ def main() -> None:
         secs = refit_state[1] + time.perf_counter() - t0
         extra = dict(steps=a.steps, recon_first=h[0]["recon"],
                      recon_last=sum(r["recon"] for r in h[-10:]) / 10, config=cap.config())
-        record(f"select + refit + {name}", cap.finalize(calib), secs, **extra)
-        cap.cfg.bn_recalibrate = True
-        record(f"select + refit + {name} + BN recal", cap.finalize(calib), secs, **extra)
+        record(f"select + refit + {name}", cap.finalize(), secs, **extra)
+        record(f"select + refit + {name} + BN recal", recalibrated(cap), secs, **extra)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from caproj import dist
 from caproj.config import CAP, CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, TRAIN, CapConfig, TrainConfig
 from caproj.errors import CaprojError
+from caproj.methods import METHODS
 from caproj.version import __version__
 
 EXAMPLES = {
@@ -203,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("bench", "compare CaP with pruning, factorisation and Torch-Pruning side by side")
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
-    p.add_argument("--methods", default="cap,cp,pca,l1,fpgm,taylor,svd,tp-l2",
-                   help="comma-separated registered methods (cap, cp, pca, l1, fpgm, taylor, "
-                   "svd, tp-l2); a method may carry options: cap+stream (stream_projection), "
-                   "cap+auto (allocation auto), cap+stream+auto")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated registered methods (default: all, %(default)s); a "
+                   "method may carry options: cap+stream (stream_projection), cap+auto "
+                   "(allocation auto), cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)

@@ -5,6 +5,7 @@ counted. Writes the table into README.md between the zoo's markers, and the rows
 
     python scripts/coverage.py --zoo timm [--out benchmarks/out/coverage-timm.json]
     python scripts/coverage.py --zoo timm resnet18 dla34     # just these, README untouched
+    python scripts/coverage.py --zoo tv vgg11_bn alexnet     # torchvision models, printed
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from caproj.coverage import RealRun, run
+from caproj.coverage import RealRun, classification_models, input_size_of, run
 from caproj.utils import run_record
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -64,7 +65,9 @@ def table(zoo: str, rows: list[RealRun]) -> str:
     floor = [c for c in rows if c.exact and c.macs_reached is None]
     refused = [c for c in rows if c.exact is None]
     bad = [c for c in rows if c not in ok + floor + refused]
-    head = [f"{len(rows)} {lib} {version} models, real runs at 64×64: **{len(ok)} compress** "
+    sizes = sorted({c.input_size for c in rows})
+    head = [f"{len(rows)} {lib} {version} models, real runs at "
+            f"{' or '.join(f'{s}×{s}' for s in sizes)}: **{len(ok)} compress** "
             f"to 0.5 of their MACs (within 1 %) and run, keep=1.0 exact; {len(floor)} are exact "
             f"at keep=1.0 but cannot reach 0.5 (too few MACs in sites); {len(refused)} refused "
             f"up front" + (f"; **{len(bad)} failed**" if bad else "") + ". *Sites* = "
@@ -78,16 +81,17 @@ def table(zoo: str, rows: list[RealRun]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", choices=("timm",), default="timm")
+    ap.add_argument("--zoo", choices=("timm", "tv"), default="timm")
     ap.add_argument("--out", help="JSON of the rows (default benchmarks/out/coverage-ZOO.json)")
     ap.add_argument("models", nargs="*")
     a = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     warnings.simplefilter("ignore")
-    names = a.models or TIMM
+    names = a.models or (TIMM if a.zoo == "timm" else classification_models())
     rows = []
     for name in names:
-        rows.append(run(f"{a.zoo}:{name}"))
+        size = input_size_of(name) if a.zoo == "tv" else 64
+        rows.append(run(f"{a.zoo}:{name}", size))
         print(row(rows[-1]), flush=True)
     if a.models:
         return 0

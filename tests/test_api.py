@@ -107,9 +107,12 @@ def test_compress_a_user_model_from_a_plain_dataloader(tmp_path):
     assert {"acc_before", "acc_after_compress", "acc_after_finetune"} <= set(rep)
     assert rep["label_free"] is False and len(rep["cap_history"]) == 6
     assert res.model.a.out_channels < 16  # physically narrower, a plain module
+    umask = os.umask(0)
+    os.umask(umask)
     for fmt in ("pt", "safetensors"):
         path = tmp_path / f"small.{fmt}"
         caproj.save(res.model, path)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
         again = caproj.load(path, model=Branchy())
         x = torch.randn(3, 3, 8, 8)
         with torch.no_grad():

@@ -76,6 +76,8 @@ class CaP:
     target_macs / keep / widths: the budget (fraction of MACs, fraction of channels per site,
         or explicit per-site widths); allocation "uniform" or "auto"; channel_multiple.
     stream_projection: also project residual streams (beyond the paper).
+    plan: a `caproj.plan.Plan` already made for this model (then the budget arguments above
+        are not used; `caproj.compress` passes the one all methods share).
     config: a CapConfig; `**options` override its fields (steps=300, lr=1e-3, kd=1.0, ...).
     loss_fn(outputs, targets): replaces cross-entropy; output_transform(model output) ->
         logits for models returning tuples/dicts; teacher: distil from it instead of `model`.
@@ -85,7 +87,8 @@ class CaP:
                  target_macs: float | None = None, keep: float | None = None,
                  widths: list[int] | None = None, allocation: str = "uniform",
                  channel_multiple: int | None = None, stream_projection: bool = False,
-                 sites: list[Site] | None = None, config: CapConfig | None = None,
+                 sites: list[Site] | None = None, plan: Plan | None = None,
+                 config: CapConfig | None = None,
                  loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
                  teacher: nn.Module | None = None, progress: bool = True,
                  **options: Any) -> None:
@@ -95,10 +98,10 @@ class CaP:
             raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
                               param="model")
         self._config = (config or CapConfig()).replace(**options)
-        self.plan = Plan.of(model, input_shape_of(example_inputs), target_macs=target_macs,
-                            keep=keep, allocation=allocation,
-                            channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
-                            stream_projection=stream_projection, widths=widths, sites=sites)
+        self.plan = plan if plan is not None else Plan.of(
+            model, input_shape_of(example_inputs), target_macs=target_macs, keep=keep,
+            allocation=allocation, channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
+            stream_projection=stream_projection, widths=widths, sites=sites)
         self.orig = model.eval()  # only ever run under no_grad; its flags are left alone
         self.sites = self.plan.sites
         self.loss_fn, self.output_transform = loss_fn, output_transform

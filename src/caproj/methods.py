@@ -91,7 +91,7 @@ class CaPMethod:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, job: Job) -> nn.Module:
-        cap = CaP(job.model, job.example_inputs, sites=job.sites, widths=job.widths,
+        cap = CaP(job.model, job.example_inputs, plan=job.plan,
                   config=job.config.replace(**self.overrides), loss_fn=job.loss_fn,
                   output_transform=job.output_transform, teacher=job.teacher,
                   progress=job.progress)

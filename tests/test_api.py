@@ -315,3 +315,23 @@ def test_load_rebuilds_zoo_architectures_from_metadata(tmp_path):
     torch.save(nan, tmp_path / "nan.pt")
     with pytest.raises(caproj.CaprojError, match="'conv1.weight' has 1 non-finite"):
         caproj.load(tmp_path / "nan.pt", model=build_model("resnet20"))
+
+
+def test_label_free_never_reads_the_labels():
+    """label_free=True on a labelled loader: labels that are all wrong give the same weights,
+    in CaP and in the fine-tuning (issue 19's check); with labels read they would differ."""
+    model = model_of()
+    right = loader()
+    g = torch.Generator().manual_seed(7)
+    wrong = DataLoader(TensorDataset(right.dataset.tensors[0],
+                                     torch.randint(0, 5, (96,), generator=g)), batch_size=16)
+    kw = dict(target_macs=0.5, steps=4, calib_images=48, batch_size=32, finetune=1,
+              progress=False)
+    a = caproj.compress(model, right, label_free=True, **kw)
+    b = caproj.compress(model, wrong, label_free=True, **kw)
+    assert a.report["label_free"] and b.report["label_free"]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    c = caproj.compress(model, wrong, **kw)  # labels read: the weights change
+    assert any(not torch.equal(v, c.model.state_dict()[k])
+               for k, v in a.model.state_dict().items())

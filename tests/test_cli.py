@@ -183,3 +183,14 @@ def test_failing_latency_report_keeps_the_saved_model(trained, tmp_path, monkeyp
     model, _ = load_model(out)
     acc = evaluate(model, Batches.test_of(load_data("digits")))["acc"]
     assert acc == ck["metrics"]["acc_after_compress"]  # the saved weights are the result's
+
+
+def test_compress_label_free_flag_records_it(trained, tmp_path):
+    out = tmp_path / "lf.pt"
+    r = caproj("compress", "--weights", trained, "--data", "digits", "--target-macs", "0.5",
+               "--cap-steps", "3", "--calib-images", "200", "--cap-batch-size", "64",
+               "--finetune-epochs", "1", "--label-free", "--latency", "none", "--out", out)
+    assert r.returncode == 0, r.stderr
+    m = torch.load(out, weights_only=True)["metrics"]
+    assert m["label_free"] is True and "acc_after_finetune" in m
+    assert "batch acc" not in r.stdout and "train acc" not in r.stdout  # no labels were read

@@ -100,8 +100,9 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
              eval_data: Iterable | None = None,
              output_transform: OutputTransform | None = None, stream_projection: bool = False,
              allocation: str = "uniform", channel_multiple: int | None = None,
-             widths: list[int] | None = None, state_path: str | os.PathLike | None = None,
-             resume: bool = False, save_every: int = SAVE_EVERY, **options: Any) -> Result:
+             widths: list[int] | None = None, label_free: bool = False,
+             state_path: str | os.PathLike | None = None, resume: bool = False,
+             save_every: int = SAVE_EVERY, **options: Any) -> Result:
     """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5)
     or `keep` (fraction of channels per site) with `method` (a registered name, see
     `caproj.METHODS`, or a plug-in), optionally fine-tune, and report.
@@ -109,6 +110,9 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
     data: iterable of batches (x, y) / (x,) / x: CaP's optimisation, Taylor scores, the
         fine-tuning. calib_data: where calibration images come from (default: data).
     eval_data: labelled batches; if given the report holds top-1 before/after each stage.
+    label_free: ignore the labels `data` and `calib_data` may carry (distillation from the
+        original plus reconstruction only, in CaP and in the fine-tuning); data without labels
+        is label-free anyway. eval_data keeps its labels.
     example_inputs: for tracing and MACs (default: the first batch's inputs).
     calib_images, steps, **options: CaP settings (`caproj.CapConfig` fields: lr, weight_lr,
         kd, init, batch_size, relax, ...).
@@ -126,6 +130,12 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
     if not isinstance(model, nn.Module):
         raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
                           param="model")
+    if label_free:
+        B.check_iterable(data, "data")
+        data = B.WithoutLabels(data)
+        if calib_data is not None:
+            B.check_iterable(calib_data, "calib_data")
+            calib_data = B.WithoutLabels(calib_data)
     x0, labelled = _peek(data, "data")
     if calib_data is not None:
         _peek(calib_data, "calib_data")

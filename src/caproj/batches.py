@@ -55,6 +55,27 @@ def iterate(data: Iterable, device: torch.device | None = None) -> Iterator[Batc
         yield split(b, device)
 
 
+class WithoutLabels:
+    """`data` with its labels dropped: a labelled loader (an ImageFolder, say) used label-free.
+    Everything else (len, batch_size, set_epoch, sampler, sharded) is the wrapped object's."""
+
+    def __init__(self, data: Iterable) -> None:
+        check_iterable(data)
+        self.data = data
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for x, _ in iterate(self.data):
+            yield x
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "data":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+
 def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
     """Batches of exactly `size` images, concatenating or splitting the given ones."""
     if size < 1:

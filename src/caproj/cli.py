@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0)
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
+    p.add_argument("--label-free", action="store_true", help="compress and fine-tune without "
+                   "reading the training labels (distillation from the original + "
+                   "reconstruction); the test split's labels still measure accuracy")
     p.add_argument("--latency", choices=("none", "fast", "full"), default="fast",
                    help="latency report after the model is saved: none, fast (default: "
                    "BN folded + channels_last, batch 1 and 64, few rounds) or full (eager, "
@@ -452,7 +455,8 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        calib_data=calib_b, eval_data=test_b, calib_images=a.calib_images,
                        steps=a.cap_steps, finetune=ft if ft.epochs > 0 else None, seed=a.seed,
                        channel_multiple=a.channel_multiple, allocation=a.allocate,
-                       stream_projection=a.stream_projection, state_path=a.out,
+                       stream_projection=a.stream_projection, label_free=a.label_free,
+                       state_path=a.out,
                        resume=a.resume, save_every=a.save_every, **_cap_options(a))
     rep = res.report
     rep["acc_before"] = acc0

@@ -174,7 +174,7 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     sharded = getattr(data, "sharded", False)  # caproj's streamed batches are already shares
     history: list[dict] = []
     step, first_epoch, first_batch = 0, 0, 0
-    partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
+    partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "labelled": 0, "seconds": 0.0}
     st = checkpoint.load() if checkpoint is not None else None
     if st is not None:
         model.load_state_dict(st["model"])
@@ -196,9 +196,10 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
         start = first_batch if epoch == first_epoch else 0
         skip = start - B.set_epoch(data, epoch, start)
         if start == 0:
-            partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
+            partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "labelled": 0, "seconds": 0.0}
         t0 = time.perf_counter() - partial["seconds"]
         seen, loss_sum, correct = partial["seen"], partial["loss_sum"], partial["correct"]
+        labelled = partial.get("labelled", seen)  # images whose labels were read
         bar = progress(B.iterate(data, device), min(steps_per_epoch - start, total - step),
                        f"epoch {epoch + 1}/{cfg.epochs}", progress_bar)
         i = start - 1
@@ -246,6 +247,7 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
             loss_sum += loss.item() * len(x)
             if y is not None and out.dim() == 2 and y.dim() == 1:
                 correct += (out.argmax(1) == y).sum().item()
+                labelled += len(x)
             if checkpoint is not None and checkpoint.due(step):
                 checkpoint.save(step, {
                     "model": model.state_dict(), "opt": opt.state_dict(),
@@ -253,15 +255,18 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
                     "sched": sched.state_dict(), "history": history, "epoch": epoch,
                     "batch": i + 1, "rng": rng_state(),
                     "partial": {"seen": seen, "loss_sum": loss_sum, "correct": correct,
+                                "labelled": labelled,
                                 "seconds": time.perf_counter() - t0}})
             if step >= total or i + 1 >= steps_per_epoch:
                 break
         if dist.world() > 1:  # the epoch's numbers over the global batches
-            tot = dist.all_reduce_(torch.tensor([seen, loss_sum, correct], dtype=torch.float64,
-                                                device=device))
+            tot = dist.all_reduce_(torch.tensor([seen, loss_sum, correct, labelled],
+                                                dtype=torch.float64, device=device))
             seen, loss_sum, correct = int(tot[0]), float(tot[1]), int(tot[2])
+            labelled = int(tot[3])
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-               "train_acc": 100.0 * correct / max(seen, 1),
+               # over the batches that had labels; None for label-free training
+               "train_acc": 100.0 * correct / labelled if labelled else None,
                "seconds": time.perf_counter() - t0,
                "images_per_s": seen / (time.perf_counter() - t0)}
         if eval_data is not None:
@@ -274,8 +279,9 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
                 output_transform=output_transform, progress_bar=progress_bar).items()
                 if k != "n"})
         history.append(rec)
-        log.info("epoch %d: train loss %.4f, train acc %.2f%%%s%s (%.0f s, %.0f img/s)",
-                 epoch + 1, rec["train_loss"], rec["train_acc"],
+        log.info("epoch %d: train loss %.4f%s%s%s (%.0f s, %.0f img/s)", epoch + 1,
+                 rec["train_loss"],
+                 f", train acc {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else "",
                  f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else "",
                  f" (raw weights {rec['test_acc_raw']:.2f}%)" if "test_acc_raw" in rec else "",
                  rec["seconds"], rec["images_per_s"])

@@ -64,7 +64,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
                    channel_multiple=channel_multiple, progress=False,
                    **opts, **{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"})
     rep = res.report
-    shape = tuple(next(iter(test))[0].shape[1:])
+    shape = tuple(rep["input_shape"])
     small = res.model.eval()
     rec: dict[str, Any] = {
         "method": method, "target_macs": target, "widths": res.widths,

@@ -104,7 +104,8 @@ class Plan:
         return predict_macs(self.mm, self.sites, self.widths)
 
     def describe(self) -> dict:
-        return {"target_macs": self.target_macs, "keep": self.keep,
+        return {"input_shape": list(self.input_shape), "target_macs": self.target_macs,
+                "keep": self.keep,
                 "allocation": self.allocation, "channel_multiple": self.channel_multiple,
                 "stream_projection": self.stream_projection,
                 "sites": [str(s) for s in self.sites], "widths": self.widths}

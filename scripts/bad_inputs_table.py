@@ -15,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bad_inputs_cases import CASES, make_files  # noqa: E402
+from bad_inputs_cases import API_CASES, CASES, make_files  # noqa: E402
+
+from caproj.errors import CaprojError  # noqa: E402
 
 
 def main() -> None:
@@ -29,6 +31,15 @@ def main() -> None:
             msg = r.stderr.strip().replace("|", "\\|")
             rows.append(f"| {i} | {what} | `caproj {' '.join(args)}` | {r.returncode} | {msg} |")
             print(rows[-1])
+    lib = []
+    for i, (what, call, fn, _, _) in enumerate(API_CASES, len(CASES) + 1):
+        try:
+            fn()
+            got = "(no error)"
+        except CaprojError as e:
+            got = f"CaprojError(param={e.param!r}): {e}".replace("|", "\\|")
+        lib.append(f"| {i} | {what} | `caproj.{call}` | {got} |")
+        print(lib[-1])
     text = "\n".join([
         "# Bad inputs and what they get",
         "",
@@ -38,7 +49,15 @@ def main() -> None:
         "",
         "| # | bad input | command | exit | message |",
         "|---|---|---|---:|---|",
-        *rows, ""])
+        *rows, "",
+        "## The library",
+        "",
+        "The same checks raise `caproj.CaprojError` (one line; `.param` names the argument, which",
+        "the CLI translates to its flag). Checked by the same test file.",
+        "",
+        "| # | bad input | call | raises |",
+        "|---|---|---|---|",
+        *lib, ""])
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "bad-inputs.md").write_text(text)
 

@@ -44,10 +44,10 @@ CASES: list[tuple[str, list[str], str]] = [
      ["info", "--arch", "resnet57"], "unknown architecture 'resnet57'"),
     ("unknown torchvision model",
      ["info", "--arch", "tv:resnet999"], "unknown torchvision classification model"),
-    ("model with no compressible site",
+    ("target below the floor of layers it cannot narrow",
      ["compress", "--arch", "tv:shufflenet_v2_x0_5", "--weights", "shufflenet.th", "--data",
       "rgb3", "--out", "o.pt"],
-     "no compressible site in ShuffleNetV2"),
+     "--target-macs 0.5 is unreachable: the narrowest allowed sizes still cost"),
     ("--keep 0", ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
                   "--keep", "0", "--out", "o.pt"], "must be in (0, 1], got 0"),
     ("--keep 1.5", ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
@@ -102,16 +102,106 @@ CASES: list[tuple[str, list[str], str]] = [
     ("export input size malformed",
      ["export", "--arch", "resnet20", "--weights", "r20.th", "--input-size", "3,x",
       "--out", "o.onnx"], "expected C,H,W like 3,32,32, got '3,x'"),
+    ("checkpoint with an Inf inside",
+     ["eval", "--arch", "resnet20", "--weights", "inf.th", "--data", "rgb3"],
+     "tensor 'linear.bias' has 1 non-finite value(s) (NaN/Inf)"),
+    ("folder with only val/ where a train split is required (no --split)",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "val_only",
+      "--out", "o.pt"], "holds only val/ (no train/ and test/ pair): pass --split N"),
+    ("--split on a folder that has train/ and test/",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3", "--split",
+      "4", "--out", "o.pt"], "--split N is for a folder with only one of them"),
+    ("--split leaves nothing to evaluate",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "val_only",
+      "--split", "9", "--out", "o.pt"], "--split N must leave images on both sides of 9, got 9"),
+    ("a corrupt image inside a folder",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "corrupt",
+      "--out", "o.pt"], "cannot decode image train/b/1.png"),
+    ("an input size the model cannot take",
+     ["compress", "--arch", "tv:alexnet", "--weights", "alexnet.th", "--data", "rgb3",
+      "--out", "o.pt"], "AlexNet cannot run on inputs of shape (3, 8, 8)"),
+    ("--split with --stream", ["eval", "--arch", "resnet20", "--weights", "r20.th", "--data",
+                               "val_only", "--stream", "--split", "4"],
+     "--split N reads the folder into memory; it does not apply with --stream"),
+]
+
+# Bad inputs to the library: (what is wrong, a call raising CaprojError, part of the message,
+# the parameter the error names). Used by tests/test_bad_inputs.py and the docs table.
+
+
+def _tiny():
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _batches(n=2, size=12):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, size, size, generator=g), torch.randint(0, 4, (4,), generator=g))
+            for _ in range(n)]
+
+
+class _DictOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _tiny()
+
+    def forward(self, x):
+        return {"logits": self.body(x)}
+
+
+class _Grouped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from torch import nn
+
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 3, groups=4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+
+def _compress(model, data, **kw):
+    import caproj
+
+    return caproj.compress(model, data, progress=False, **kw)
+
+
+API_CASES = [
+    ("model whose forward returns a dict (no output_transform)",
+     "compress(DictOut(), data, target_macs=0.5)",
+     lambda: _compress(_DictOut(), _batches(), target_macs=0.5),
+     "the model returns dict, not a tensor of logits", "output_transform"),
+    ("model is not an nn.Module", "compress(lambda x: x, data)",
+     lambda: _compress(lambda x: x, _batches()), "model must be an nn.Module", "model"),
+    ("data is not an iterable of batches", "compress(model, 5)",
+     lambda: _compress(_tiny(), 5), "data must be an iterable of batches", "data"),
+    ("an unknown CaP option", "compress(model, data, bogus=1)",
+     lambda: _compress(_tiny(), _batches(), bogus=1), "unknown CapConfig option 'bogus'",
+     "bogus"),
+    ("target_macs and keep together", "compress(model, data, target_macs=0.5, keep=0.5)",
+     lambda: _compress(_tiny(), _batches(), target_macs=0.5, keep=0.5),
+     "give target_macs or keep, not both", "keep"),
+    ("width that splits a grouped conv unevenly", "compress(grouped, data, widths=[6])",
+     lambda: _compress(_Grouped(), _batches(), widths=[6]),
+     "width 6 for a is not a multiple of its 4 groups", "widths"),
+    ("images too small for the model",
+     "compress(torchvision.models.alexnet(), 16x16 images)",
+     lambda: _compress(__import__("torchvision").models.alexnet(), _batches(1, 16),
+                       target_macs=0.5),
+     "AlexNet cannot run on inputs of shape (3, 16, 16)", "example_inputs"),
 ]
 
 OUTPUTS = ("o.pt", "o.onnx", "bench")  # must never appear after a refused run
 
 
-def _images(root: Path, classes: str, per_class: int = 3, size: int = 8, ext: str = "png"):
+def _images(root: Path, classes: str, per_class: int = 3, size: int = 8, ext: str = "png",
+            splits: tuple[str, ...] = ("train", "test")):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
+    for split in splits:
         for c in classes:
             d = root / split / c
             d.mkdir(parents=True, exist_ok=True)
@@ -137,6 +227,13 @@ def make_files(d: Path) -> None:
                d / "c100.pt")
     torch.save(build_model("tv:shufflenet_v2_x0_5", num_classes=3).state_dict(),
                d / "shufflenet.th")
+    sd = build_model("resnet20", num_classes=3).state_dict()
+    sd["linear.bias"][1] = float("inf")
+    torch.save(sd, d / "inf.th")
+    torch.save(build_model("tv:alexnet", num_classes=3).state_dict(), d / "alexnet.th")
+    _images(d / "val_only", "abc", splits=("val",))
+    _images(d / "corrupt", "ab")
+    (d / "corrupt" / "train" / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (d / "garbage.tar.gz").write_bytes(b"garbage")
     _images(d / "rgb3", "abc")
     from safetensors.torch import save_file

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from bad_inputs_cases import CASES, OUTPUTS, make_files
+from bad_inputs_cases import API_CASES, CASES, OUTPUTS, make_files
+
+from caproj.errors import CaprojError
 
 from conftest import ROOT, caproj
 
@@ -30,8 +32,19 @@ def test_bad_input_gets_one_line_and_no_output(files, what, args, message):
     assert not list(files.glob(".o.*"))  # no temp file left behind
 
 
+@pytest.mark.parametrize("what, call, fn, message, param", API_CASES,
+                         ids=[c[0] for c in API_CASES])
+def test_library_bad_input_raises_caproj_error_naming_the_parameter(what, call, fn, message,
+                                                                    param):
+    with pytest.raises(CaprojError) as e:
+        fn()
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert e.value.param == param
+
+
 def test_docs_table_lists_every_case():
     doc = (ROOT / "docs" / "bad-inputs.md").read_text()
     rows = re.findall(r"^\| \d+ \| (.+?) \|", doc, flags=re.M)
-    assert rows == [c[0] for c in CASES], "regenerate: python scripts/bad_inputs_table.py"
-    assert len(rows) >= 15
+    want = [c[0] for c in CASES] + [c[0] for c in API_CASES]
+    assert rows == want, "regenerate: python scripts/bad_inputs_table.py"
+    assert len(rows) >= 40

@@ -101,7 +101,7 @@ def test_digits_is_offline_and_fixed():
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda r: make_image_folder(r, splits=("train",)), "expected ImageFolder splits"),
+    (lambda r: make_image_folder(r, splits=("train",)), "holds only train/ .no train/ and"),
     (lambda r: (make_image_folder(r), (r / "train" / "emu").mkdir(),
                 (r / "test" / "emu").mkdir()), "has no images"),
     (lambda r: make_image_folder(r, classes=("solo",)), "only one class"),
@@ -163,3 +163,20 @@ def test_batches_resume_mid_epoch_yields_the_same_remaining_batches():
     for (xa, ya), (xb, yb) in zip(full[4:], rest, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert len(list(tr)) == len(full)  # `start` applies to one iteration only
+
+
+def test_folder_with_only_val_is_split_into_calibration_and_evaluation(tmp_path):
+    make_image_folder(tmp_path / "v", splits=("val",))
+    with pytest.raises(CaprojError, match="holds only val/") as e:
+        D.load_data(str(tmp_path / "v"))
+    assert e.value.param == "split"
+    s = D.load_data(str(tmp_path / "v"), split=3)
+    n = len(s.train_y) + len(s.test_y)
+    assert len(s.train_y) == 3 and s.extra["split"]["evaluation"] == n - 3
+    again = D.load_data(str(tmp_path / "v"), split=3)  # seeded: the same images each time
+    assert torch.equal(again.train_x, s.train_x) and torch.equal(again.test_y, s.test_y)
+    # no image on both sides
+    both = torch.cat([s.train_x, s.test_x]).flatten(1)
+    assert len({tuple(r.tolist()) for r in both}) == n
+    half = D.load_data(str(tmp_path / "v"), split=0.5)
+    assert len(half.train_y) == round(n / 2)

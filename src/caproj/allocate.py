@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caproj import projection
-from caproj.budget import MacModel, predict_macs, site_step, solve
+from caproj.budget import MacModel, predict_macs, site_steps, site_units, solve
 from caproj.errors import CaprojError
 from caproj.sites import Site
 
@@ -64,7 +64,7 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
 
         def pre(m, inp, spatial, mask=mask):
             x = inp[0]
-            if x.dim() == 2:  # Linear after flatten: channels x spatial features
+            if isinstance(m, nn.Linear):  # after flatten (channels x spatial), or on tokens
                 return (x * mask.repeat_interleave(spatial),)
             return (x * mask.view(1, -1, *([1] * (x.dim() - 2))),)
 
@@ -86,14 +86,14 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
     each site's narrowest step, by sensitivity x drop in e_s per extra MAC)."""
     if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
         raise CaprojError(f"target_macs must be in (0, 1], got {target}", param="target_macs")
-    steps = [site_step(s.channels, multiple) for s in sites]
+    steps = site_steps(sites, multiple)
 
     def value(i: int, k: int, nk: int, new: int, cur: int) -> float:
         return sens[i] * (curves[i][k] - curves[i][nk]).item() / max(new - cur, 1)
 
     widths = solve([s.channels for s in sites], lambda w: predict_macs(mm, sites, w),
                    target * mm.total, steps=steps, start=list(steps), value=value, trades=True,
-                   what=f"target_macs {target:g}")
+                   what=f"target_macs {target:g}", units=site_units(sites))
     got = predict_macs(mm, sites, widths) / mm.total
     log.info("automatic allocation: widths %s (%.3f of the MACs)", widths, got)
     return widths

@@ -45,7 +45,7 @@ from caproj.models import (
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.surgery import resize_to_state_dict
-from caproj.train import LossFn, OutputTransform, fit, model_device
+from caproj.train import LossFn, OutputTransform, fit, model_device, outputs_of
 from caproj.train import evaluate as _evaluate_impl
 from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
 
@@ -161,6 +161,8 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
                    stream_projection=stream_projection, widths=widths)
     t0 = time.perf_counter()
     calib = B.take(calib_data if calib_data is not None else data, config.calib_images, device)
+    with torch.no_grad():  # a dict/tuple output without output_transform fails now, not later
+        outputs_of(model.eval(), calib[0][:1], output_transform)
     if uses_widths:
         plan.resolve(model, calib)
     alloc_s = time.perf_counter() - t0

@@ -43,6 +43,7 @@ def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
     output pixel (a 1x1 conv), where the original padding cost nothing."""
     out_f: dict[str, tuple[int, int]] = {}
     in_f: dict[str, tuple[int, int]] = {}
+    mid_f: dict[str, tuple[int, int]] = {}  # depthwise convs: MACs scale with k / c once
     map_in: dict[str, tuple[int, int]] = {}
     map_out: dict[str, tuple[int, int]] = {}
     for s, k in zip(sites, widths, strict=True):
@@ -50,6 +51,12 @@ def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
             out_f[p] = (k, s.channels)
         for c, _ in s.consumers:
             in_f[c] = (k, s.channels)
+        for m in s.mids:
+            mid_f[m] = (k, s.channels)
+        for reader, writer in s.gates:
+            in_f[reader] = (k, s.channels)
+            out_f[writer] = (k, s.channels)
+            del mid_f[writer]
         for m in s.maps_out:
             map_in[m] = (k, s.channels)
         for m in s.maps_in:
@@ -57,7 +64,7 @@ def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
     total = mm.total
     for name, macs in mm.layers.items():
         ko, co = out_f.get(name, (1, 1))
-        ki, ci = in_f.get(name, (1, 1))
+        ki, ci = in_f.get(name, mid_f.get(name, (1, 1)))
         total += macs * ko * ki // (co * ci) - macs
     for m in set(map_in) | set(map_out):
         c_in, c_out, pixels = mm.shapes[m]
@@ -67,9 +74,19 @@ def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
     return total
 
 
-def site_step(c: int, multiple: int) -> int:
-    """Width granularity of a site: `multiple`, but never coarser than a quarter of it."""
-    return max(1, min(multiple, c // 4))
+def site_step(c: int, multiple: int, groups: int = 1) -> int:
+    """Width granularity of a site: `multiple`, but never coarser than a quarter of it; a
+    multiple of the site's groups (equal groups) in any case."""
+    return math.lcm(max(1, min(multiple, c // 4)), groups)
+
+
+def site_steps(sites: list[Site], multiple: int) -> list[int]:
+    return [site_step(s.channels, multiple, s.groups) for s in sites]
+
+
+def site_units(sites: list[Site]) -> list[int]:
+    """The finest width change each site allows (its groups: equal widths per group)."""
+    return [s.groups for s in sites]
 
 
 def widths_for_keep(sites: list[Site], keep: float, multiple: int = 1) -> list[int]:
@@ -80,7 +97,7 @@ def widths_for_keep(sites: list[Site], keep: float, multiple: int = 1) -> list[i
                           param="channel_multiple")
     if keep == 1:
         return [s.channels for s in sites]
-    steps = [site_step(s.channels, multiple) for s in sites]
+    steps = site_steps(sites, multiple)
     return [max(st, min(s.channels, int(round(keep * s.channels / st)) * st))
             for s, st in zip(sites, steps, strict=True)]
 
@@ -88,7 +105,8 @@ def widths_for_keep(sites: list[Site], keep: float, multiple: int = 1) -> list[i
 def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
           steps: list[int] | None = None, start: list[int] | None = None,
           value: Callable[[int, int, int, int, int], float] | None = None,
-          trades: bool = False, tol: float = 0.01, what: str = "target_macs") -> list[int]:
+          trades: bool = False, tol: float = 0.01, what: str = "target_macs",
+          units: list[int] | None = None) -> list[int]:
     """The one budget solver: sizes (widths, ranks) in [step_i, full_i] whose `cost` lands at
     or just under `goal`, within `tol` of it.
 
@@ -98,14 +116,16 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
     3. Still short: with `trades`, one-for-one trades between items (chained sites can leave
        every single unit too expensive for the slack); then one unit above the goal if that
        lands within `tol`.
+    `units`: the finest change of each size (default 1; grouped sites: their groups).
     Raises CaprojError naming `what` if the goal is unreachable or cannot be met within `tol`.
     """
     n = len(full)
-    steps = steps or [1] * n
+    units = units or [1] * n
+    steps = steps or list(units)
     total = cost(list(full))
     if goal >= total:
         return list(full)
-    floor = cost(list(start) if start is not None else [1] * n)
+    floor = cost(list(start) if start is not None else list(units))
     if floor > goal:
         raise CaprojError(f"{what} is unreachable: the narrowest allowed sizes still cost "
                           f"{floor / total:.3f} of the total (the other layers are not "
@@ -125,7 +145,7 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
             lo, hi = (mid, hi) if cost(uniform(mid, steps)) <= goal else (lo, mid)
         sizes = uniform(lo, steps)
         if cost(sizes) > goal:  # steps too coarse for this goal: single units
-            steps = [1] * n
+            steps = list(units)
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 mid = (lo + hi) / 2
@@ -163,31 +183,31 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
 
     grow(lambda i: steps[i])
     if not close(cost(sizes)):
-        grow(lambda i: 1)
+        grow(lambda i: units[i])
     while trades and not close(cost(sizes)):
         cur, trade = cost(sizes), None
         for i in range(n):
             for j in range(n):
-                if i == j or sizes[i] <= 1 or sizes[j] >= full[j]:
+                if i == j or sizes[i] <= units[i] or sizes[j] >= full[j]:
                     continue
-                sizes[i] -= 1
-                sizes[j] += 1
+                sizes[i] -= units[i]
+                sizes[j] += units[j]
                 c = cost(sizes)
-                sizes[i] += 1
-                sizes[j] -= 1
+                sizes[i] += units[i]
+                sizes[j] -= units[j]
                 if cur < c <= goal and (trade is None or c > trade[0]):
                     trade = (c, i, j)
         if trade is None:
             break
-        sizes[trade[1]] -= 1
-        sizes[trade[2]] += 1
+        sizes[trade[1]] -= units[trade[1]]
+        sizes[trade[2]] += units[trade[2]]
     cur = cost(sizes)
     if not close(cur):  # tiny sizes: one unit above may land within tol
         above = []
         for i in range(n):
             if sizes[i] < full[i]:
                 s2 = sizes.copy()
-                s2[i] += 1
+                s2[i] += units[i]
                 above.append((cost(s2), s2))
         if above:
             c, s2 = min(above, key=lambda t: t[0])
@@ -213,5 +233,5 @@ def widths_for_macs(mm: MacModel, sites: list[Site], target: float,
         raise CaprojError(f"channel_multiple must be >= 1, got {multiple}",
                           param="channel_multiple")
     return solve([s.channels for s in sites], lambda w: predict_macs(mm, sites, w),
-                 target * mm.total, steps=[site_step(s.channels, multiple) for s in sites],
+                 target * mm.total, steps=site_steps(sites, multiple), units=site_units(sites),
                  what=f"target_macs {target:g}")

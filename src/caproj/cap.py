@@ -148,8 +148,8 @@ class CaP:
     # ------------------------------------------------------------------ helpers
     def projections(self) -> list[torch.Tensor]:
         """Retracted proxies; square ones (sites kept whole) are the identity and stay fixed."""
-        return [projection.retract(a, self.cfg.retraction) if a.shape[0] != a.shape[1] else a
-                for a in self.proxies]
+        return [projection.retract_site(a, s, self.cfg.retraction)
+                for a, s in zip(self.proxies, self.sites, strict=True)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return surgery.compressed_tensors(self.orig, self.sites, self.base, self.projections(),
@@ -160,7 +160,12 @@ class CaP:
         return functional_call(self.narrow, tensors, (x,), strict=False)
 
     def _logits(self, out: Any) -> torch.Tensor:
-        return self.output_transform(out) if self.output_transform is not None else out
+        out = self.output_transform(out) if self.output_transform is not None else out
+        if not isinstance(out, torch.Tensor):
+            raise CaprojError(f"the model returns {type(out).__name__}, not a tensor of logits; "
+                              f"pass output_transform=... to pick the logits",
+                              param="output_transform")
+        return out
 
     # ------------------------------------------------------------------ 1: calibrate
     @torch.no_grad()
@@ -191,10 +196,11 @@ class CaP:
         for s, k, st in zip(self.sites, self.widths, stats, strict=True):
             if k == s.channels:
                 p = torch.eye(k, device=self.device)  # nothing to compress: exact identity
-            elif self.cfg.init == "pca":
-                p = projection.init_pca(st, k)
-            else:
-                p = projection.init_select(projection.selection_scores(st, self.base, s), k)
+            elif self.cfg.init == "pca" and not s.selection:
+                p = projection.init_pca(st, k, s.groups)
+            else:  # a site with a depthwise conv inside keeps a selection (fixed)
+                p = projection.init_select(projection.selection_scores(st, self.base, s), k,
+                                           s.groups)
             ps.append(p.to(self.device))
         self.proxies = ps
         self.narrow = surgery.narrow_like(self.orig, self.tensors()).eval()
@@ -258,27 +264,31 @@ class CaP:
                     h.remove()
                 xin, y = cap["x"].float(), cap["y"].float()
                 if getattr(cons_o, "bias", None) is not None:
-                    y = y - cons_o.bias.view(1, -1, *([1] * (y.dim() - 2)))
-                if isinstance(cons_o, nn.Conv2d):
+                    y = y - (cons_o.bias if isinstance(cons_o, nn.Linear) else
+                             cons_o.bias.view(1, -1, *([1] * (y.dim() - 2))))
+                if isinstance(cons_o, nn.Conv2d):  # one least squares per group
+                    groups = cons_o.groups
                     cols = F.unfold(xin, cons_o.kernel_size, cons_o.dilation, cons_o.padding,
-                                    cons_o.stride)  # N x (c' k k) x L
-                    yy = y.reshape(y.shape[0], y.shape[1], -1)  # N x out x L
-                    g = torch.einsum("nkl,njl->kj", cols, cols)
-                    c = torch.einsum("nkl,nol->ko", cols, yy)
-                else:
-                    xin = xin.reshape(xin.shape[0], -1)
-                    g, c = xin.T @ xin, xin.T @ y
+                                    cons_o.stride)  # N x (c' k k) x L, channel-major
+                    cols = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1])
+                    yy = y.reshape(y.shape[0], groups, y.shape[1] // groups, -1)  # N G o L
+                    g = torch.einsum("ngkl,ngjl->gkj", cols, cols)
+                    c = torch.einsum("ngkl,ngol->gko", cols, yy)
+                else:  # a Linear: every leading dimension is a sample (tokens too)
+                    xin, y = xin.reshape(-1, xin.shape[-1]), y.reshape(-1, y.shape[-1])
+                    g, c = (xin.T @ xin)[None], (xin.T @ y)[None]
                 gram = g.double() if gram is None else gram + g.double()
                 cross = c.double() if cross is None else cross + c.double()
             assert gram is not None and cross is not None
             dist.all_reduce_(gram)
             dist.all_reduce_(cross)
-            d = gram.shape[0]
-            ridge = self.cfg.ridge * torch.trace(gram) / d + 1e-12
+            d = gram.shape[-1]
+            trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+            ridge = (self.cfg.ridge * trace / d + 1e-12)[:, None, None]
             sol = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype,
                                                                device=gram.device), cross)
             w_old = self.base[f"{name}.weight"]
-            w = sol.T.float()
+            w = sol.transpose(1, 2).reshape(-1, d).float()  # (G o) x (c'/G k k)
             if w_old.dim() == 4:
                 w = w.reshape(w_old.shape[0], -1, *w_old.shape[2:])
             self.consumer_w[name] = w.contiguous()
@@ -289,6 +299,8 @@ class CaP:
         """Per site: the module whose output is compared, and the site whose P lifts it back
         (when the consumer's own output is projected, i.e. it is also a producer)."""
         as_producer = {p: (j, bn) for j, s in enumerate(self.sites) for p, bn in s.producers}
+        as_producer.update({w: (j, None) for j, s in enumerate(self.sites)  # SE scales
+                            for _, w in s.gates})
         taps = []
         for s in self.sites:
             j, bn = as_producer.get(s.consumer, (None, None))
@@ -364,8 +376,8 @@ class CaP:
         """Parameter groups and optimisers (built once; odd and even sites alternate)."""
         cfg = self.cfg
         groups: list[list[torch.Tensor]] = [[], []]
-        for i, a in enumerate(self.proxies):
-            if a.shape[0] != a.shape[1]:
+        for i, (a, s) in enumerate(zip(self.proxies, self.sites, strict=True)):
+            if a.shape[0] != a.shape[1] and not s.selection:
                 a.requires_grad_(True)
                 groups[i % 2 if cfg.alternate else 0].append(a)
         wgroups: list[list[torch.Tensor]] = [[], []]
@@ -577,11 +589,12 @@ class CaP:
         `tol` is replaced by its retraction computed in float64 (the same P, re-conditioned).
         Returns how many were replaced (counted in `timings['reorthonormalised']`)."""
         n = 0
-        for a in self.proxies:
-            if a.shape[0] == a.shape[1]:
+        for a, s in zip(self.proxies, self.sites, strict=True):
+            if a.shape[0] == a.shape[1] or s.selection:
                 continue
-            if projection.orthonormality_error(projection.retract(a, self.cfg.retraction)) > tol:
-                a.copy_(projection.retract(a.double(), self.cfg.retraction).to(a.dtype))
+            method = self.cfg.retraction
+            if projection.orthonormality_error(projection.retract_site(a, s, method)) > tol:
+                a.copy_(projection.retract_site(a.double(), s, method).to(a.dtype))
                 n += 1
         self.timings["reorthonormalised"] = self.timings.get("reorthonormalised", 0) + n
         return n

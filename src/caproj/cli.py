@@ -273,6 +273,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "ImageNet transforms instead of decoding it into memory (ImageNet-size data)")
     p.add_argument("--workers", type=_nonneg_int, help="DataLoader workers with --stream "
                    "(default: min(8, CPUs))")
+    p.add_argument("--split", type=_positive_int, help="a folder with one split (only val/, "
+                   "say): calibrate/train on this many of its images (a seeded shuffle) and "
+                   "evaluate on the rest")
 
 
 def _add_resume_args(p: argparse.ArgumentParser) -> None:
@@ -341,7 +344,7 @@ def _data_and_model(a: argparse.Namespace):
     from caproj.utils import local_device, pick_device, seed_everything
 
     device = local_device(pick_device(a.device))
-    data = load_data(a.data, a.image_size, stream=a.stream, workers=a.workers)
+    data = load_data(a.data, a.image_size, stream=a.stream, workers=a.workers, split=a.split)
     seed_everything(a.seed)
     model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
                              data.input_shape[0])
@@ -351,7 +354,9 @@ def _data_and_model(a: argparse.Namespace):
 
 def _check_fits(model: torch.nn.Module, data) -> None:
     from caproj.models import guess_num_classes
+    from caproj.utils import check_input_shape
 
+    check_input_shape(model, data.input_shape)
     n = guess_num_classes(model.state_dict())
     if n != data.num_classes:
         raise CaprojError(f"model has {n} outputs but data {data.name} has {data.num_classes} "
@@ -603,7 +608,8 @@ FLAGS = {"target_macs": "--target-macs", "keep": "--keep", "channel_multiple":
          "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":
          "--label-smoothing", "weight_decay": "--weight-decay", "max_steps": "--max-steps",
          "image_size=N": "--image-size N", "image_size": "--image-size", "stream=True": "--stream",
-         "resume=True": "--resume", "out_dir": "--out-dir"}
+         "resume=True": "--resume", "out_dir": "--out-dir",
+         "split=N": "--split N"}
 
 
 def translate(e: CaprojError) -> str:

@@ -5,9 +5,7 @@
   original's, then compressed to 50 % of its MACs with a short CaP optimisation, the result run
   and its MACs counted. A model is refused up front (one line naming the layer and pattern) or
   compresses; a crash at any stage is a row too, never an exception.
-  `scripts/coverage.py --zoo timm` writes the README's timm table from these runs.
-- `check(name)`: the earlier graph-level check of torchvision models (sites, identity surgery,
-  MACs predicted at half width), behind the README's torchvision table.
+  `scripts/coverage.py --zoo timm|tv` writes the README's tables from these runs.
 """
 
 from __future__ import annotations
@@ -25,18 +23,6 @@ from caproj.errors import CaprojError
 # everything else is checked at SMALL to keep the check fast.
 NATIVE_224 = ("vit_", "swin_", "maxvit_", "inception_v3")
 SMALL = 64
-
-
-@dataclass
-class Coverage:
-    model: str
-    input_size: int
-    sites: int
-    producers: int  # Conv2d/Linear layers in the graph
-    exact: bool | None  # None: refused, not checked
-    max_diff: float | None
-    macs_half: float | None  # MACs fraction with every site at half width
-    reason: str = ""
 
 
 def classification_models() -> list[str]:
@@ -63,46 +49,6 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def check(name: str, num_classes: int = 10, seed: int = 0) -> Coverage:
-    """The coverage row of one model; a crash is a row too (exact=False), never an exception."""
-    try:
-        return _check(name, num_classes, seed)
-    except Exception as e:  # reported in the table and failed by the tests
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        return Coverage(name, input_size_of(name), 0, 0, False, None, None,
-                        f"crashed: {type(e).__name__}: {first}")
-
-
-@torch.no_grad()
-def _check(name: str, num_classes: int, seed: int) -> Coverage:
-    from caproj import surgery
-    from caproj.budget import MacModel, predict_macs, widths_for_keep
-    from caproj.models import build_model
-    from caproj.sites import PRODUCERS, find_sites, require_sites
-
-    torch.manual_seed(seed)
-    size = input_size_of(name)
-    model = randomise_bn(build_model(f"tv:{name}", num_classes))
-    producers = sum(isinstance(m, PRODUCERS) for m in model.modules())
-    try:
-        sites = require_sites(model)
-    except CaprojError as e:
-        return Coverage(name, size, 0, producers, None, None, None, str(e))
-    n_skipped = len(find_sites(model).skipped)
-    shape = (3, size, size)
-    g = torch.Generator().manual_seed(seed)
-    calib = [torch.randn(4, *shape, generator=g)]
-    same = surgery.apply(model, sites, [torch.eye(s.channels) for s in sites], calib=calib)
-    x = torch.randn(2, *shape, generator=g)
-    ref, out = model(x), same(x)
-    diff = (out - ref).abs().max().item()
-    exact = diff <= 1e-4 * max(1.0, ref.abs().max().item())
-    mm = MacModel.of(model, shape)
-    half = predict_macs(mm, sites, widths_for_keep(sites, 0.5)) / mm.total
-    return Coverage(name, size, len(sites), producers, exact, diff, half,
-                    f"{n_skipped} producers are not sites" if n_skipped else "")
-
-
 @dataclass
 class RealRun:
     model: str  # arch spec: tv:<name>, timm:<name>, or a zoo name
@@ -115,40 +61,50 @@ class RealRun:
     runs: bool | None  # that model's forward gives finite logits of the right shape
     seconds: float
     reason: str = ""
+    floor: float | None = None  # MACs fraction left with every site at its narrowest width
+    selection_sites: int = 0  # sites through depthwise convs / SE gates (selection P)
+    grouped_sites: int = 0  # sites with grouped convs (block-diagonal P)
 
 
 def run(arch: str, input_size: int = SMALL, target: float = 0.5, steps: int = 2,
-        seed: int = 0) -> RealRun:
+        seed: int = 0, device: str | torch.device = "cpu") -> RealRun:
     """One coverage row from real runs of `caproj.compress` (see the module docstring)."""
     t0 = time.perf_counter()
     try:
-        return _run(arch, input_size, target, steps, seed, t0)
+        return _run(arch, input_size, target, steps, seed, t0, torch.device(device))
     except Exception as e:  # reported in the table and failed by the tests
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         return RealRun(arch, input_size, 0, 0, False, None, None, False,
                        time.perf_counter() - t0, f"crashed: {type(e).__name__}: {first}")
 
 
-def _run(arch: str, size: int, target: float, steps: int, seed: int, t0: float) -> RealRun:
+def _run(arch: str, size: int, target: float, steps: int, seed: int, t0: float,
+         device: torch.device) -> RealRun:
     from torch.utils.data import DataLoader, TensorDataset
 
     from caproj.api import compress
+    from caproj.budget import MacModel, predict_macs, site_units
     from caproj.models import build_model
     from caproj.sites import PRODUCERS, find_sites
 
     torch.manual_seed(seed)
-    model = randomise_bn(build_model(arch, num_classes=1000))
+    model = randomise_bn(build_model(arch, num_classes=1000)).to(device)
     producers = sum(isinstance(m, PRODUCERS) for m in model.modules())
     g = torch.Generator().manual_seed(seed)
-    data = DataLoader(TensorDataset(torch.randn(8, 3, size, size, generator=g),
-                                    torch.randint(0, 1000, (8,), generator=g)), batch_size=4)
-    x = torch.randn(2, 3, size, size, generator=g)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, size, size, generator=g).to(device),
+                                    torch.randint(0, 1000, (8,), generator=g).to(device)),
+                      batch_size=4)
+    x = torch.randn(2, 3, size, size, generator=g).to(device)
     try:
         same = compress(model, data, keep=1.0, steps=0, calib_images=8, progress=False)
     except CaprojError as e:
         return RealRun(arch, size, 0, producers, None, None, None, None,
                        time.perf_counter() - t0, str(e))
     n_sites = len(same.sites)
+    mm = MacModel.of(model, (3, size, size))
+    floor = predict_macs(mm, same.sites, site_units(same.sites)) / mm.total
+    kinds = {"floor": floor, "selection_sites": sum(s.selection for s in same.sites),
+             "grouped_sites": sum(s.groups > 1 for s in same.sites)}
     with torch.no_grad():
         ref = model(x)
         diff = ((same.model(x) - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
@@ -161,10 +117,10 @@ def _run(arch: str, size: int, target: float, steps: int, seed: int, t0: float) 
                        batch_size=4, progress=False)
     except CaprojError as e:
         return RealRun(arch, size, n_sites, producers, diff <= 1e-4, diff, None, None,
-                       time.perf_counter() - t0, f"{target:g} MACs: {e}")
+                       time.perf_counter() - t0, f"{target:g} MACs: {e}", **kinds)
     with torch.no_grad():
         out = res.model(x)
     ok = tuple(out.shape) == tuple(ref.shape) and bool(torch.isfinite(out).all())
     reached = res.report["macs_after"] / res.report["macs_before"]
     return RealRun(arch, size, n_sites, producers, diff <= 1e-4, diff, reached, ok,
-                   time.perf_counter() - t0, reason)
+                   time.perf_counter() - t0, reason, **kinds)

@@ -42,7 +42,7 @@ from caproj.utils import atomic_save
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -85,10 +85,15 @@ Data = Splits | Stream  # what jobs take: tensors in memory, or a streamed Image
 
 # ----------------------------------------------------------------------------- sources
 def load_data(spec: str, image_size: int | None = None, stream: bool = False,
-              workers: int | None = None) -> Splits | Stream:
+              workers: int | None = None, split: int | float | None = None) -> Splits | Stream:
     """Resolve a data spec (see module doc) into Splits, or a Stream of an ImageFolder
-    directory with `stream`. Raises CaprojError on bad input."""
+    directory with `stream`. A folder with one labelled split (only val/, say) needs `split`:
+    that many images (or that fraction) for calibration, the rest for evaluation.
+    Raises CaprojError on bad input."""
     if stream:
+        if split is not None:
+            raise CaprojError("split=N reads the folder into memory; it does not apply with "
+                              "stream=True", param="split")
         return Stream.of(spec, image_size or 224, workers)
     if spec == "digits":
         return _digits()
@@ -99,9 +104,11 @@ def load_data(spec: str, image_size: int | None = None, stream: bool = False,
         raise CaprojError(f"data not found: {spec!r} (give 'digits', 'cifar10', an ImageFolder "
                           f"directory with train/ and test/, or an archive of one)")
     if p.is_dir():
-        return _cached(p, image_size, lambda: _read_folder_tree(_FsTree(p), image_size, spec))
+        return _cached(p, (image_size, split),
+                       lambda: _read_folder_tree(_FsTree(p), image_size, spec, split))
     if p.name.endswith(ARCHIVE_SUFFIXES):
-        return _cached(p, image_size, lambda: _read_folder_tree(_ArchiveTree(p), image_size, spec))
+        return _cached(p, (image_size, split),
+                       lambda: _read_folder_tree(_ArchiveTree(p), image_size, spec, split))
     raise CaprojError(f"unsupported data file {spec!r}: expected a directory or one of "
                       f"{', '.join(ARCHIVE_SUFFIXES)}")
 
@@ -141,8 +148,8 @@ def _cifar10() -> Splits:
     return Splits("cifar10", trx, tr_y, tex, te_y, list(tr.classes), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _cached(src: Path, image_size: int | None, build) -> Splits:
-    h = hashlib.sha256(f"{src.resolve()}|{image_size}|{CACHE_VERSION}".encode())
+def _cached(src: Path, key: tuple, build) -> Splits:
+    h = hashlib.sha256(f"{src.resolve()}|{key}|{CACHE_VERSION}".encode())
     # A directory's fingerprint covers every file below it, not just the top folder's mtime.
     for f in sorted(src.rglob("*")) if src.is_dir() else [src]:
         if f.is_file():
@@ -212,45 +219,93 @@ class _ArchiveTree:
         return self._blobs[rel]
 
 
-def _read_folder_tree(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str) -> Splits:
+def _read_folder_tree(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str,
+                      split: int | float | None = None) -> Splits:
     test_name = "test" if "test" in tree.dirs else "val" if "val" in tree.dirs else None
     if "train" not in tree.dirs or test_name is None:
-        raise CaprojError(f"{spec}: expected ImageFolder splits train/ and test/ (or val/), "
-                          f"found top-level: {sorted(d for d in tree.dirs if '/' not in d)[:8]}")
-    classes = sorted(d.split("/")[1] for d in tree.dirs if d.startswith("train/") and
-                     d.count("/") == 1)
-    if not classes:
-        raise CaprojError(f"{spec}: train/ has no class folders")
-    if len(classes) < 2:
-        raise CaprojError(f"{spec}: train/ has only one class ({classes[0]!r}); "
-                          f"classification needs at least two")
+        return _one_split(tree, image_size, spec, split)
+    if split is not None:
+        raise CaprojError(f"{spec} has train/ and {test_name}/ already; split=N is for a "
+                          f"folder with only one of them", param="split")
+    classes = _classes(tree, "train/", spec)
     test_classes = sorted(d.split("/")[1] for d in tree.dirs
                           if d.startswith(f"{test_name}/") and d.count("/") == 1)
     if test_classes != classes:
         extra = sorted(set(test_classes) ^ set(classes))
         raise CaprojError(f"{spec}: class folders of train/ and {test_name}/ differ: {extra[:5]}")
-    out = []
-    for split in ("train", test_name):
-        xs, ys = [], []
-        for ci, c in enumerate(classes):
-            files = [f for f in tree.files if f.startswith(f"{split}/{c}/")
-                     and f.lower().endswith(IMG_EXTENSIONS)]
-            if not files:
-                raise CaprojError(f"{spec}: class folder {split}/{c}/ has no images")
-            for f in files:
-                xs.append(_decode(tree.read(f), f, image_size))
-                ys.append(ci)
-        shapes = {x.shape for x in xs}
-        if len(shapes) > 1:
-            raise CaprojError(f"{spec}: images in {split}/ have different sizes "
-                              f"({sorted(shapes)[:3]}...); pass image_size=N to resize, "
-                              f"or stream=True for data too big for memory")
-        out.append((torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
-                    torch.tensor(ys, dtype=torch.int64)))
-    (trx, tr_y), (tex, te_y) = out
+    trx, tr_y = _read_split(tree, "train/", classes, image_size, spec)
+    tex, te_y = _read_split(tree, f"{test_name}/", classes, image_size, spec)
     if trx.shape[1:] != tex.shape[1:]:
         raise CaprojError(f"{spec}: train images are {tuple(trx.shape[1:])}, "
                           f"{test_name} images {tuple(tex.shape[1:])}; pass image_size=N")
+    return _splits(spec, trx, tr_y, tex, te_y, classes)
+
+
+def _classes(tree: _FsTree | _ArchiveTree, prefix: str, spec: str) -> list[str]:
+    depth = prefix.count("/")
+    classes = sorted(d.split("/")[depth] for d in tree.dirs if d.startswith(prefix) and
+                     d.count("/") == depth)
+    where = prefix or "the top level"
+    if not classes:
+        raise CaprojError(f"{spec}: {where} has no class folders")
+    if len(classes) < 2:
+        raise CaprojError(f"{spec}: {where} has only one class ({classes[0]!r}); "
+                          f"classification needs at least two")
+    return classes
+
+
+def _read_split(tree: _FsTree | _ArchiveTree, prefix: str, classes: list[str],
+                image_size: int | None, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for ci, c in enumerate(classes):
+        files = [f for f in tree.files if f.startswith(f"{prefix}{c}/")
+                 and f.lower().endswith(IMG_EXTENSIONS)]
+        if not files:
+            raise CaprojError(f"{spec}: class folder {prefix}{c}/ has no images")
+        for f in files:
+            xs.append(_decode(tree.read(f), f, image_size))
+            ys.append(ci)
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise CaprojError(f"{spec}: images in {prefix or './'} have different sizes "
+                          f"({sorted(shapes)[:3]}...); pass image_size=N to resize, "
+                          f"or stream=True for data too big for memory")
+    return (torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(ys, dtype=torch.int64))
+
+
+def _one_split(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str,
+               split: int | float | None) -> Splits:
+    """A folder with a single labelled split (only val/, only test/, only train/, or class
+    folders at the top): divided by a seeded shuffle into `split` images (or that fraction)
+    for calibration/training and the rest for evaluation."""
+    tops = sorted(d for d in tree.dirs if "/" not in d)
+    only = [t for t in ("train", "val", "test") if t in tops]
+    prefix = f"{only[0]}/" if len(only) == 1 else "" if tops and not only else None
+    if prefix is None:
+        raise CaprojError(f"{spec}: expected ImageFolder splits train/ and test/ (or val/), "
+                          f"found top-level: {tops[:8]}")
+    name = prefix or "class folders only"
+    if split is None:
+        raise CaprojError(f"{spec} holds only {name} (no train/ and test/ pair): pass "
+                          f"split=N to calibrate on N of its images (a seeded shuffle) and "
+                          f"evaluate on the rest", param="split")
+    classes = _classes(tree, prefix, spec)
+    x, y = _read_split(tree, prefix, classes, image_size, spec)
+    n = len(y)
+    k = int(round(split * n)) if isinstance(split, float) and split < 1 else int(split)
+    if not (isinstance(split, (int, float)) and 0 < k < n):
+        raise CaprojError(f"split=N must leave images on both sides of {n}, got {split}",
+                          param="split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    a, b = order[:k].sort().values, order[k:].sort().values
+    out = _splits(spec, x[a], y[a], x[b], y[b], classes)
+    out.extra["split"] = {"from": name, "calibration": k, "evaluation": n - k, "seed": 0}
+    return out
+
+
+def _splits(spec: str, trx: torch.Tensor, tr_y: torch.Tensor, tex: torch.Tensor,
+            te_y: torch.Tensor, classes: list[str]) -> Splits:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if trx.shape[1] == 3 else ((0.5,), (0.5,))
     pad = 4 if trx.shape[-1] <= 64 else 0  # CIFAR-style crop padding for small images
     return Splits(Path(spec).name, trx, tr_y, tex, te_y, classes, mean, std, crop_padding=pad)
@@ -263,9 +318,12 @@ def _decode(blob: bytes, name: str, image_size: int | None) -> np.ndarray:
         with Image.open(io.BytesIO(blob)) as im:
             im = im.convert("RGB")
             if image_size is not None:
+                # ImageNet-sized crops come from the centre 87.5 % (torchvision's eval
+                # transform: resize 256, crop 224); small ones from the whole short side
+                short = round(image_size / 0.875) if image_size >= 128 else image_size
                 w, h = im.size
-                s = image_size / min(w, h)
-                im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))),
+                s = short / min(w, h)
+                im = im.resize((max(short, round(w * s)), max(short, round(h * s))),
                                Image.BILINEAR)
                 w, h = im.size
                 left, top = (w - image_size) // 2, (h - image_size) // 2

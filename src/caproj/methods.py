@@ -125,8 +125,8 @@ def selection(scores: list[torch.Tensor], sites: list[Site], widths: list[int]
               ) -> list[torch.Tensor]:
     """Per site: the columns of the identity of its top-`width` channels (P of a pruning)."""
     return [torch.eye(s.channels, device=sc.device) if k == s.channels
-            else projection.init_select(sc, k) for sc, s, k in zip(scores, sites, widths,
-                                                                   strict=True)]
+            else projection.init_select(sc, k, s.groups)
+            for sc, s, k in zip(scores, sites, widths, strict=True)]
 
 
 @dataclass
@@ -180,7 +180,8 @@ def taylor_scores(model: nn.Module, sites: list[Site], data: Iterable, batches: 
             for i in range(len(sites)):
                 t = taps[i]
                 # d loss / d(channel gate) = sum over positions of grad * activation
-                g = (t.grad * t).sum(tuple(d for d in range(t.dim()) if d != 1))
+                ch = t.dim() - 1 if isinstance(mods[sites[i].producer], nn.Linear) else 1
+                g = (t.grad * t).sum(tuple(d for d in range(t.dim()) if d != ch))
                 scores[i] += g.pow(2)
     finally:
         for h in hooks:
@@ -223,7 +224,8 @@ def svd_layers(sites: list[Site], model: nn.Module) -> list[str]:
     names = []
     for s in sites:
         for n in (s.producer, s.consumer):
-            if isinstance(mods[n], nn.Conv2d) and mods[n].kernel_size != (1, 1) and n not in names:
+            if isinstance(mods[n], nn.Conv2d) and mods[n].kernel_size != (1, 1) \
+                    and mods[n].groups == 1 and n not in names:
                 names.append(n)
     return names
 

@@ -18,6 +18,7 @@ from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_ma
 from caproj.config import CHANNEL_MULTIPLE, TARGET_MACS
 from caproj.errors import CaprojError
 from caproj.sites import Site, require_sites
+from caproj.utils import check_input_shape
 
 ALLOCATIONS = ("uniform", "auto")
 
@@ -54,6 +55,7 @@ class Plan:
             raise CaprojError("allocation='auto' chooses the widths for a target_macs budget; "
                               "it does not combine with keep", param="allocation")
         sites = sites if sites is not None else require_sites(model, stream=stream_projection)
+        check_input_shape(model, input_shape)
         mm = MacModel.of(model, input_shape)
         plan = cls(sites, mm, tuple(input_shape), target_macs, keep, allocation,
                    channel_multiple, stream_projection)
@@ -76,6 +78,9 @@ class Plan:
             if not isinstance(k, int) or not 1 <= k <= s.channels:
                 raise CaprojError(f"width {k} for {s.producer} outside [1, {s.channels}]",
                                   param="widths")
+            if k % s.groups:
+                raise CaprojError(f"width {k} for {s.producer} is not a multiple of its "
+                                  f"{s.groups} groups", param="widths")
         return widths
 
     def resolve(self, model: nn.Module, calib: list[torch.Tensor]) -> list[int]:

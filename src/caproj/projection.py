@@ -21,16 +21,37 @@ from caproj.utils import run_with_hooks
 
 
 def retract(a: torch.Tensor, method: str = "qr") -> torch.Tensor:
-    """Map a c x c' proxy to the nearest-ish matrix with orthonormal columns, differentiably."""
+    """Map a c x c' proxy (or a batch of them) to the nearest-ish matrix with orthonormal
+    columns, differentiably."""
     if method == "qr":
         q, r = torch.linalg.qr(a)
-        d = torch.sign(torch.diagonal(r))
+        d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
         d = torch.where(d == 0, torch.ones_like(d), d)
-        return q * d  # sign fix: QR is then unique and continuous in a
+        return q * d.unsqueeze(-2)  # sign fix: QR is then unique and continuous in a
     if method == "polar":
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return u @ vh
     raise CaprojError(f"unknown retraction {method!r} (qr or polar)")
+
+
+def blocks(p: torch.Tensor, groups: int) -> torch.Tensor:
+    """The G diagonal blocks (G x c/G x c'/G) of a block-diagonal c x c' matrix."""
+    c, k = p.shape
+    cg, kg = c // groups, k // groups
+    idx = torch.arange(groups, device=p.device)
+    rows = (idx[:, None] * cg + torch.arange(cg, device=p.device))[:, :, None]
+    cols = (idx[:, None] * kg + torch.arange(kg, device=p.device))[:, None, :]
+    return p[rows, cols]
+
+
+def retract_site(a: torch.Tensor, site: Site, method: str = "qr") -> torch.Tensor:
+    """A site's P from its proxy: kept whole (square) is the identity, a selection site's P is
+    fixed, a grouped site's is block-diagonal (each block retracted), others `retract`."""
+    if a.shape[0] == a.shape[1] or site.selection:
+        return a
+    if site.groups > 1:
+        return torch.block_diag(*retract(blocks(a, site.groups), method).unbind(0))
+    return retract(a, method)
 
 
 def orthonormality_error(p: torch.Tensor) -> float:
@@ -49,8 +70,11 @@ class SiteStats:
         self.count = 0
         self.count_in = 0
 
-    def add_response(self, z: torch.Tensor) -> None:
-        z = z.detach().float().transpose(0, 1).reshape(z.shape[1], -1)  # c x (N*HW)
+    def add_response(self, z: torch.Tensor, last: bool = False) -> None:
+        """`last`: channels on the last dimension (a Linear on tokens / channels-last maps)."""
+        z = z.detach().float()
+        z = z.reshape(-1, z.shape[-1]).T if last else \
+            z.transpose(0, 1).reshape(z.shape[1], -1)  # c x (N*HW)
         self.second += (z @ z.T).double()
         self.mean += z.sum(1).double()
         self.count += z.shape[1]
@@ -65,9 +89,13 @@ class SiteStats:
                                           device=self.second.device))
         self.count, self.count_in = int(n[0]), int(n[1])
 
-    def add_consumer_input(self, x: torch.Tensor, c: int) -> None:
+    def add_consumer_input(self, x: torch.Tensor, c: int, last: bool = False) -> None:
+        """`last`: a Linear consumer reading N-d input (channels on the last dimension)."""
         x = x.detach().float()
-        x = x.reshape(x.shape[0], c, -1) if x.dim() == 2 else x.reshape(*x.shape[:2], -1)
+        if last and x.dim() > 2:
+            x = x.reshape(-1, c, 1)
+        else:
+            x = x.reshape(x.shape[0], c, -1) if x.dim() == 2 else x.reshape(*x.shape[:2], -1)
         self.energy += x.pow(2).sum((0, 2)).double()
         self.count_in += x.shape[0] * x.shape[2]
 
@@ -89,9 +117,12 @@ def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
             hooks += [mods[cons].register_forward_pre_hook(read) for cons, _ in s.consumers]
             continue
         tap = mods[s.bn or s.producer]
-        hooks.append(tap.register_forward_hook(lambda m, i, o, st=st: st.add_response(o)))
+        last_p = isinstance(mods[s.producer], nn.Linear)
+        last_c = isinstance(mods[s.consumer], nn.Linear)
+        hooks.append(tap.register_forward_hook(
+            lambda m, i, o, st=st, last=last_p: st.add_response(o, last)))
         hooks.append(mods[s.consumer].register_forward_pre_hook(
-            lambda m, i, st=st, c=s.channels: st.add_consumer_input(i[0], c)))
+            lambda m, i, st=st, c=s.channels, last=last_c: st.add_consumer_input(i[0], c, last)))
     run_with_hooks(model, batches, hooks)
     for st in stats:
         st.all_reduce()
@@ -110,7 +141,8 @@ def consumer_column_norms(w: torch.Tensor, site: Site, spatial: int | None = Non
     if w.dim() == 2:
         sp = site.spatial if spatial is None else spatial
         return w.reshape(w.shape[0], site.channels, sp).pow(2).sum((0, 2))
-    return w.pow(2).sum((0, 2, 3))
+    g = site.channels // w.shape[1]  # a grouped consumer: output group g reads input group g
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1).pow(2).sum((1, 3)).reshape(-1)
 
 
 def selection_scores(st: SiteStats, weights: Mapping[str, torch.Tensor], site: Site
@@ -122,14 +154,32 @@ def selection_scores(st: SiteStats, weights: Mapping[str, torch.Tensor], site: S
     return (st.energy / max(st.count_in, 1)).float() * norms  # type: ignore[operator]
 
 
-def init_select(scores: torch.Tensor, k: int) -> torch.Tensor:
-    idx = torch.topk(scores, k).indices.sort().values
+def init_select(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
+    """The columns of the identity of the top-k channels (k/groups from each equal group)."""
+    if groups > 1:
+        per = scores.reshape(groups, -1)
+        top = torch.topk(per, k // groups, dim=1).indices.sort(dim=1).values
+        idx = (top + torch.arange(groups, device=scores.device)[:, None] * per.shape[1])
+        idx = idx.reshape(-1)
+    else:
+        idx = torch.topk(scores, k).indices.sort().values
     p = torch.zeros(len(scores), k, device=scores.device)
     p[idx, torch.arange(k, device=scores.device)] = 1.0
     return p
 
 
-def init_pca(st: SiteStats, k: int) -> torch.Tensor:
+def init_pca(st: SiteStats, k: int, groups: int = 1) -> torch.Tensor:
+    """Top-k principal directions of the responses (block-diagonal: k/groups per group)."""
+    if groups > 1:
+        c, cg = len(st.mean), len(st.mean) // groups
+        parts = []
+        for g in range(groups):
+            sub = SiteStats(cg, st.second.device)
+            sub.second = st.second[g * cg:(g + 1) * cg, g * cg:(g + 1) * cg]
+            sub.mean, sub.count = st.mean[g * cg:(g + 1) * cg], st.count
+            parts.append(init_pca(sub, k // groups))
+        assert sum(p.shape[0] for p in parts) == c
+        return torch.block_diag(*parts)
     m = st.second / max(st.count, 1)
     evals, evecs = torch.linalg.eigh(m)
     p = evecs[:, torch.argsort(evals, descending=True)[:k]]

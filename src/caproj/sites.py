@@ -1,12 +1,22 @@
 """Sites: the one abstraction every method works on.
 
 A site is `producer -> [BatchNorm] -> channel-wise ops -> consumer`, found in the torch.fx graph:
-the producer (Conv2d with groups=1, or Linear) makes `c` channels, nothing but channel-wise ops
-(activations, pooling, dropout, flatten) touch them, and exactly one consumer (Conv2d with
-groups=1, or Linear) reads them. Its middle channels can then be shrunk to c' < c by changing
-only the producer's output side and the consumer's input side: a projection P (c x c') for
-CaP, a column selection for pruning. Tensors that feed a residual addition, a concatenation or a
-second reader are not sites; `find_sites` says, for every producer, why it is not one.
+the producer (Conv2d or Linear) makes `c` channels, nothing but channel-wise ops (activations,
+pooling, dropout, flatten) touch them, and exactly one consumer (Conv2d or Linear) reads them.
+Its middle channels can then be shrunk to c' < c by changing only the producer's output side and
+the consumer's input side: a projection P (c x c') for CaP, a column selection for pruning.
+Tensors that feed a residual addition, a concatenation or a second reader are not sites;
+`find_sites` says, for every producer, why it is not one.
+
+Depthwise and grouped convolutions (MobileNet, MNASNet, ResNeXt, RegNet):
+- a depthwise conv (groups = in = out channels) or a BatchNorm *between* producer and consumer
+  acts on each channel alone. It commutes with channel *selection* but not with a dense mixing,
+  so it joins the site as a `mid` and the site's P is constrained to a selection
+  (`Site.selection`): the expansion channels of an inverted residual
+  (1x1 -> BN -> act -> depthwise -> BN -> act -> 1x1) form one site whose consumer is refitted
+  densely on the selected channels;
+- a grouped producer or consumer (groups = G) keeps G equal groups: P is block-diagonal with G
+  orthonormal blocks (`Site.groups`), so widths are multiples of G.
 
 Stream sites (`find_sites(model, stream=True)`, beyond the paper): every tensor tied to a
 residual addition shares its channels with the addition's other inputs, the tensors derived
@@ -64,6 +74,17 @@ class Site:
     more_consumers: list[tuple[str, int]] = field(default_factory=list)  # (layer, spatial)
     maps_in: list[str] = field(default_factory=list)  # channel maps writing into the group
     maps_out: list[str] = field(default_factory=list)  # channel maps reading the group
+    mids: list[str] = field(default_factory=list)  # depthwise convs / BNs inside: selection only
+    groups: int = 1  # grouped producer/consumer: P block-diagonal, G equal blocks
+    # squeeze-excitation gates on the channels: (reader, writer) = the conv/linear reading the
+    # pooled channels (its input columns are selected) and the one writing the per-channel
+    # scales (its rows are selected; it is in `mids` too)
+    gates: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def selection(self) -> bool:
+        """P must be a channel selection (a depthwise conv or BN sits between the layers)."""
+        return bool(self.mids)
 
     @property
     def producers(self) -> list[tuple[str, str | None]]:
@@ -84,7 +105,9 @@ class Site:
                     f"({self.channels} ch)")
         mid = " -> ".join(([self.bn] if self.bn else []) + self.ops)
         mid = mid + " -> " if mid else ""
-        return f"{self.producer} -> {mid}{self.consumer} ({self.channels} ch)"
+        extra = (", selection" if self.selection else "") + \
+            (f", {self.groups} groups" if self.groups > 1 else "")
+        return f"{self.producer} -> {mid}{self.consumer} ({self.channels} ch{extra})"
 
 
 @dataclass
@@ -160,6 +183,53 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         return node.target in FLATTEN_FUNCTIONS
     return node.op == "call_method" and node.target in FLATTEN_METHODS
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv acting on each channel alone (groups = in = out channels)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and \
+        m.groups == m.in_channels == m.out_channels
+
+
+MUL_FUNCTIONS = {operator.mul, torch.mul}
+
+
+def _gate(x: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module],
+          calls: dict[str, int], c: int) -> tuple[fx.Node, str, str] | None:
+    """Squeeze-excitation on `x`: x * act(writer(act(reader(pool(x))))), with `x`'s two readers
+    the multiplication and the pooling. Returns (multiplication, reader, writer)."""
+    muls = [u for u in users if u.op == "call_function" and u.target in MUL_FUNCTIONS
+            and len(u.args) == 2 and x in u.args]
+    if len(muls) != 1:
+        return None
+    mul = muls[0]
+    other = mul.args[1] if mul.args[0] is x else mul.args[0]
+    side = [u for u in users if u is not mul]
+    if len(side) != 1:
+        return None
+    cur, layers = side[0], []
+    for _ in range(12):
+        m = modules.get(str(cur.target)) if cur.op == "call_module" else None
+        if m is not None and isinstance(m, PRODUCERS):
+            if calls[str(cur.target)] != 1 or (isinstance(m, nn.Conv2d) and m.groups != 1):
+                return None
+            layers.append((str(cur.target), m))
+        elif not (_is_channelwise(cur, modules) or cur.op == "call_method"
+                  and cur.target == "mean"):
+            return None
+        if cur is other:
+            break
+        if len(cur.users) != 1:
+            return None
+        cur = next(iter(cur.users))
+    else:
+        return None
+    if len(layers) != 2:
+        return None
+    (rname, reader), (wname, writer) = layers
+    r_in = reader.in_channels if isinstance(reader, nn.Conv2d) else reader.in_features
+    w_out = _out_channels(writer)
+    return (mul, rname, wname) if r_in == c and w_out == c else None
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -317,36 +387,67 @@ def _find_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[s
             continue
         name = str(node.target)
         prod = modules[name]
-        if isinstance(prod, nn.Conv2d) and prod.groups != 1:
-            skipped[name] = f"grouped/depthwise conv (groups={prod.groups})"
+        groups = prod.groups if isinstance(prod, nn.Conv2d) else 1
+        if is_depthwise(prod):
+            skipped[name] = (f"depthwise conv (groups={groups}): narrowed only with the site "
+                             f"that feeds it")
             continue
         if calls[name] != 1:
             skipped[name] = "module is called more than once"
             continue
         c = _out_channels(prod)
         bn, ops, cur, flat = None, [], node, False
+        mids: list[str] = []
         reason = None
+        gates: list[tuple[str, str]] = []
         while True:
             users = list(cur.users)
+            gate = _gate(cur, users, modules, calls, c) if len(users) == 2 and not flat \
+                and groups == 1 else None
+            if gate is not None:  # squeeze-excitation: its channels are selected with the site
+                mul, reader, writer = gate
+                gates.append((reader, writer))
+                mids.append(writer)  # forces a selection; writer's rows are selected
+                ops.append(f"gate {reader}->{writer}")
+                cur = mul
+                continue
             if len(users) != 1:
                 reason = (f"output of {_describe(cur, modules)} has {len(users)} readers"
                           + (" (a residual or concatenation)" if len(users) > 1 else ""))
                 break
             nxt = users[0]
+            if nxt.op == "call_function" and nxt.target is torch.cat:
+                reason = f"feeds {_describe(nxt, modules)} (a concatenation)"
+                break
             if nxt.args[:1] != (cur,):
                 reason = f"feeds {_describe(nxt, modules)} as a non-first argument"
                 break
             m = modules.get(str(nxt.target)) if nxt.op == "call_module" else None
-            if m is not None and isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and bn is None \
-                    and not ops and calls[str(nxt.target)] == 1 and m.num_features == c \
-                    and _bn_ok(m):
-                bn, cur = str(nxt.target), nxt
+            once = m is not None and calls[str(nxt.target)] == 1
+            if once and isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) \
+                    and m.num_features == c and _bn_ok(m):
+                if bn is None and not ops and not mids:
+                    bn = str(nxt.target)  # folded into the producer
+                else:
+                    mids.append(str(nxt.target))  # selected with the channels
+                    ops.append(_describe(nxt, modules))
+                cur = nxt
                 continue
-            if m is not None and isinstance(m, PRODUCERS) and calls[str(nxt.target)] == 1:
+            if once and is_depthwise(m) and m.in_channels == c and groups != 1:
+                reason = f"a depthwise conv {nxt.target} follows a grouped producer"
+                break
+            if once and is_depthwise(m) and m.in_channels == c and not flat:
+                mids.append(str(nxt.target))
+                ops.append(_describe(nxt, modules))
+                cur = nxt
+                continue
+            if m is not None and isinstance(m, PRODUCERS) and once:
                 if isinstance(m, nn.Conv2d) and m.groups != 1:
-                    reason = (f"consumer {nxt.target} is a grouped/depthwise conv "
-                              f"(groups={m.groups})")
-                    break
+                    if c % m.groups or m.groups == c or groups not in (1, m.groups) or mids:
+                        reason = (f"consumer {nxt.target} is a grouped conv (groups={m.groups})"
+                                  f" that cannot keep equal groups of these {c} channels")
+                        break
+                    groups = m.groups
                 if isinstance(m, nn.Conv2d) and flat:
                     reason = f"consumer {nxt.target} is a conv after a flatten"
                     break
@@ -358,7 +459,8 @@ def _find_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[s
                         and in_feat != c:
                     reason = f"consumer {nxt.target} is a Linear on an unflattened feature map"
                     break
-                sites.append(Site(name, str(nxt.target), c, bn, in_feat // c, ops))
+                sites.append(Site(name, str(nxt.target), c, bn, in_feat // c, ops, mids=mids,
+                                  groups=groups, gates=gates))
                 break
             if _is_channelwise(nxt, modules):
                 ops.append(_describe(nxt, modules))

@@ -20,16 +20,23 @@ import torch
 from torch import nn
 
 from caproj import dist
-from caproj.sites import Site
+from caproj.projection import blocks
+from caproj.sites import Site, is_depthwise
 from caproj.utils import run_with_hooks
 
 
 def project_in(w: torch.Tensor, p: torch.Tensor, site: Site, spatial: int | None = None
                ) -> torch.Tensor:
-    """Consumer weight reading the projected channels: W P (per spatial slot for Linear)."""
+    """Consumer weight reading the projected channels: W P (per spatial slot for Linear; per
+    group, with P block-diagonal, for a grouped conv)."""
     if w.dim() == 2:
         w3 = w.reshape(w.shape[0], site.channels, site.spatial if spatial is None else spatial)
         return torch.einsum("ocs,cd->ods", w3, p).reshape(w.shape[0], -1)
+    if w.shape[1] != p.shape[0]:  # grouped: output group g reads input group g only
+        g = p.shape[0] // w.shape[1]
+        wg = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+        return torch.einsum("gocij,gcd->godij", wg, blocks(p, g)).reshape(
+            w.shape[0], p.shape[1] // g, *w.shape[2:])
     return torch.einsum("ocij,cd->odij", w, p)
 
 
@@ -74,11 +81,18 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
                                                       device=w.device)
             elif b is None:
                 b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-            out[f"{prod}.weight"] = (p.T @ w.reshape(w.shape[0], -1)).reshape(-1, *w.shape[1:])
+            out[f"{prod}.weight"] = _rows(p, w)
             out[f"{bn}.bias" if bn else f"{prod}.bias"] = p.T @ b
             if bn and f"{prod}.bias" in out:  # a conv with its own bias and a BN: the folded
                 # bias now lives in the fresh BN, the conv's own is zero at the new width
                 out[f"{prod}.bias"] = torch.zeros(p.shape[1], dtype=w.dtype, device=w.device)
+        for reader, _ in s.gates:  # squeeze-excitation reading the selected channels
+            out[f"{reader}.weight"] = _cols(p, out[f"{reader}.weight"])
+        for m in s.mids:  # depthwise convs and BNs inside a selection site: their channels
+            for key in [k for k in out if k.startswith(f"{m}.")]:  # are selected (P^T t)
+                t = out[key]
+                if t.dim() >= 1 and t.shape[0] == s.channels and t.is_floating_point():
+                    out[key] = _rows(p, t)
     # Fixed channel maps between two streams (option-A shortcuts): E becomes P_out^T E P_in.
     ins = {m: projections[i] for i, s in enumerate(sites) for m in s.maps_out}
     outs = {m: projections[i] for i, s in enumerate(sites) for m in s.maps_in}
@@ -97,6 +111,16 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
     return out
 
 
+def _rows(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """P^T t along t's first dimension (a selection of rows when P selects)."""
+    return (p.T @ t.reshape(t.shape[0], -1)).reshape(-1, *t.shape[1:])
+
+
+def _cols(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w P along w's second dimension (input channels of a conv/linear)."""
+    return torch.einsum("oc...,cd->od...", w, p)
+
+
 def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Replace Conv2d/Linear/BatchNorm2d modules whose stored shapes are narrower (compressed
     checkpoints keep the original module names, only widths change)."""
@@ -108,8 +132,9 @@ def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         new: nn.Module | None = None
         if isinstance(m, nn.Conv2d) and (tuple(w.shape) != tuple(m.weight.shape)
                                          or has_bias != (m.bias is not None)):
-            new = nn.Conv2d(w.shape[1] * m.groups, w.shape[0], m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, bias=has_bias, padding_mode=m.padding_mode)
+            groups = w.shape[0] if is_depthwise(m) else m.groups  # depthwise stays depthwise
+            new = nn.Conv2d(w.shape[1] * groups, w.shape[0], m.kernel_size, m.stride, m.padding,
+                            m.dilation, groups, bias=has_bias, padding_mode=m.padding_mode)
         elif isinstance(m, nn.Linear) and (tuple(w.shape) != tuple(m.weight.shape)
                                            or has_bias != (m.bias is not None)):
             new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from caproj.errors import CaprojError
 
@@ -119,3 +120,23 @@ def run_record(seed: int | None = None, **extra: Any) -> dict[str, Any]:
         "machine": platform.machine(),
         **extra,
     }
+
+
+def check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run `model` once on zeros of `input_shape` (batch 1, eval mode, no grad) and turn a
+    failure into one line naming the shape: a model that cannot take the input size is refused
+    before any work, not in the middle of it."""
+    p = next(iter(model.parameters()), None)
+    x = torch.zeros(1, *input_shape, device=p.device if p is not None else None)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CaprojError(f"{type(model).__name__} cannot run on inputs of shape "
+                          f"{tuple(input_shape)}: {type(e).__name__}: {first}",
+                          param="example_inputs") from None
+    finally:
+        model.train(was)

@@ -1,0 +1,166 @@
+"""ImageNet-scale check: torchvision's ImageNet MobileNetV2 compressed from 500 real ImageNet
+images alone (no labels used), evaluated on the other 500 (top-1, and agreement with the
+original model's top-1), caproj against Torch-Pruning at the same widths and the same images.
+
+    python benchmarks/mobilenet_imagenet.py --targets 0.7,0.5 --steps 200 \
+        --out benchmarks/out/mnv2-imagenet.json
+
+Per target: the site widths for the MACs target (uniform, depthwise expansion sites included);
+- caproj before optimisation (selection + cascaded least-squares refit; calibration only) and
+  after `--steps` label-free CaP steps (distillation from the original + reconstruction);
+- Torch-Pruning group-L2 at the same widths: as pruned, with its BatchNorm statistics
+  re-estimated on the 500 images, and after label-free distillation on the same 500 images for
+  the same number of images CaP's steps consumed (steps x batch).
+Inputs: ../shared/models/mobilenet_v2-imagenet-int8dq.pt, ../shared/data/imagenet-sample-1000.tar.gz
+(images resized to short side 256, centre crop 224: torchvision's eval transform).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import caproj  # noqa: E402
+from caproj.batches import WithoutLabels  # noqa: E402
+from caproj.data import Batches, load_data  # noqa: E402
+from caproj.methods import torch_pruning_l2  # noqa: E402
+from caproj.metrics import count_macs  # noqa: E402
+from caproj.plan import Plan  # noqa: E402
+from caproj.surgery import recalibrate_bn  # noqa: E402
+from caproj.utils import atomic_write_text, run_record, seed_everything  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@torch.no_grad()
+def measure(model, test, ref_top1) -> dict:
+    model.eval()
+    dev = next(model.parameters()).device
+    hits, agree, n = 0, 0, 0
+    preds = []
+    for x, y in test:
+        p = model(x.to(dev)).argmax(1).cpu()
+        preds.append(p)
+        hits += int((p == y).sum())
+        n += len(y)
+    preds = torch.cat(preds)
+    if ref_top1 is not None:
+        agree = int((preds == ref_top1).sum())
+    return {"top1": 100 * hits / n, "agree": 100 * agree / n if ref_top1 is not None else 100.0,
+            "n": n, "preds": preds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=str(SHARED / "models" / "mobilenet_v2-imagenet-int8dq.pt"))
+    ap.add_argument("--data", default=str(SHARED / "data" / "imagenet-sample-1000.tar.gz"))
+    ap.add_argument("--split", type=int, default=500)
+    ap.add_argument("--targets", default="0.7,0.5")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    for f in (a.weights, a.data):
+        if not Path(f).exists():
+            sys.exit(f"mobilenet_imagenet: {f} not found (needs ../shared)")
+    import torchvision
+
+    seed_everything(a.seed)
+    dev = torch.device(a.device)
+    t0 = time.perf_counter()
+    data = load_data(a.data, 224, split=a.split)
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(a.weights, weights_only=True))
+    model = model.to(dev).eval()
+    calib = Batches(data.train_x, data.train_y, a.batch_size, data.mean, data.std, train=True,
+                    flip=True, seed=a.seed, device=dev)  # flips only (no crop at 224)
+    calib_eval = Batches(data.train_x, data.train_y, 100, data.mean, data.std, device=dev)
+    test = Batches(data.test_x, data.test_y, 100, data.mean, data.std, device=dev)
+    unlabeled = WithoutLabels(calib)
+    shape = (3, 224, 224)
+    base = measure(model, test, None)
+    ref = base.pop("preds")
+    rows = [{"method": "original", "target": 1.0, "macs": 1.0, **base, "seconds": 0.0}]
+    print(f"original: top-1 {base['top1']:.1f} % on the {base['n']} held-out images "
+          f"(load {time.perf_counter() - t0:.0f} s)", flush=True)
+    total = count_macs(model, shape)
+    ft_epochs = max(1, math.ceil(a.steps * a.batch_size / a.split))
+    for t in [float(v) for v in a.targets.split(",")]:
+        plan = Plan.of(model, shape, target_macs=t)
+        widths = plan.widths
+        # caproj: calibration only, then label-free CaP steps (same job, staged)
+        t1 = time.perf_counter()
+        cap = caproj.CaP(model, torch.zeros(1, *shape, device=dev), plan=plan,
+                         calib_images=a.split, steps=a.steps, batch_size=a.batch_size,
+                         progress=False, seed=a.seed)
+        cap.calibrate(WithoutLabels(calib_eval))
+        small = cap.finalize()
+        secs = time.perf_counter() - t1
+        r = measure(small, test, ref)
+        r.pop("preds")
+        macs = count_macs(small, shape) / total
+        rows.append({"method": "caproj", "stage": "calibration only", "target": t,
+                     "macs": macs, **r, "seconds": secs})
+        print(f"{t:.2f} caproj calib-only: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
+              f"macs {macs:.3f} {secs:.0f} s", flush=True)
+        if a.steps:
+            t1 = time.perf_counter()
+            cap.optimise(unlabeled)
+            small = cap.finalize()
+            secs += time.perf_counter() - t1
+            r = measure(small, test, ref)
+            r.pop("preds")
+            rows.append({"method": "caproj", "stage": f"+{a.steps} label-free CaP steps",
+                         "target": t, "macs": count_macs(small, shape) / total, **r,
+                         "seconds": secs, "train_images": a.steps * a.batch_size})
+            print(f"{t:.2f} caproj +{a.steps} steps: {r['top1']:.1f} % "
+                  f"(agree {r['agree']:.1f}) {secs:.0f} s", flush=True)
+        # Torch-Pruning at the same widths
+        t1 = time.perf_counter()
+        tp = torch_pruning_l2(model, plan.sites, widths, shape)
+        secs = time.perf_counter() - t1
+        macs = count_macs(tp, shape) / total
+        r = measure(tp, test, ref)
+        r.pop("preds")
+        rows.append({"method": "tp-l2", "stage": "as pruned", "target": t, "macs": macs, **r,
+                     "seconds": secs})
+        t1 = time.perf_counter()
+        recalibrate_bn(tp, [x.to(dev) for x, _ in calib_eval])
+        secs += time.perf_counter() - t1
+        r = measure(tp, test, ref)
+        r.pop("preds")
+        rows.append({"method": "tp-l2", "stage": "BN re-estimated", "target": t, "macs": macs,
+                     **r, "seconds": secs})
+        print(f"{t:.2f} tp-l2: {rows[-2]['top1']:.1f} % / BN {r['top1']:.1f} % "
+              f"(agree {r['agree']:.1f}) macs {macs:.3f}", flush=True)
+        if a.steps:
+            t1 = time.perf_counter()
+            caproj.finetune(tp, unlabeled, epochs=ft_epochs, teacher=model, progress=False,
+                            seed=a.seed)
+            secs += time.perf_counter() - t1
+            r = measure(tp, test, ref)
+            r.pop("preds")
+            rows.append({"method": "tp-l2", "stage": f"+{ft_epochs} label-free KD epochs",
+                         "target": t, "macs": macs, **r, "seconds": secs,
+                         "train_images": ft_epochs * a.split})
+            print(f"{t:.2f} tp-l2 +KD: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
+                  f"{secs:.0f} s", flush=True)
+    out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
+                        steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs),
+           "rows": rows, "wall_s": time.perf_counter() - t0}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(out, indent=1), Path(a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,7 @@ def measure(model, test, ref_top1) -> dict:
     preds = []
     for x, y in test:
         p = model(x.to(dev)).argmax(1).cpu()
+        y = y.cpu()
         preds.append(p)
         hits += int((p == y).sum())
         n += len(y)
@@ -58,13 +59,27 @@ def measure(model, test, ref_top1) -> dict:
             "n": n, "preds": preds}
 
 
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=str(SHARED / "models" / "mobilenet_v2-imagenet-int8dq.pt"))
     ap.add_argument("--data", default=str(SHARED / "data" / "imagenet-sample-1000.tar.gz"))
     ap.add_argument("--split", type=int, default=500)
     ap.add_argument("--targets", default="0.7,0.5")
+    ap.add_argument("--allocations", default="uniform,auto",
+                    help="width allocations to run (Torch-Pruning gets the same widths)")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--cap", default="", help="CapConfig overrides for caproj, e.g. "
+                    "relax=consumer,weight_lr=1e-5")
+    ap.add_argument("--no-tp", action="store_true", help="caproj rows only")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,25 +109,36 @@ def main() -> None:
     print(f"original: top-1 {base['top1']:.1f} % on the {base['n']} held-out images "
           f"(load {time.perf_counter() - t0:.0f} s)", flush=True)
     total = count_macs(model, shape)
+    overrides = {k: _value(v) for k, v in (kv.split("=") for kv in a.cap.split(",") if kv)}
     ft_epochs = max(1, math.ceil(a.steps * a.batch_size / a.split))
-    for t in [float(v) for v in a.targets.split(",")]:
-        plan = Plan.of(model, shape, target_macs=t)
-        widths = plan.widths
+    def write() -> None:  # after every row: a run stopped early keeps what it measured
+        out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
+                            steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs),
+               "rows": rows, "wall_s": time.perf_counter() - t0}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(out, indent=1), Path(a.out))
+
+    for t, alloc in [(float(v), al) for v in a.targets.split(",")
+                     for al in a.allocations.split(",")]:
+        plan = Plan.of(model, shape, target_macs=t, allocation=alloc)
         # caproj: calibration only, then label-free CaP steps (same job, staged)
         t1 = time.perf_counter()
         cap = caproj.CaP(model, torch.zeros(1, *shape, device=dev), plan=plan,
                          calib_images=a.split, steps=a.steps, batch_size=a.batch_size,
-                         progress=False, seed=a.seed)
+                         progress=False, seed=a.seed, **overrides)
         cap.calibrate(WithoutLabels(calib_eval))
+        widths = plan.widths
         small = cap.finalize()
         secs = time.perf_counter() - t1
         r = measure(small, test, ref)
         r.pop("preds")
         macs = count_macs(small, shape) / total
-        rows.append({"method": "caproj", "stage": "calibration only", "target": t,
+        rows.append({"method": "caproj", "stage": "calibration only", "target": t, "cap": overrides,
+                     "allocation": alloc, "widths": widths,
                      "macs": macs, **r, "seconds": secs})
-        print(f"{t:.2f} caproj calib-only: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
+        print(f"{t:.2f} {alloc} caproj calib-only: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
               f"macs {macs:.3f} {secs:.0f} s", flush=True)
+        write()
         if a.steps:
             t1 = time.perf_counter()
             cap.optimise(unlabeled)
@@ -121,10 +147,14 @@ def main() -> None:
             r = measure(small, test, ref)
             r.pop("preds")
             rows.append({"method": "caproj", "stage": f"+{a.steps} label-free CaP steps",
-                         "target": t, "macs": count_macs(small, shape) / total, **r,
+                         "cap": overrides, "target": t, "allocation": alloc,
+                         "macs": count_macs(small, shape) / total, **r,
                          "seconds": secs, "train_images": a.steps * a.batch_size})
-            print(f"{t:.2f} caproj +{a.steps} steps: {r['top1']:.1f} % "
+            print(f"{t:.2f} {alloc} caproj +{a.steps} steps: {r['top1']:.1f} % "
                   f"(agree {r['agree']:.1f}) {secs:.0f} s", flush=True)
+        write()
+        if a.no_tp:
+            continue
         # Torch-Pruning at the same widths
         t1 = time.perf_counter()
         tp = torch_pruning_l2(model, plan.sites, widths, shape)
@@ -132,17 +162,20 @@ def main() -> None:
         macs = count_macs(tp, shape) / total
         r = measure(tp, test, ref)
         r.pop("preds")
-        rows.append({"method": "tp-l2", "stage": "as pruned", "target": t, "macs": macs, **r,
+        rows.append({"method": "tp-l2", "stage": "as pruned", "target": t, "allocation": alloc,
+                     "macs": macs, **r,
                      "seconds": secs})
         t1 = time.perf_counter()
         recalibrate_bn(tp, [x.to(dev) for x, _ in calib_eval])
         secs += time.perf_counter() - t1
         r = measure(tp, test, ref)
         r.pop("preds")
-        rows.append({"method": "tp-l2", "stage": "BN re-estimated", "target": t, "macs": macs,
+        rows.append({"method": "tp-l2", "stage": "BN re-estimated", "target": t,
+                     "allocation": alloc, "macs": macs,
                      **r, "seconds": secs})
-        print(f"{t:.2f} tp-l2: {rows[-2]['top1']:.1f} % / BN {r['top1']:.1f} % "
+        print(f"{t:.2f} {alloc} tp-l2: {rows[-2]['top1']:.1f} % / BN {r['top1']:.1f} % "
               f"(agree {r['agree']:.1f}) macs {macs:.3f}", flush=True)
+        write()
         if a.steps:
             t1 = time.perf_counter()
             caproj.finetune(tp, unlabeled, epochs=ft_epochs, teacher=model, progress=False,
@@ -151,15 +184,12 @@ def main() -> None:
             r = measure(tp, test, ref)
             r.pop("preds")
             rows.append({"method": "tp-l2", "stage": f"+{ft_epochs} label-free KD epochs",
-                         "target": t, "macs": macs, **r, "seconds": secs,
+                         "target": t, "allocation": alloc, "macs": macs, **r, "seconds": secs,
                          "train_images": ft_epochs * a.split})
-            print(f"{t:.2f} tp-l2 +KD: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
+            print(f"{t:.2f} {alloc} tp-l2 +KD: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
                   f"{secs:.0f} s", flush=True)
-    out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
-                        steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs),
-           "rows": rows, "wall_s": time.perf_counter() - t0}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(out, indent=1), Path(a.out))
+        write()
+    write()
 
 
 if __name__ == "__main__":

@@ -109,12 +109,19 @@ def main() -> int:
     out = Path(a.out or README.parent / "benchmarks" / "out" / f"coverage-{a.zoo}.json")
     if a.render:
         parts = [json.loads(Path(f).read_text()) for f in a.render]
-        rows = [RealRun(**r) for p in parts for r in p["rows"]]
+        # a model in several parts: the last part's row (a re-run) replaces the earlier one
+        by_model = {r["model"]: (RealRun(**r), i) for i, p in enumerate(parts) for r in p["rows"]}
         order = {n: i for i, n in enumerate(TIMM if a.zoo == "timm" else classification_models())}
-        rows.sort(key=lambda c: order.get(c.model.split(":", 1)[1], len(order)))
+        rows = sorted((c for c, _ in by_model.values()),
+                      key=lambda c: order.get(c.model.split(":", 1)[1], len(order)))
         record = {**parts[0], "rows": [dataclasses.asdict(c) for c in rows],
-                  "shards": [p.get("command") for p in parts]}
+                  "parts": [{"command": p.get("command"), "where": p.get("where")}
+                            for p in parts]}
         where = parts[0].get("where", "on 2 cores")
+        for i, p in enumerate(parts[1:], 1):
+            names = [c.model.split(":", 1)[1] for c, j in by_model.values() if j == i]
+            if names and p.get("where") != parts[0].get("where"):
+                where += f"; {', '.join(names)} {p.get('where')}"
     else:
         names = a.models or (TIMM if a.zoo == "timm" else classification_models())
         if a.shard:
@@ -127,6 +134,11 @@ def main() -> int:
             size = input_size_of(name) if a.zoo == "tv" else 64
             rows.append(run(f"{a.zoo}:{name}", size, device=a.device))
             print(row(rows[-1]), flush=True)
+            if a.shard:  # a shard stopped early still leaves the rows it finished
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"rows": [dataclasses.asdict(c) for c in rows],
+                                           "where": where, **run_record(0, device=a.device)},
+                                          indent=1))
         record = {"rows": [dataclasses.asdict(c) for c in rows], "where": where,
                   **run_record(0, device=a.device)}
         if a.models and not a.shard:

@@ -268,3 +268,68 @@ class GroupedThenDepthwise(nn.Module):
 def test_grouped_producer_feeding_a_depthwise_conv_is_refused():
     rep = find_sites(GroupedThenDepthwise())
     assert not rep.sites and "follows a grouped producer" in rep.skipped["a"]
+
+
+class Mixed(nn.Module):
+    """A stem, a grouped bottleneck, an inverted residual with SE, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.grouped = Grouped(g=4, c=32)  # 3 -> 32 -> grouped 32 -> 6
+        self.lift = nn.Conv2d(6, 4, 1)
+        self.se = SqueezeExcite()  # 4 -> 8 -> depthwise -> SE -> 3
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = self.grouped(h[:, :3])
+        return self.se(self.lift(h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("init", ["select", "pca"])
+@pytest.mark.parametrize("narrowed", [("grouped.a", "se.expand"), ("grouped.b",)],
+                         ids=["grouped-consumer+SE", "grouped-producer"])
+def test_refit_lowers_the_consumer_error_on_every_pattern(init, narrowed):
+    """Least squares over the calibration images lowers each consumer's error against the
+    original output below that of the projected weights W P, per group too (a grouped consumer
+    is refitted group by group), whatever P is (selection or block-diagonal)."""
+    from caproj.cap import CaP
+    from caproj.config import CapConfig
+    from caproj.sites import require_sites
+
+    torch.manual_seed(0)
+    m = randomise_bn(Mixed()).eval()
+    sites = require_sites(m)
+    widths = [s.channels // 2 if s.producer in narrowed else s.channels for s in sites]
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 10, 10, generator=g) for _ in range(3)]
+    errs = {}
+    for refit in (False, True):
+        cap = CaP(m, torch.zeros(1, 3, 10, 10), sites=sites, widths=widths,
+                  config=CapConfig(init=init, refit=refit, steps=0, calib_images=24, seed=0))
+        cap.calibrate(calib)
+        small = cap.finalize()
+        mods_o, mods_n = dict(m.named_modules()), dict(small.named_modules())
+        err = {}
+        for s in cap.sites:
+            if s.producer not in narrowed:
+                continue
+            got: dict = {}
+            hs = [mods_o[s.consumer].register_forward_hook(
+                      lambda mod, i, o, got=got: got.__setitem__("o", o)),
+                  mods_n[s.consumer].register_forward_hook(
+                      lambda mod, i, o, got=got: got.__setitem__("n", o))]
+            num = den = 0.0
+            with torch.no_grad():
+                for x in calib:
+                    m(x)
+                    small(x)
+                    num += (got["n"] - got["o"]).pow(2).sum().item()
+                    den += got["o"].pow(2).sum().item()
+            for h in hs:
+                h.remove()
+            err[s.consumer] = num / den
+        errs[refit] = err
+    assert errs[True].keys() == errs[False].keys() and len(errs[True]) == len(narrowed)
+    for name, e in errs[True].items():
+        assert e < errs[False][name], (name, errs)

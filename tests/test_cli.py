@@ -120,6 +120,41 @@ def test_bench_writes_cells_table_plot_and_resumes(trained, tmp_path):
     assert r3.returncode == 2 and "another recipe" in r3.stderr
 
 
+def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained, tmp_path):
+    import json
+
+    out = tmp_path / "deep"
+    args = ["bench", "--weights", trained, "--data", "digits", "--methods", "cap,l1",
+            "--targets", "0.5", "--cap-steps", "5", "--finetune-epochs", "1", "--batch-size",
+            "64", "--seeds", "0,1", "--equal-compute", "--out-dir", out]
+    r = caproj(*args)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == ["cap-0.5-s0-eq.json", "cap-0.5-s1-eq.json", "l1-0.5-s0-eq.json",
+                     "l1-0.5-s1-eq.json"]
+    cells = {n: json.loads((out / n).read_text()) for n in names}
+    for n, c in cells.items():
+        for key in ("arch", "method", "target", "seed", "acc_before_ft", "acc_after_ft",
+                    "train_images", "finetune_epochs", "command"):
+            assert key in c, (n, key)
+        assert c["seed"] == int(n.split("-s")[1][0]) and c["equal_compute"]
+    cap, l1 = cells["cap-0.5-s0-eq.json"], cells["l1-0.5-s0-eq.json"]
+    assert cap["compress_images"] == 5 * 128 and l1["compress_images"] == 0
+    # the same total: pruning's fine-tuning is extended by CaP's optimisation images
+    assert cap["train_images"] == l1["train_images"]
+    assert l1["finetune_images"] == cap["finetune_images"] + 5 * 128
+    assert l1["finetune_epochs"] > cap["finetune_epochs"] == 1
+    # seeds differ (CaP's steps and fine-tuning see other batches), the table gives mean ± std
+    assert cells["cap-0.5-s1-eq.json"]["acc_after_ft"] != cap["acc_after_ft"] or \
+        cells["cap-0.5-s1-eq.json"]["finetune_history"] != cap["finetune_history"]
+    table = (out / "results.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| 0.5 |")]
+    assert len(rows) == 2 and all(ln.count(" ± ") == 2 and "(2)" in ln for ln in rows)
+    assert "the same training images" in table
+    r2 = caproj(*args)
+    assert r2.returncode == 0 and r2.stdout.count("not recomputed") == 4
+
+
 def test_bench_fine_tunes_with_kd_from_the_original(trained, tmp_path):
     out = tmp_path / "bench"
     r = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "l1",

@@ -1,17 +1,25 @@
 """Side-by-side benchmark: one model x methods x MACs targets, the same fine-tune budget each.
 
-Each (method, target) cell records accuracy before and after fine-tuning, MACs, params, CPU
-latency at batch 1 and 64 (interleaved with the original in the same run), peak activation
-memory and compression wall time, in its own JSON file (with seed, versions, command). A
-finished cell is never recomputed, so an interrupted run resumes where it stopped. `report`
-turns the cells into a Markdown table and a matplotlib plot of accuracy against MACs.
+Each (method, target[, seed]) cell records accuracy before and after fine-tuning, MACs, params,
+CPU latency at batch 1 and 64 (interleaved with the original in the same run), peak activation
+memory, compression wall time and the training images it consumed (CaP's optimisation steps x
+batch + fine-tuning steps x batch), in its own JSON file (with seed, versions, command). A
+finished cell is never recomputed, so an interrupted run resumes where it stopped, and a table
+can grow across sessions. `report` turns the cells into a Markdown table (mean ± std over
+seeds) and a matplotlib plot of accuracy against MACs (error bars over seeds).
+
+Fair compute (`equal_compute=True`): every method gets the same total of training images, the
+largest any method's recipe consumes; the others' fine-tuning is extended by the difference
+(whole epochs plus a step cap, so the one-cycle schedule spans exactly the images given).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import math
+import statistics
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +28,11 @@ from torch import nn
 
 from caproj import metrics
 from caproj.api import compress, evaluate
+from caproj.batches import steps_per_pass
 from caproj.config import CapConfig, TrainConfig
 from caproj.deploy import latency_report
 from caproj.errors import CaprojError
-from caproj.methods import METHODS
+from caproj.methods import METHODS, CaPMethod
 from caproj.utils import atomic_write_text, run_record
 
 log = logging.getLogger(__name__)
@@ -48,8 +57,27 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return base, opts
 
 
-def cell_path(out_dir: Path, method: str, target: float) -> Path:
-    return out_dir / f"{method}-{target:g}.json"
+def cell_path(out_dir: Path, method: str, target: float, seed: int | None = None,
+              equal_compute: bool = False) -> Path:
+    """A cell's file; single-seed runs of earlier versions keep their names."""
+    tag = (f"-s{seed}" if seed is not None else "") + ("-eq" if equal_compute else "")
+    return out_dir / f"{method}-{target:g}{tag}.json"
+
+
+def compress_images(method: str, cap_cfg: CapConfig) -> int:
+    """Training images a method's compression consumes (CaP's optimisation steps x batch)."""
+    m = METHODS[parse_method(method)[0]]
+    if isinstance(m, CaPMethod):
+        return int(m.overrides.get("steps", cap_cfg.steps)) * cap_cfg.batch_size
+    return 0
+
+
+def finetune_for(images: int, ft: TrainConfig, epoch_images: int) -> TrainConfig:
+    """A fine-tune recipe consuming `images` training images: whole epochs, capped in steps."""
+    if images <= 0:
+        return ft.replace(epochs=0, max_steps=None)
+    steps = max(1, images // ft.batch_size)
+    return ft.replace(epochs=max(1, math.ceil(images / epoch_images)), max_steps=steps)
 
 
 def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, method: str,
@@ -75,6 +103,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
         "finetune_seconds": rep.get("finetune_seconds", 0.0),
         "finetune_history": rep.get("finetune", []),
         "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
+        "cap_history": rep.get("cap_history", []),
     }
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
              rec["acc_before_finetune"], rec["compress_seconds"])
@@ -92,34 +121,65 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     return rec
 
 
-def run(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, arch: str,
-        methods: list[str], targets: list[float], ft: TrainConfig, cap_cfg: CapConfig,
-        out_dir: Path, channel_multiple: int = 8) -> list[dict]:
+def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: Iterable,
+        test: Iterable, arch: str, methods: list[str], targets: list[float], ft: TrainConfig,
+        cap_cfg: CapConfig, out_dir: Path, channel_multiple: int = 8,
+        seeds: list[int] | None = None, equal_compute: bool = False) -> list[dict]:
+    """Every (target, method, seed) cell, resumed from `out_dir` where already measured.
+
+    `train`: the training batches, or `train(seed)` giving each seed its own data order.
+    `seeds`: one cell per seed (None: one cell at ft.seed, files named as before).
+    `equal_compute`: every method consumes the same number of training images (the largest
+    compression + fine-tuning total among `methods`), extending the others' fine-tuning."""
     for m in methods:
         parse_method(m)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_acc = evaluate(model, test)["acc"]
     log.info("%s: %.2f %% original", arch, base_acc)
+    first = train(ft.seed) if callable(train) else train
+    spe = steps_per_pass(first)
+    if spe is None:
+        raise CaprojError("the bench needs training batches of known length", param="train")
+    epoch_images = spe * ft.batch_size
+    planned = {m: compress_images(m, cap_cfg) + ft.epochs * epoch_images for m in methods}
+    budget = max(planned.values())
     cells = []
-    for target in targets:
-        for method in methods:
-            path = cell_path(out_dir, method, target)
-            if path.is_file():
-                done = json.loads(path.read_text())
-                stored = done.get("finetune_config")  # keys added later: their defaults
-                if stored is None or {**TrainConfig().as_dict(), **stored} != ft.as_dict():
-                    raise CaprojError(f"{path} was fine-tuned with another recipe "
-                                      f"({done.get('finetune_config')}); use a new out_dir")
-                cells.append(done)
-                log.info("  %s @ %g: done earlier (%s), not recomputed", method, target,
-                         path.name)
-                continue
-            rec = run_cell(model, train, calib, test, method, target, ft, cap_cfg, base_acc,
-                           channel_multiple)
-            rec.update(arch=arch, finetune_config=ft.as_dict(), cap_config=cap_cfg.as_dict(),
-                       **run_record(ft.seed))
-            atomic_write_text(json.dumps(rec, indent=2, default=str), path)
-            cells.append(rec)
+    for seed in (seeds if seeds is not None else [None]):
+        s = ft.seed if seed is None else seed
+        data = train(s) if callable(train) else train
+        for target in targets:
+            for method in methods:
+                ft_m = ft.replace(seed=s)
+                if equal_compute:
+                    ft_m = finetune_for(budget - compress_images(method, cap_cfg), ft_m,
+                                        epoch_images)
+                path = cell_path(out_dir, method, target, seed, equal_compute)
+                if path.is_file():
+                    done = json.loads(path.read_text())
+                    stored = done.get("finetune_config")  # keys added later: their defaults
+                    if stored is None or {**TrainConfig().as_dict(), **stored} != \
+                            ft_m.as_dict():
+                        raise CaprojError(f"{path} was fine-tuned with another recipe "
+                                          f"({done.get('finetune_config')}); use a new out_dir")
+                    cells.append(done)
+                    log.info("  %s @ %g (seed %s): done earlier (%s), not recomputed", method,
+                             target, s, path.name)
+                    continue
+                rec = run_cell(model, data, calib, test, method, target, ft_m,
+                               cap_cfg.replace(seed=s), base_acc, channel_multiple)
+                cap_images = len(rec.pop("cap_history", [])) * cap_cfg.batch_size
+                ft_steps = min(ft_m.epochs * spe, ft_m.max_steps or ft_m.epochs * spe)
+                rec.update(arch=arch, target=target, finetune_config=ft_m.as_dict(),
+                           cap_config=cap_cfg.replace(seed=s).as_dict(),
+                           finetune_epochs=ft_m.epochs, finetune_steps=ft_steps,
+                           compress_images=cap_images,
+                           finetune_images=ft_steps * ft_m.batch_size,
+                           train_images=cap_images + ft_steps * ft_m.batch_size,
+                           equal_compute=equal_compute,
+                           acc_before_ft=rec["acc_before_finetune"],
+                           acc_after_ft=rec["acc_after_finetune"], **run_record(s))
+                atomic_write_text(json.dumps(rec, indent=2, default=str), path)
+                cells.append(rec)
     report(cells, out_dir)
     return cells
 
@@ -128,23 +188,31 @@ def report(cells: list[dict], out_dir: Path) -> str:
     """Markdown table (written to results.md) and accuracy-vs-MACs plot (plot.png)."""
     if not cells:
         raise CaprojError(f"no benchmark cells in {out_dir}")
-    cells = sorted(cells, key=lambda c: (-c["target_macs"], -c["acc_after_finetune"]))
-    epochs = cells[0]["finetune_config"]["epochs"]
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["target_macs"], c["method"], bool(c.get("equal_compute"))),
+                          []).append(c)
+    rows = sorted(groups.values(), key=lambda g: (-g[0]["target_macs"],
+                                                  -_mean(g, "acc_after_finetune")))
     ftc = cells[0]["finetune_config"]
+    epochs = ftc["epochs"]
+    eq = any(c.get("equal_compute") for c in cells)
+    budget = ("the same training images for every method (fine-tuning extended to match; "
+              "the images column)" if eq else f"{epochs} epoch(s)")
     lines = [f"Original: {cells[0]['arch']}, {cells[0]['acc_original']:.2f} %, "
              f"{cells[0]['macs_original'] / 1e6:.2f} M MACs. Fine-tune budget for every method: "
-             f"{epochs} epoch(s), SGD nesterov, {ftc['schedule']} lr {ftc['lr']}, batch "
+             f"{budget}, SGD nesterov, {ftc['schedule']} lr {ftc['lr']}, batch "
              f"{ftc['batch_size']}, crop+flip"
              + (f", KD {ftc['kd_weight']} from the original" if ftc.get('kd_weight') else "")
              + (", BN statistics frozen" if ftc.get('freeze_bn') else "")
              + (f", weight EMA {ftc['ema']:g} (the averaged weights are evaluated)"
-                if ftc.get('ema') else "") + ".", "",
+                if ftc.get('ema') else "") + ". Accuracies: mean ± std over the seeds (n).", "",
              "Speed-ups against the original in the same form, interleaved in the same run: "
              "PyTorch CPU with BN folded + channels_last, and onnxruntime (CPU).", "",
              "| target | method | MACs (M) | params (M) | top-1 before FT | top-1 after FT | "
-             "b1 speed-up | b64 speed-up | b1 / b64 onnxruntime | peak act. (KiB) | "
-             "compress (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "train images (k) | b1 speed-up | b64 speed-up | b1 / b64 onnxruntime | "
+             "peak act. (KiB) | compress (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ort(c: dict) -> str:
         b1, b64 = (c.get(f"latency_onnxruntime_b{b}_speedup") for b in (1, 64))
@@ -157,17 +225,33 @@ def report(cells: list[dict], out_dir: Path) -> str:
     def x(v: float | None) -> str:
         return f"{v:.2f}x" if v else "–"
 
-    for c in cells:
+    for g in rows:
+        c = g[0]
+        images = c.get("train_images")
         lines.append(
             f"| {c['target_macs']:g} | {c['method']} | {c['macs'] / 1e6:.2f} | "
-            f"{c['params'] / 1e6:.3f} | {c['acc_before_finetune']:.2f} | "
-            f"{c['acc_after_finetune']:.2f}{raw(c)} | {x(c.get('latency_b1_speedup'))} | "
+            f"{c['params'] / 1e6:.3f} | {_pm(g, 'acc_before_finetune')} | "
+            f"{_pm(g, 'acc_after_finetune')}{raw(c) if len(g) == 1 else ''} | "
+            f"{'–' if images is None else f'{images / 1e3:.0f}'} | "
+            f"{x(c.get('latency_b1_speedup'))} | "
             f"{x(c.get('latency_b64_speedup'))} | {ort(c)} | "
             f"{c['peak_activation_bytes'] / 1024:.0f} | {c['compress_seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(text, out_dir / "results.md")
     _plot(cells, out_dir / "plot.png")
     return text
+
+
+def _mean(group: list[dict], key: str) -> float:
+    return statistics.fmean(c[key] for c in group)
+
+
+def _pm(group: list[dict], key: str) -> str:
+    """mean ± std (n) over seeds; a single cell as before."""
+    if len(group) == 1:
+        return f"{group[0][key]:.2f}"
+    vals = [c[key] for c in group]
+    return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f} ({len(vals)})"
 
 
 def _plot(cells: list[dict], path: Path) -> None:
@@ -182,10 +266,17 @@ def _plot(cells: list[dict], path: Path) -> None:
     methods = sorted({c["method"] for c in cells})
     for ax, key, title in ((axes[0], "acc_before_finetune", "before fine-tuning"),
                            (axes[1], "acc_after_finetune", "after fine-tuning")):
-        for m in methods:
-            pts = sorted((c["macs"] / 1e6, c[key]) for c in cells if c["method"] == m)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=m,
-                    linewidth=2.5 if m == "cap" else 1.2)
+        for m in methods:  # mean over seeds, error bars = std
+            per: dict[float, list[dict]] = {}
+            for c in cells:
+                if c["method"] == m:
+                    per.setdefault(c["macs"] / 1e6, []).append(c)
+            xs = sorted(per)
+            ys = [_mean(per[v], key) for v in xs]
+            es = [statistics.stdev([c[key] for c in per[v]]) if len(per[v]) > 1 else 0.0
+                  for v in xs]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m,
+                        linewidth=2.5 if m == "cap" else 1.2)
         ax.axhline(cells[0]["acc_original"], color="grey", linestyle="--", linewidth=1,
                    label="original")
         ax.set_xlabel("MACs (M)")

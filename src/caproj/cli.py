@@ -69,6 +69,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _seeds(s: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {s!r}")
+    return seeds
+
+
 def _nonneg_int(s: str) -> int:
     v = int(s)
     if v < 0:
@@ -217,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     # the same fine-tune recipe as compress, for every method
     _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=1)
     p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds: one cell per seed "
+                   "(CaP, data order and fine-tuning), the table gives mean ± std")
+    p.add_argument("--equal-compute", action="store_true",
+                   help="give every method the same training images (the largest CaP steps x "
+                   "batch + fine-tuning total), extending the others' fine-tuning")
     _add_common(p)
 
     p = cmd("export", "export a (compressed) model for deployment: ONNX or torch.export")
@@ -583,9 +598,16 @@ def cmd_bench(a: argparse.Namespace) -> None:
     cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0, kd=ft.kd_weight,
                         bf16=False if a.no_bf16 else None)  # --kd: distil in CaP and FT alike
     device = next(model.parameters()).device
-    train_b, calib_b, test_b = _batches(data, device, ft.batch_size, a.seed, cap_cfg.calib_images)
-    bench.run(model, train_b, calib_b, test_b, meta["arch"], methods, targets, ft, cap_cfg, out,
-              channel_multiple=a.channel_multiple)
+    _, calib_b, test_b = _batches(data, device, ft.batch_size, a.seed, cap_cfg.calib_images)
+
+    def train_for(seed: int):
+        from caproj.data import Batches
+
+        return Batches.train_of(data, ft.batch_size, seed=seed, device=device)
+
+    bench.run(model, train_for, calib_b, test_b, meta["arch"], methods, targets, ft, cap_cfg,
+              out, channel_multiple=a.channel_multiple, seeds=a.seeds,
+              equal_compute=a.equal_compute)
     print((out / "results.md").read_text())
 
 

@@ -59,6 +59,19 @@ class _Stop(Exception):
     pass
 
 
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a batch of symmetric positive definite systems (ridge-regularised Gram matrices) by
+    Cholesky, one system at a time: batched LU solves hang in some MKL builds with several
+    threads (seen with torch 2.14 on 2 threads). Falls back to LU for a system that is not
+    numerically positive definite."""
+    out = []
+    for ai, bi in zip(a, b, strict=True):
+        chol, info = torch.linalg.cholesky_ex(ai)
+        out.append(torch.cholesky_solve(bi, chol) if int(info) == 0
+                   else torch.linalg.solve(ai, bi))
+    return torch.stack(out)
+
+
 def input_shape_of(example_inputs: torch.Tensor | tuple) -> tuple[int, ...]:
     """(C, H, W) of a batch of example inputs (a tensor, or a tuple whose first item is one)."""
     x = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
@@ -285,8 +298,8 @@ class CaP:
             d = gram.shape[-1]
             trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
             ridge = (self.cfg.ridge * trace / d + 1e-12)[:, None, None]
-            sol = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype,
-                                                               device=gram.device), cross)
+            sol = _spd_solve(gram + ridge * torch.eye(d, dtype=gram.dtype, device=gram.device),
+                             cross)
             w_old = self.base[f"{name}.weight"]
             w = sol.transpose(1, 2).reshape(-1, d).float()  # (G o) x (c'/G k k)
             if w_old.dim() == 4:

@@ -103,7 +103,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
         "finetune_seconds": rep.get("finetune_seconds", 0.0),
         "finetune_history": rep.get("finetune", []),
         "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
-        "cap_history": rep.get("cap_history", []),
+        "compress_images": len(rep.get("cap_history", [])) * cap_cfg.batch_size,
     }
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
              rec["acc_before_finetune"], rec["compress_seconds"])
@@ -167,12 +167,11 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                     continue
                 rec = run_cell(model, data, calib, test, method, target, ft_m,
                                cap_cfg.replace(seed=s), base_acc, channel_multiple)
-                cap_images = len(rec.pop("cap_history", [])) * cap_cfg.batch_size
+                cap_images = rec["compress_images"]
                 ft_steps = min(ft_m.epochs * spe, ft_m.max_steps or ft_m.epochs * spe)
                 rec.update(arch=arch, target=target, finetune_config=ft_m.as_dict(),
                            cap_config=cap_cfg.replace(seed=s).as_dict(),
                            finetune_epochs=ft_m.epochs, finetune_steps=ft_steps,
-                           compress_images=cap_images,
                            finetune_images=ft_steps * ft_m.batch_size,
                            train_images=cap_images + ft_steps * ft_m.batch_size,
                            equal_compute=equal_compute,

@@ -56,7 +56,6 @@ def predict_macs(mm: MacModel, sites: list[Site], widths: list[int]) -> int:
         for reader, writer in s.gates:
             in_f[reader] = (k, s.channels)
             out_f[writer] = (k, s.channels)
-            del mid_f[writer]
         for m in s.maps_out:
             map_in[m] = (k, s.channels)
         for m in s.maps_in:

@@ -78,13 +78,13 @@ class Site:
     groups: int = 1  # grouped producer/consumer: P block-diagonal, G equal blocks
     # squeeze-excitation gates on the channels: (reader, writer) = the conv/linear reading the
     # pooled channels (its input columns are selected) and the one writing the per-channel
-    # scales (its rows are selected; it is in `mids` too)
+    # scales (its rows are selected)
     gates: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def selection(self) -> bool:
-        """P must be a channel selection (a depthwise conv or BN sits between the layers)."""
-        return bool(self.mids)
+        """P must be a channel selection (a depthwise conv, BN or SE gate sits between)."""
+        return bool(self.mids or self.gates)
 
     @property
     def producers(self) -> list[tuple[str, str | None]]:
@@ -407,7 +407,6 @@ def _find_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[s
             if gate is not None:  # squeeze-excitation: its channels are selected with the site
                 mul, reader, writer = gate
                 gates.append((reader, writer))
-                mids.append(writer)  # forces a selection; writer's rows are selected
                 ops.append(f"gate {reader}->{writer}")
                 cur = mul
                 continue

@@ -88,8 +88,10 @@ def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, t
                 out[f"{prod}.bias"] = torch.zeros(p.shape[1], dtype=w.dtype, device=w.device)
         for reader, _ in s.gates:  # squeeze-excitation reading the selected channels
             out[f"{reader}.weight"] = _cols(p, out[f"{reader}.weight"])
-        for m in s.mids:  # depthwise convs and BNs inside a selection site: their channels
-            for key in [k for k in out if k.startswith(f"{m}.")]:  # are selected (P^T t)
+        # depthwise convs, BNs and SE writers inside a selection site: their channels are
+        # selected (P^T t)
+        for m in s.mids + [w for _, w in s.gates]:
+            for key in [k for k in out if k.startswith(f"{m}.")]:
                 t = out[key]
                 if t.dim() >= 1 and t.shape[0] == s.channels and t.is_floating_point():
                     out[key] = _rows(p, t)

@@ -182,7 +182,7 @@ API_CASES = [
      "bogus"),
     ("target_macs and keep together", "compress(model, data, target_macs=0.5, keep=0.5)",
      lambda: _compress(_tiny(), _batches(), target_macs=0.5, keep=0.5),
-     "give target_macs or keep, not both", "keep"),
+     "give one of target_macs, keep, target_latency, not target_macs and keep", "keep"),
     ("width that splits a grouped conv unevenly", "compress(grouped, data, widths=[6])",
      lambda: _compress(_Grouped(), _batches(), widths=[6]),
      "width 6 for a is not a multiple of its 4 groups", "widths"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,26 +82,35 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
 
 
 def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: list[float],
-             target: float, multiple: int = 8) -> list[int]:
-    """Greedy widths meeting `target` (fraction of mm.total MACs) to within 1 % (`solve`, from
-    each site's narrowest step, by sensitivity x drop in e_s per extra MAC)."""
+             target: float, multiple: int = 8,
+             cost: Callable[[list[int]], float] | None = None,
+             what: str = "target_macs", steps: list[int] | None = None) -> list[int]:
+    """Greedy widths meeting `target` to within 1 % (`solve`, from each site's narrowest step,
+    by sensitivity x drop in e_s per unit of cost added). The cost is the MACs (`target`: a
+    fraction of mm.total) unless `cost` is given (e.g. predicted latency; `target`: a fraction
+    of the full widths' cost). A step that costs nothing or saves time is taken first, so
+    widths snap to the top of a plateau of the cost. `steps` (with a custom cost): the only
+    width changes allowed per site (a latency table's grid spacing), not channel steps."""
     if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
-        raise CaprojError(f"target_macs must be in (0, 1], got {target}", param="target_macs")
-    steps = site_steps(sites, multiple)
+        raise CaprojError(f"{what} must be in (0, 1], got {target}", param=what)
+    units = site_units(sites)
+    if steps is not None:
+        units = list(steps)
+    else:
+        steps = site_steps(sites, multiple)
+    if cost is None:
+        def cost(w: list[int]) -> float:
+            return predict_macs(mm, sites, w)
+    full = [s.channels for s in sites]
+    total = cost(full)
+    eps = 1e-9 * max(total, 1e-30)
 
-    def value(i: int, k: int, nk: int, new: int, cur: int) -> float:
-        return sens[i] * (curves[i][k] - curves[i][nk]).item() / max(new - cur, 1)
+    def value(i: int, k: int, nk: int, new: float, cur: float) -> float:
+        gain = sens[i] * (curves[i][k] - curves[i][nk]).item()
+        return gain / max(new - cur, eps) if new - cur > 0 else 1e30 + gain
 
-    widths = solve([s.channels for s in sites], lambda w: predict_macs(mm, sites, w),
-                   target * mm.total, steps=steps, start=list(steps), value=value, trades=True,
-                   what=f"target_macs {target:g}", units=site_units(sites))
-    got = predict_macs(mm, sites, widths) / mm.total
-    log.info("automatic allocation: widths %s (%.3f of the MACs)", widths, got)
+    widths = solve(full, cost, target * total, steps=steps, start=list(steps), value=value,
+                   trades=True, what=f"{what} {target:g}", units=units)
+    log.info("automatic allocation: widths %s (%.3f of the %s)", widths, cost(widths) / total,
+             "MACs" if what == "target_macs" else "cost")
     return widths
-
-
-def auto_widths(model: nn.Module, sites: list[Site], mm: MacModel, calib: list[torch.Tensor],
-                target: float, multiple: int) -> list[int]:
-    """Automatic allocation end to end: profiles on the calibration batches, greedy widths."""
-    curves, sens = site_profiles(model, sites, calib)
-    return allocate(mm, sites, curves, sens, target, multiple)

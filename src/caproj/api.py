@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from caproj import batches as B
+from caproj import latency as L
 from caproj import metrics
 from caproj.cap import input_shape_of
 from caproj.config import CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, CapConfig, TrainConfig
@@ -101,11 +102,14 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
              output_transform: OutputTransform | None = None, stream_projection: bool = False,
              allocation: str = "uniform", channel_multiple: int | None = None,
              widths: list[int] | None = None, label_free: bool = False,
+             target_latency: float | None = None, runtime: str = "eager",
+             latency_batch: int = 1, latency_threads: int | None = None,
              state_path: str | os.PathLike | None = None, resume: bool = False,
              save_every: int = SAVE_EVERY, **options: Any) -> Result:
-    """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5)
-    or `keep` (fraction of channels per site) with `method` (a registered name, see
-    `caproj.METHODS`, or a plug-in), optionally fine-tune, and report.
+    """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5),
+    `keep` (fraction of channels per site) or `target_latency` (fraction of its measured
+    latency) with `method` (a registered name, see `caproj.METHODS`, or a plug-in), optionally
+    fine-tune, and report.
 
     data: iterable of batches (x, y) / (x,) / x: CaP's optimisation, Taylor scores, the
         fine-tuning. calib_data: where calibration images come from (default: data).
@@ -122,6 +126,12 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
         TrainConfig; default recipe `caproj.FINETUNE` (SGD one-cycle 0.005, KD 0.5).
     stream_projection, allocation ("uniform" | "auto"), channel_multiple, widths: what is
         narrowed and how the budget is spread.
+    target_latency, runtime ("eager" | "inductor" | "onnxruntime"), latency_batch,
+        latency_threads: budget the latency the compressed model will have in that runtime at
+        that batch size and thread count (`caproj.latency`: per-layer times measured here and
+        cached on disk; the chosen widths are measured before compression and tightened if
+        they miss). The report's "latency" holds original and compressed measured
+        interleaved (3 runs) next to the prediction.
     state_path: save resumable state to `<state_path>.cap-state.pt` / `.ft-state.pt` every
         `save_every` steps and on SIGTERM/SIGINT; resume=True continues from it. The state
         files are removed when the job finishes.
@@ -156,9 +166,13 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
     was_training = model.training
     model.eval()  # compression reads the trained network as deployed; mode restored below
     uses_widths = getattr(m, "uses_widths", True)
+    spec = None
+    if target_latency is not None:
+        spec = L.Spec(runtime, latency_batch, latency_threads, device.type).check()
     plan = Plan.of(model, shape, target_macs=target_macs, keep=keep, allocation=allocation,
                    channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
-                   stream_projection=stream_projection, widths=widths)
+                   stream_projection=stream_projection, widths=widths,
+                   target_latency=target_latency, latency_spec=spec)
     t0 = time.perf_counter()
     calib = B.take(calib_data if calib_data is not None else data, config.calib_images, device)
     with torch.no_grad():  # a dict/tuple output without output_transform fails now, not later
@@ -199,6 +213,17 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
         raise CaprojError(f"internal error: MACs after surgery {macs} != predicted "
                           f"{plan.predicted_macs()} (method {name})")
     rep.update(macs_after=macs, params_after=metrics.count_params(small))
+    if plan.latency is not None:  # what the user will get; optional: never loses the result
+        try:
+            rep["latency"] = L.report(model, small, shape, plan.latency,
+                                      plan.widths)  # type: ignore[arg-type]
+            log.info("latency (%s, batch %d): %.3f -> %.3f ms, %.2fx measured; predicted "
+                     "%.3f ms (%+.1f %%)", runtime, latency_batch, rep["latency"]["original_ms"],
+                     rep["latency"]["compressed_ms"], rep["latency"]["speedup"],
+                     rep["latency"]["predicted_ms"], 100 * rep["latency"]["prediction_error"])
+        except Exception as e:  # noqa: BLE001
+            rep["latency_notes"] = [f"{runtime}: {str(e).strip()[:160] or type(e).__name__}"]
+            log.warning("latency measurement failed: %s", rep["latency_notes"][0])
     log.info("%s: %.2f M -> %.2f M MACs (%.3f) in %.0f s", name, plan.mm.total / 1e6,
              macs / 1e6, macs / plan.mm.total, rep["compress_seconds"])
     if eval_data is not None:

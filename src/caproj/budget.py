@@ -126,9 +126,11 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
         return list(full)
     floor = cost(list(start) if start is not None else list(units))
     if floor > goal:
+        rest = ("the time of the rest of the network and per-operator overhead do not shrink "
+                "with the widths" if what.startswith("target_latency") else
+                "the other layers are not compressible here")
         raise CaprojError(f"{what} is unreachable: the narrowest allowed sizes still cost "
-                          f"{floor / total:.3f} of the total (the other layers are not "
-                          f"compressible here)", param=what)
+                          f"{floor / total:.3f} of the total ({rest})", param=what)
 
     def close(c: int) -> bool:
         return abs(c - goal) <= tol * goal

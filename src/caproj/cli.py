@@ -22,6 +22,7 @@ import torch
 from caproj import dist
 from caproj.config import CAP, CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, TRAIN, CapConfig, TrainConfig
 from caproj.errors import CaprojError
+from caproj.latency import RUNTIMES
 from caproj.methods import METHODS
 from caproj.version import __version__
 
@@ -173,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
     budget.add_argument("--target-macs", type=_fraction,
                         help="fraction of the original MACs to keep (default 0.5)")
+    budget.add_argument("--target-latency", type=_fraction,
+                        help="fraction of the original's latency measured in --runtime at "
+                        "--latency-batch and --threads (per-layer latency model, cached)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="eager",
+                   help="where --target-latency is measured: eager PyTorch (BN folded; "
+                   "default), inductor (torch.compile) or onnxruntime (CPU)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1,
+                   help="batch size --target-latency is measured at (default 1)")
+    p.add_argument("--latency-threads", type=_positive_int,
+                   help="CPU threads --target-latency is measured with (default: --threads)")
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE,
                    help="keep widths at multiples of this where a site is wide enough "
                    "(default %(default)s: fast CPU kernels; 1 = any width)")
@@ -472,6 +483,9 @@ def cmd_compress(a: argparse.Namespace) -> None:
     print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
     with stop_on_signal():
         res = compress(model, train_b, keep=a.keep, target_macs=a.target_macs,
+                       target_latency=a.target_latency, runtime=a.runtime,
+                       latency_batch=a.latency_batch,
+                       latency_threads=a.latency_threads or a.threads,
                        calib_data=calib_b, eval_data=test_b, calib_images=a.calib_images,
                        steps=a.cap_steps, finetune=ft if ft.epochs > 0 else None, seed=a.seed,
                        channel_multiple=a.channel_multiple, allocation=a.allocate,
@@ -522,6 +536,14 @@ def format_report(rep: dict[str, Any]) -> str:
                 if "acc_after_finetune" in rep else ""),
              row("MACs", rep["macs_before"], rep["macs_after"], lambda v: f"{v / 1e6:.2f} M"),
              row("params", rep["params_before"], rep["params_after"], lambda v: f"{v / 1e6:.3f} M")]
+    lat = rep.get("latency")
+    if lat:
+        name = f"latency {lat['runtime']} b{lat['batch']}"
+        lines.append(f"  {name:22s} "
+                     f"{lat['original_ms']:9.2f} ms {lat['compressed_ms']:9.2f} ms   "
+                     f"{lat['speedup']:5.2f}x   (target {rep['target_latency']:g}: predicted "
+                     f"{lat['predicted_ratio']:.3f}, measured {lat['measured_ratio']:.3f} of "
+                     f"the original; {lat['threads']} threads)")
     for form in LATENCY_FORMS:
         for b in (1, 64):
             k = f"latency_{form}_b{b}"
@@ -624,8 +646,11 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 # The library names parameters; the CLI names the flags that set them.
-FLAGS = {"target_macs": "--target-macs", "keep": "--keep", "channel_multiple":
-         "--channel-multiple", "calib_images": "--calib-images", "allocation": "--allocate",
+FLAGS = {"target_macs": "--target-macs", "keep": "--keep",
+         "target_latency": "--target-latency", "latency_batch": "--latency-batch",
+         "runtime": "--runtime", "latency_threads": "--latency-threads",
+         "channel_multiple": "--channel-multiple", "calib_images": "--calib-images",
+         "allocation": "--allocate",
          "stream_projection": "--stream-projection", "weight_lr": "--cap-weight-lr",
          "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":
          "--label-smoothing", "weight_decay": "--weight-decay", "max_steps": "--max-steps",

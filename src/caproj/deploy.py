@@ -50,13 +50,14 @@ def freeze(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
-def compiled(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+def compiled(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> nn.Module:
     """`fold_bn_cl` compiled by inductor with frozen weights (under no_grad/inference_mode, as
-    inference runs; one compilation per input shape). Compiles once here on a probe batch, so a
-    missing C++ toolchain is reported now, as a CaprojError, not at the first real call."""
+    inference runs; one compilation per input shape). Compiles once here on a probe batch of
+    `batch`, so a missing C++ toolchain is reported now, as a CaprojError, not at the first
+    real call."""
     m = ChannelsLast(fold_bn(model))
     c = torch.compile(m, dynamic=False, options={"freezing": True})
-    x = torch.zeros(1, *input_shape, device=next(m.parameters()).device)
+    x = torch.zeros(batch, *input_shape, device=next(m.parameters()).device)
     try:
         with torch.inference_mode():
             c(x)

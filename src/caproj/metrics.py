@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def _probe_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
+def probe_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     return torch.zeros(batch, *input_shape, device=device)
@@ -29,7 +29,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     was = model.training
     model.eval()
     with FlopCounterMode(display=False) as fc:
-        model(_probe_input(model, input_shape))
+        model(probe_input(model, input_shape))
     model.train(was)
     return fc.get_total_flops() // 2
 
@@ -71,7 +71,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
     was = model.training
     model.eval()
     try:
-        model(_probe_input(model, input_shape))
+        model(probe_input(model, input_shape))
     finally:
         for h in hooks:
             h.remove()
@@ -106,7 +106,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int =
     """Median wall time of a forward pass (eval mode). `runs` timed after `warmup`; keeps timing
     until `min_seconds` have passed as well, so fast models get more samples."""
     model.eval()
-    x = _probe_input(model, input_shape, batch)
+    x = probe_input(model, input_shape, batch)
     cuda = x.device.type == "cuda"
     with threads(num_threads):
         for _ in range(warmup):
@@ -126,22 +126,42 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int =
 
 
 @torch.inference_mode()
+def median_time(model: nn.Module, x: torch.Tensor, seconds: float, runs: int = 5) -> float:
+    """Median ms of model(x) over at least `runs` calls and `seconds` (no warm-up)."""
+    cuda = x.device.type == "cuda"
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < seconds:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(x)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
 def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch: int = 1,
                     rounds: int = 15, runs: int = 5, warmup: int = 5,
-                    num_threads: int | None = None) -> dict[str, dict[str, float]]:
+                    num_threads: int | None = None, warmup_seconds: float = 0.0
+                    ) -> dict[str, dict[str, float]]:
     """Latency of several models measured interleaved (round-robin, `runs` forwards each per
     round), so that machine noise hits all of them alike. Per model: median over all runs, and
     the median over rounds of (first model's round median / this model's round median)."""
     names = list(models)
     for m in models.values():
         m.eval()
-    x = _probe_input(next(iter(models.values())), input_shape, batch)
+    x = probe_input(next(iter(models.values())), input_shape, batch)
     cuda = x.device.type == "cuda"
     per: dict[str, list[list[float]]] = {n: [] for n in names}
     with threads(num_threads):
         for m in models.values():
             for _ in range(warmup):
                 m(x)
+            if warmup_seconds:
+                median_time(m, x, warmup_seconds, runs=1)
         for _ in range(rounds):
             for n in names:
                 ts = []
@@ -197,7 +217,7 @@ def peak_activation_bytes(model: nn.Module, input_shape: tuple[int, ...], batch:
     On CUDA: the allocator's peak minus what was allocated before. On CPU: the peak of bytes
     held by tensors the forward created and had not yet freed."""
     model.eval()
-    x = _probe_input(model, input_shape, batch)
+    x = probe_input(model, input_shape, batch)
     if x.device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

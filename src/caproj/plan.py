@@ -4,21 +4,41 @@
 or a uniform `target_macs`, the widths at once; automatic allocation (`allocation="auto"`)
 needs calibration batches first (`Plan.resolve(calib)`). Every method works from a Plan, so
 they all narrow the same sites to the same MACs.
+
+`target_latency` (a fraction of the original's measured latency in `latency_spec`'s runtime,
+batch and threads) budgets time instead of MACs: a per-layer latency model
+(`caproj.latency`) is measured first and is the solver's cost; once widths are chosen, the
+network they give (shapes only) is measured against the original, interleaved, and if it
+misses the target the goal is tightened by the miss and the widths chosen again (at most
+`LATENCY_CHECKS` times), so the target holds in measurement, not only in prediction.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from caproj.allocate import auto_widths
-from caproj.budget import MacModel, predict_macs, widths_for_keep, widths_for_macs
-from caproj.config import CHANNEL_MULTIPLE, TARGET_MACS
+from caproj import latency as L
+from caproj import projection, surgery
+from caproj.allocate import allocate, site_profiles
+from caproj.budget import (
+    MacModel,
+    predict_macs,
+    solve,
+    widths_for_keep,
+    widths_for_macs,
+)
+from caproj.config import CHANNEL_MULTIPLE, LATENCY_CHECKS, TARGET_MACS
 from caproj.errors import CaprojError
 from caproj.sites import Site, require_sites
 from caproj.utils import check_input_shape
+
+log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "auto")
 
@@ -34,22 +54,35 @@ class Plan:
     channel_multiple: int
     stream_projection: bool
     widths: list[int] | None = None  # None until resolved (automatic allocation)
+    target_latency: float | None = None
+    latency: L.LatencyModel | None = None
+    latency_checks: list[dict[str, Any]] | None = None  # measured feedback on the widths
+    _profiles: tuple[list[torch.Tensor], list[float]] | None = None
 
     @classmethod
     def of(cls, model: nn.Module, input_shape: tuple[int, ...], *,
            target_macs: float | None = None, keep: float | None = None,
            allocation: str = "uniform", channel_multiple: int = CHANNEL_MULTIPLE,
            stream_projection: bool = False, widths: list[int] | None = None,
-           sites: list[Site] | None = None) -> Plan:
+           sites: list[Site] | None = None, target_latency: float | None = None,
+           latency_spec: L.Spec | None = None, latency_cache: Any = None) -> Plan:
         if allocation not in ALLOCATIONS:
             raise CaprojError(f"allocation must be uniform or auto, got {allocation!r}",
                               param="allocation")
-        if keep is not None and target_macs is not None:
-            raise CaprojError("give target_macs or keep, not both", param="keep")
+        given = [n for n, v in (("target_macs", target_macs), ("keep", keep),
+                                ("target_latency", target_latency)) if v is not None]
+        if len(given) > 1:
+            raise CaprojError(f"give one of target_macs, keep, target_latency, not "
+                              f"{' and '.join(given)}", param=given[-1])
+        if target_latency is not None and not (
+                isinstance(target_latency, (int, float)) and math.isfinite(target_latency)
+                and 0 < target_latency <= 1):
+            raise CaprojError(f"target_latency must be in (0, 1], got {target_latency}",
+                              param="target_latency")
         if not isinstance(channel_multiple, int) or channel_multiple < 1:
             raise CaprojError(f"channel_multiple must be >= 1, got {channel_multiple}",
                               param="channel_multiple")
-        if keep is None and target_macs is None and widths is None:
+        if keep is None and target_macs is None and widths is None and target_latency is None:
             target_macs = TARGET_MACS
         if allocation == "auto" and keep is not None:
             raise CaprojError("allocation='auto' chooses the widths for a target_macs budget; "
@@ -58,7 +91,18 @@ class Plan:
         check_input_shape(model, input_shape)
         mm = MacModel.of(model, input_shape)
         plan = cls(sites, mm, tuple(input_shape), target_macs, keep, allocation,
-                   channel_multiple, stream_projection)
+                   channel_multiple, stream_projection, target_latency=target_latency)
+        if target_latency is not None and widths is None:
+            if target_latency == 1:  # nothing to save: nothing to measure
+                plan.widths = [s.channels for s in sites]
+                return plan
+            plan.latency = L.LatencyModel.build(model, sites, tuple(input_shape),
+                                                latency_spec or L.Spec(), channel_multiple,
+                                                cache=latency_cache)
+            if allocation == "uniform":
+                plan.widths = plan._latency_widths(target_latency)
+                plan._verify_latency(model)
+            return plan
         if widths is not None:
             plan.widths = plan.check(list(widths))
         elif keep is not None:
@@ -86,10 +130,52 @@ class Plan:
     def resolve(self, model: nn.Module, calib: list[torch.Tensor]) -> list[int]:
         """The widths, computing the automatic allocation on `calib` if it is still open."""
         if self.widths is None:
-            self.widths = auto_widths(model, self.sites, self.mm, calib,
-                                      self.target_macs,  # type: ignore[arg-type]
-                                      self.channel_multiple)
+            self._profiles = site_profiles(model, self.sites, calib)
+            if self.latency is not None:
+                self.widths = self._latency_widths(self.target_latency)  # type: ignore[arg-type]
+                self._verify_latency(model)
+            else:
+                self.widths = allocate(self.mm, self.sites, *self._profiles,
+                                       self.target_macs,  # type: ignore[arg-type]
+                                       self.channel_multiple)
         return self.widths
+
+    def _latency_widths(self, goal: float) -> list[int]:
+        """Widths whose predicted latency is `goal` x the original's (within 1 %), on the
+        latency model's measured grid (steps = units = the grid's spacing per site)."""
+        lm = self.latency
+        assert lm is not None
+        what = f"target_latency {self.target_latency:g}"
+        if self._profiles is not None:
+            return allocate(self.mm, self.sites, *self._profiles, goal, self.channel_multiple,
+                            cost=lm.predict, what="target_latency", steps=lm.steps)
+        return solve([s.channels for s in self.sites], lm.predict, goal * lm.full_ms,
+                     steps=lm.steps, units=lm.steps, what=what, trades=True)
+
+    def _verify_latency(self, model: nn.Module) -> None:
+        """Measure the chosen widths' network (shapes only) against the original, interleaved;
+        tighten the goal by the miss and choose again while the measurement misses the target
+        by more than 1 %."""
+        lm, target = self.latency, self.target_latency
+        assert lm is not None and target is not None and self.widths is not None
+        goal, self.latency_checks = target, []
+        for attempt in range(LATENCY_CHECKS + 1):
+            small = shape_only(model, self.sites, self.widths)
+            r = L.compare({"original": model, "compressed": small}, self.input_shape,
+                          lm.spec, repeats=1)
+            measured = 1 / r["compressed"]["speedup"]
+            predicted = lm.predict(self.widths) / lm.full_ms
+            self.latency_checks.append({"widths": list(self.widths), "goal": goal,
+                                        "predicted": predicted, "measured": measured})
+            log.info("latency check %d: predicted %.3f, measured %.3f of the original "
+                     "(target %.3f)", attempt, predicted, measured, target)
+            if measured <= target * 1.01 or attempt == LATENCY_CHECKS:
+                break
+            goal *= target / measured
+            try:
+                self.widths = self._latency_widths(goal)
+            except CaprojError:
+                break
 
     @property
     def compressed(self) -> bool:
@@ -110,7 +196,18 @@ class Plan:
 
     def describe(self) -> dict:
         return {"input_shape": list(self.input_shape), "target_macs": self.target_macs,
-                "keep": self.keep,
+                "keep": self.keep, "target_latency": self.target_latency,
+                **({"latency_model": self.latency.describe(),
+                    "latency_checks": self.latency_checks} if self.latency else {}),
                 "allocation": self.allocation, "channel_multiple": self.channel_multiple,
                 "stream_projection": self.stream_projection,
                 "sites": [str(s) for s in self.sites], "widths": self.widths}
+
+
+def shape_only(model: nn.Module, sites: list[Site], widths: list[int]) -> nn.Module:
+    """The narrowed network for `widths` by channel selection (the first channels of each
+    group): the shapes a compression gives, for timing only."""
+    dev = next(model.parameters()).device
+    return surgery.apply(model, sites, [
+        projection.init_select(torch.ones(s.channels, device=dev), k, s.groups)
+        for s, k in zip(sites, widths, strict=True)])

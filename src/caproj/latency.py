@@ -1,0 +1,472 @@
+"""Latency budgets: a per-layer latency model measured on the runtime the user deploys to.
+
+MACs are not time: a thin convolution runs at a fraction of a wide one's arithmetic rate, and
+at batch 1 per-operator overhead does not shrink with the channels. Following ChamNet's
+look-up tables, the latency of a network at any per-site widths `w` is predicted as
+
+    T(w) = T_full + sum over layers l of [ t_l(c_in_l(w), c_out_l(w)) - t_l(c_in_l, c_out_l) ]
+
+- `T_full`: the measured latency of the whole original network in the runtime (everything the
+  widths do not change is in it: the stem, pooling, adds, per-operator overhead);
+- `t_l`: the measured time of a standalone copy of layer l (conv or linear + ReLU, random
+  weights, the same kernel, stride, groups and input size) in the same runtime, batch, threads
+  and device, on a grid of candidate widths per side (the multiples of the site's channel step,
+  at most `GRID` points per side), linearly interpolated between grid points.
+
+Only layers a site narrows are measured: producers (output side), consumers (input side),
+depthwise convs inside a site (both sides), squeeze-excitation readers and writers. The layer
+times are cached on disk (`cache_dir()`: one JSON per machine, runtime, batch, threads and
+library versions), so a second compression on the same machine measures only `T_full`.
+
+`LatencyModel.build(model, sites, input_shape, spec)` measures; `.predict(widths)` is the
+budget solver's cost; `.measure(model, small)` times original and compressed interleaved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from caproj import deploy, metrics
+from caproj.budget import site_step
+from caproj.errors import CaprojError
+from caproj.sites import Site
+from caproj.utils import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("eager", "inductor", "onnxruntime")
+GRID = 16  # at most this many measured widths per site
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where latency is measured: runtime, batch size, CPU threads, device."""
+
+    runtime: str = "eager"
+    batch: int = 1
+    threads: int | None = None  # None: torch's current setting
+    device: str = "cpu"
+
+    def check(self) -> Spec:
+        if self.runtime not in RUNTIMES:
+            raise CaprojError(f"runtime must be one of {', '.join(RUNTIMES)}, got "
+                              f"{self.runtime!r}", param="runtime")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise CaprojError(f"latency_batch must be an integer >= 1, got {self.batch!r}",
+                              param="latency_batch")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise CaprojError(f"threads must be an integer >= 1, got {self.threads!r}",
+                              param="threads")
+        return self
+
+    def resolved_threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+
+def machine() -> str:
+    """What the measurements belong to: the CPU model (or the GPU's name) and versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return cpu
+
+
+def versions(runtime: str) -> dict[str, str]:
+    v = {"torch": torch.__version__}
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime
+
+            v["onnxruntime"] = onnxruntime.__version__
+        except ImportError:
+            raise CaprojError("runtime 'onnxruntime' needs onnxruntime: pip install -e "
+                              "'.[export]'", param="runtime") from None
+    return v
+
+
+def cache_dir() -> Path:
+    """$CAPROJ_CACHE/latency, else $XDG_CACHE_HOME/caproj/latency, else ~/.cache/..."""
+    root = os.environ.get("CAPROJ_CACHE")
+    if root:
+        return Path(root) / "latency"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "caproj" / "latency"
+
+
+# ------------------------------------------------------------------------------ layers
+@dataclass(frozen=True)
+class Layer:
+    """A measurable layer at full width: a conv (kernel, stride, padding, dilation, groups) or
+    a linear layer, with the input shape it sees (channels first; tokens: channels last)."""
+
+    kind: str  # "conv" | "linear"
+    c_in: int
+    c_out: int
+    in_shape: tuple[int, ...]  # without the batch; c_in at dim 0 (conv) or -1 (linear)
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    depthwise: bool = False  # groups == c_in: groups follow the width
+    bias: bool = True
+
+    def key(self, ci: int, co: int) -> str:
+        return json.dumps([asdict(self), ci, co], sort_keys=True)
+
+    def module(self, ci: int, co: int) -> tuple[nn.Module, tuple[int, ...]]:
+        """A standalone copy at widths (ci, co), with a ReLU after it, and its input shape."""
+        if self.kind == "conv":
+            g = ci if self.depthwise else self.groups
+            conv = nn.Conv2d(ci, co, self.kernel, self.stride, self.padding,  # type: ignore[arg-type]
+                             self.dilation, g, self.bias)
+            return nn.Sequential(conv, nn.ReLU()), (ci, *self.in_shape[1:])
+        shape = (*self.in_shape[:-1], ci)
+        return nn.Sequential(nn.Linear(ci, co, self.bias), nn.ReLU()), shape
+
+
+def _layer_of(m: nn.Module, in_shape: tuple[int, ...]) -> Layer | None:
+    if isinstance(m, nn.Conv2d) and len(in_shape) == 3:
+        dw = m.groups > 1 and m.groups == m.in_channels
+        return Layer("conv", m.in_channels, m.out_channels, tuple(in_shape),
+                     tuple(m.kernel_size), tuple(m.stride),
+                     m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                     tuple(m.dilation), m.groups, dw, m.bias is not None)
+    if isinstance(m, nn.Linear):
+        return Layer("linear", m.in_features, m.out_features, tuple(in_shape),
+                     bias=m.bias is not None)
+    return None
+
+
+def _input_shapes(model: nn.Module, names: set[str], input_shape: tuple[int, ...]
+                  ) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(
+        lambda m, i, n=n: shapes.__setitem__(n, tuple(i[0].shape[1:]))) for n in names]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(metrics.probe_input(model, input_shape))
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@dataclass
+class Side:
+    """How one side (input or output channels) of a layer follows a site's width."""
+
+    site: int
+    full: int  # this side's channels at full width (a flattened linear: channels x spatial)
+    channels: int  # the site's channels
+    grid: list[int]  # the site widths measured
+
+    def at(self, k: int) -> int:
+        return self.full * k // self.channels
+
+
+@dataclass
+class Entry:
+    name: str
+    layer: Layer
+    side_in: Side | None
+    side_out: Side | None
+    times: dict[tuple[int, int], float] = field(default_factory=dict)  # (k_in, k_out) -> ms
+
+    @property
+    def same(self) -> bool:
+        """Both sides follow one site (a depthwise conv inside it): only the diagonal."""
+        return bool(self.side_in and self.side_out and self.side_in.site == self.side_out.site)
+
+    def points(self) -> list[tuple[int, int]]:
+        if self.same:
+            return [(k, k) for k in self.side_in.grid]  # type: ignore[union-attr]
+        return [(a, b) for a in (self.side_in.grid if self.side_in else [-1])
+                for b in (self.side_out.grid if self.side_out else [-1])]
+
+    def widths(self, w: list[int]) -> tuple[int, int]:
+        ki = w[self.side_in.site] if self.side_in else -1
+        ko = w[self.side_out.site] if self.side_out else -1
+        return ki, ko
+
+    def time(self, ki: int, ko: int) -> float:
+        """Bilinear interpolation over the measured grid (site widths on each varying side)."""
+        def bracket(side: Side | None, k: int) -> list[tuple[int, float]]:
+            if side is None:
+                return [(-1, 1.0)]
+            g = side.grid
+            if k <= g[0]:
+                return [(g[0], 1.0)] if k == g[0] else _extrap(g[0], g[1] if len(g) > 1 else
+                                                               g[0], k)
+            for a, b in zip(g, g[1:], strict=False):
+                if a <= k <= b:
+                    if k == a:
+                        return [(a, 1.0)]
+                    f = (k - a) / (b - a)
+                    return [(a, 1 - f), (b, f)]
+            return [(g[-1], 1.0)]
+
+        if self.same:
+            return sum(wi * self.times[(a, a)] for a, wi in bracket(self.side_in, ki))
+        return sum(wi * wo * self.times[(a, b)] for a, wi in bracket(self.side_in, ki)
+                   for b, wo in bracket(self.side_out, ko))
+
+
+def _extrap(a: int, b: int, k: int) -> list[tuple[int, float]]:
+    if a == b:
+        return [(a, 1.0)]
+    f = (k - a) / (b - a)  # negative: linear extrapolation below the first grid point
+    return [(a, 1 - f), (b, f)]
+
+
+def site_grid(c: int, step: int, limit: int = GRID) -> tuple[int, list[int]]:
+    """The widths measured for a site of c channels, and their spacing: the multiples of
+    step x 2^j (the smallest j leaving at most `limit` of them) and c itself. A power-of-two
+    spacing keeps the widths CPU kernels block well (multiples of 16, 32, ...) on the grid;
+    the latency budget chooses widths on it, so a prediction is a sum of measured times."""
+    spacing = step
+    while c // spacing > limit - 1 and spacing < c:
+        spacing *= 2
+    grid = list(range(spacing, c + 1, spacing))
+    if not grid or grid[-1] != c:
+        grid.append(c)
+    return spacing, grid
+
+
+def site_grids(sites: list[Site], multiple: int) -> list[tuple[int, list[int]]]:
+    return [site_grid(s.channels, site_step(s.channels, multiple, s.groups)) for s in sites]
+
+
+def site_layers(model: nn.Module, sites: list[Site], input_shape: tuple[int, ...],
+                multiple: int) -> list[Entry]:
+    """Every conv/linear layer whose width a site changes, with the sides that follow it."""
+    ins: dict[str, int] = {}
+    outs: dict[str, int] = {}
+    for i, s in enumerate(sites):
+        for p, _ in s.producers:
+            outs[p] = i
+        for c, _ in s.consumers:
+            ins[c] = i
+        for m in s.mids:
+            ins[m] = outs[m] = i
+        for reader, writer in s.gates:
+            ins[reader] = i
+            outs[writer] = i
+    grids = site_grids(sites, multiple)
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n in ins or n in outs]
+    shapes = _input_shapes(model, set(names), input_shape)
+    entries = []
+    for n in names:
+        layer = _layer_of(mods[n], shapes.get(n, ()))
+        if layer is None:  # a BN inside a site: elementwise, left in T_full
+            continue
+
+        def side(i: int | None, full: int) -> Side | None:
+            if i is None:
+                return None
+            s = sites[i]
+            return Side(i, full, s.channels, grids[i][1])
+
+        entries.append(Entry(n, layer, side(ins.get(n), layer.c_in),
+                             side(outs.get(n), layer.c_out)))
+    return entries
+
+
+# ------------------------------------------------------------------------------ timing
+def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...]) -> nn.Module:
+    if spec.runtime == "inductor":
+        torch._dynamo.reset()  # one compilation per module, never the recompile limit's fallback
+        return deploy.compiled(m, shape, batch=spec.batch)
+    if spec.runtime == "onnxruntime":
+        return deploy.OnnxRuntimeModule(m, shape, threads=spec.resolved_threads())  # a CPU copy
+    return m
+
+
+LAYER_SECONDS = 0.3  # timing per measured layer width (3 chunks; the fastest chunk's median)
+
+
+def time_module(m: nn.Module, shape: tuple[int, ...], spec: Spec,
+                seconds: float | None = None, chunks: int = 3) -> float:
+    """ms of one forward of `m` (already in the runtime's form) at spec's batch: the smallest
+    of `chunks` medians, each over `seconds / chunks` (noise from other work only adds time),
+    after a warm-up of a third of `seconds` (a compiled network's first second runs up to
+    1.5x slower). Inputs are channels_last for inductor (as its form runs them)."""
+    seconds = LAYER_SECONDS if seconds is None else seconds
+    p = next(iter(m.parameters()), None)
+    x = torch.randn(spec.batch, *shape, device=p.device if p is not None else "cpu")
+    if spec.runtime == "inductor" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    best = math.inf
+    with torch.inference_mode():
+        metrics.median_time(m, x, seconds / 3, runs=2)
+        for _ in range(chunks):
+            best = min(best, metrics.median_time(m, x, seconds / chunks,
+                                                 runs=10 if spec.batch == 1 else 3))
+    return best
+
+
+class Table:
+    """The on-disk cache of layer times for one machine, runtime, batch, threads, versions."""
+
+    def __init__(self, spec: Spec, directory: Path | None = None) -> None:
+        self.spec = spec
+        ident = {"machine": machine(), "runtime": spec.runtime, "batch": spec.batch,
+                 "threads": spec.resolved_threads(), "device": spec.device,
+                 **versions(spec.runtime)}
+        self.ident = ident
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = (directory or cache_dir()) / f"{spec.runtime}-b{spec.batch}-{digest}.json"
+        self.times: dict[str, float] = {}
+        self.measured = 0  # layer times measured (not found in the cache) by this object
+        if self.path.exists():
+            try:
+                self.times = json.loads(self.path.read_text())["times"]
+            except (OSError, ValueError, KeyError):
+                log.warning("latency cache %s unreadable; measuring again", self.path)
+
+    def get(self, layer: Layer, ci: int, co: int) -> float:
+        key = layer.key(ci, co)
+        if key not in self.times:
+            torch.manual_seed(0)
+            mod, shape = layer.module(ci, co)
+            mod = mod.to("cpu" if self.spec.runtime == "onnxruntime" else self.spec.device)
+            with metrics.threads(self.spec.resolved_threads()):
+                self.times[key] = time_module(_runtime_form(mod, self.spec, shape), shape,
+                                              self.spec)
+            self.measured += 1
+        return self.times[key]
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(json.dumps({"ident": self.ident, "times": self.times},
+                                          indent=0).encode(), self.path)
+        except OSError as e:  # a cache that cannot be written costs time, not the result
+            log.warning("latency cache not written (%s): %s", self.path, e)
+
+
+@dataclass
+class LatencyModel:
+    spec: Spec
+    full_ms: float  # the original network, measured
+    entries: list[Entry]
+    full_widths: list[int]
+    measured_layers: int = 0  # layer times measured now (the rest came from the cache)
+    cache: str = ""
+    steps: list[int] = field(default_factory=list)  # per site: the grid's spacing
+
+    @classmethod
+    def build(cls, model: nn.Module, sites: list[Site], input_shape: tuple[int, ...],
+              spec: Spec, multiple: int = 8, cache: Path | None = None,
+              progress: Callable[[int, int], None] | None = None) -> LatencyModel:
+        spec = spec.check()
+        entries = site_layers(model, sites, input_shape, multiple)
+        table = Table(spec, cache)
+        todo = [(e, a, b) for e in entries for a, b in e.points()]
+        log.info("latency model (%s, batch %d, %d threads): %d layer widths, cache %s",
+                 spec.runtime, spec.batch, spec.resolved_threads(), len(todo), table.path)
+        try:
+            for n, (e, a, b) in enumerate(todo):
+                ci = e.side_in.at(a) if e.side_in else e.layer.c_in
+                co = e.side_out.at(b) if e.side_out else e.layer.c_out
+                e.times[(a, b)] = table.get(e.layer, ci, co)
+                if progress:
+                    progress(n + 1, len(todo))
+        finally:
+            if table.measured:
+                table.save()
+        full_ms = measure_network(model, input_shape, spec)
+        lm = cls(spec, full_ms, entries, [s.channels for s in sites], table.measured,
+                 str(table.path), [g[0] for g in site_grids(sites, multiple)])
+        log.info("latency model: original %.3f ms; %d layer times measured, %d from the cache",
+                 full_ms, table.measured, len(todo) - table.measured)
+        return lm
+
+    def layer_ms(self, widths: list[int]) -> float:
+        return sum(e.time(*e.widths(widths)) for e in self.entries)
+
+    def predict(self, widths: list[int]) -> float:
+        """Predicted latency (ms) of the network narrowed to `widths`."""
+        return self.full_ms + self.layer_ms(widths) - self.layer_ms(self.full_widths)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.spec.runtime, "batch": self.spec.batch,
+                "threads": self.spec.resolved_threads(), "device": self.spec.device,
+                "original_ms": self.full_ms, "layers": len(self.entries),
+                "measured_layer_times": self.measured_layers, "cache": self.cache}
+
+
+def measure_network(model: nn.Module, input_shape: tuple[int, ...], spec: Spec,
+                    seconds: float = 3.0) -> float:
+    with metrics.threads(spec.resolved_threads()):
+        m = _runtime_form(deploy.fold_bn(model) if spec.runtime == "eager" else model,
+                          spec, input_shape)
+        return time_module(m, input_shape, spec, seconds)
+
+
+def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Spec,
+            repeats: int = 3, rounds: int | None = None) -> dict[str, dict[str, Any]]:
+    """The models in spec's runtime, measured interleaved (`metrics.compare_latency`) `repeats`
+    times; per model the median latency and the median of the repeats' speed-ups over the
+    first model, with every repeat's figures."""
+    rounds = rounds or (15 if spec.batch == 1 else 6)
+    with metrics.threads(spec.resolved_threads()):
+        if spec.runtime == "inductor":
+            torch._dynamo.reset()
+        forms = {n: (deploy.compiled(m, input_shape, batch=spec.batch)
+                     if spec.runtime == "inductor" else
+                     _runtime_form(deploy.fold_bn(m) if spec.runtime == "eager" else m,
+                                   spec, input_shape))
+                 for n, m in models.items()}
+        reps = [metrics.compare_latency(forms, input_shape, spec.batch, rounds=rounds,
+                                        warmup_seconds=1.0 if i == 0 else 0.0)
+                for i in range(repeats)]
+    return {n: {"median_ms": statistics.median(r[n]["median_ms"] for r in reps),
+                "speedup": statistics.median(r[n]["speedup"] for r in reps),
+                "repeats_ms": [r[n]["median_ms"] for r in reps],
+                "repeats_speedup": [r[n]["speedup"] for r in reps]} for n in forms}
+
+
+def prediction_error(predicted_ms: float, measured_ms: float) -> float:
+    """(predicted - measured) / measured."""
+    return (predicted_ms - measured_ms) / measured_ms if measured_ms > 0 else math.nan
+
+
+def report(model: nn.Module, small: nn.Module, input_shape: tuple[int, ...], lm: LatencyModel,
+           widths: list[int], repeats: int = 3) -> dict[str, Any]:
+    """What the user will get: original and compressed measured interleaved in lm's runtime,
+    batch and threads (`repeats` runs, medians), next to the prediction."""
+    r = compare({"original": model, "compressed": small}, input_shape, lm.spec, repeats)
+    pred_ms = lm.predict(widths)
+    meas = r["compressed"]["median_ms"]
+    ratio = 1 / r["compressed"]["speedup"]
+    return {"runtime": lm.spec.runtime, "batch": lm.spec.batch,
+            "threads": lm.spec.resolved_threads(), "original_ms": r["original"]["median_ms"],
+            "compressed_ms": meas, "speedup": r["compressed"]["speedup"],
+            "speedups": r["compressed"]["repeats_speedup"], "predicted_ms": pred_ms,
+            "predicted_ratio": pred_ms / lm.full_ms, "measured_ratio": ratio,
+            "prediction_error": prediction_error(pred_ms, meas),
+            "ratio_error": prediction_error(pred_ms / lm.full_ms, ratio)}

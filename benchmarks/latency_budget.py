@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -65,11 +66,12 @@ def run(a: argparse.Namespace) -> None:
     train = Batches.train_of(data, 128, seed=a.seed)
     calib = Batches.subset_of(data, 2000, 250, seed=a.seed)
     test = Batches.test_of(data, 500)
-    rec.update({"arch": "resnet56", "weights": str(WEIGHTS.name), "runtime": a.runtime,
+    rec.update({**run_record(a.seed), "torch_threads": a.train_threads,
+                "arch": "resnet56", "weights": str(WEIGHTS.name), "runtime": a.runtime,
                 "batch": a.batch, "threads": a.threads, "target_latency": a.target,
                 "seed": a.seed, "finetune_epochs": a.epochs,
                 "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                "machine": L.machine(), **run_record(a.seed)})
+                "machine": L.machine()})  # threads: the latency's (run_record's: torch's)
     if "cap" not in rec:
         t0 = time.perf_counter()
         res = caproj.compress(model, train, target_latency=a.target, runtime=a.runtime,
@@ -116,6 +118,8 @@ def measure(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("torch").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run")

@@ -93,7 +93,7 @@ def test_allocator_lands_on_the_predicted_target(tmp_path, target):
                for k, st, s in zip(plan.widths, lm.steps, sites, strict=True))
     # widths change only when the measurement misses; then the goal is tighter
     for a, b in zip(plan.latency_checks, plan.latency_checks[1:], strict=False):
-        assert a["measured"] > target * 1.01 and b["goal"] < a["goal"]
+        assert a["measured"] > target * 0.99 and b["goal"] < a["goal"]
     assert plan.describe()["latency_model"]["runtime"] == "eager"
 
 

@@ -16,6 +16,7 @@ from caproj.errors import CaprojError
 CHANNEL_MULTIPLE = 8  # widths at multiples of 8 where a site is wide enough (CPU kernel blocks)
 TARGET_MACS = 0.5  # what `compress` aims for when neither target_macs nor keep is given
 LATENCY_CHECKS = 2  # re-solves when the measured latency of the chosen widths misses the target
+LATENCY_MARGIN = 0.02  # latency budgets aim this far under the target (one measurement's noise)
 SAVE_EVERY = 50  # steps between resumable state saves
 
 

@@ -76,8 +76,10 @@ class Spec:
         return self.threads or torch.get_num_threads()
 
 
-def machine() -> str:
-    """What the measurements belong to: the CPU model (or the GPU's name) and versions."""
+def machine(device: str = "cpu") -> str:
+    """What the measurements belong to: the CPU model, or the GPU's name."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -333,8 +335,9 @@ class Table:
 
     def __init__(self, spec: Spec, directory: Path | None = None) -> None:
         self.spec = spec
-        ident = {"machine": machine(), "runtime": spec.runtime, "batch": spec.batch,
-                 "threads": spec.resolved_threads(), "device": spec.device,
+        dev = "cpu" if spec.runtime == "onnxruntime" else spec.device
+        ident = {"machine": machine(dev), "runtime": spec.runtime, "batch": spec.batch,
+                 "threads": spec.resolved_threads(), "device": dev,
                  **versions(spec.runtime)}
         self.ident = ident
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

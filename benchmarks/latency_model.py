@@ -28,22 +28,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from caproj import latency as L  # noqa: E402
-from caproj.budget import site_step, widths_for_keep  # noqa: E402
+from caproj.budget import widths_for_keep  # noqa: E402
 from caproj.models import build_model  # noqa: E402
-from caproj.plan import shape_only  # noqa: E402
 from caproj.sites import require_sites  # noqa: E402
 from caproj.utils import run_record  # noqa: E402
 
 
 def width_sets(sites, multiple: int, seed: int) -> dict[str, list[int]]:
-    out = {f"uniform {k}": widths_for_keep(sites, k, multiple) for k in (0.25, 0.5, 0.75)}
+    """Uniform keep ratios and random widths, on each site's measured grid (where a latency
+    budget chooses widths)."""
+    grids = [g for _, g in L.site_grids(sites, multiple)]
+
+    def snap(w: list[int]) -> list[int]:
+        return [min(g, key=lambda v: (abs(v - k), v)) for k, g in zip(w, grids, strict=True)]
+
+    out = {f"uniform {k}": snap(widths_for_keep(sites, k, multiple)) for k in (0.25, 0.5, 0.75)}
     rng = random.Random(seed)
     for i in range(2):
-        w = []
-        for s in sites:
-            st = site_step(s.channels, multiple, s.groups)
-            w.append(rng.randrange(st, s.channels + 1, st) if s.channels > st else s.channels)
-        out[f"random {i}"] = w
+        out[f"random {i}"] = [rng.choice(g) for g in grids]
     return out
 
 
@@ -74,7 +76,7 @@ def main() -> None:
         print(f"{arch}: {len(sites)} sites, {len(lm.entries)} layers, original {lm.full_ms:.3f} "
               f"ms, {lm.measured_layers} layer times measured in {build_s:.0f} s", flush=True)
         for name, w in width_sets(sites, a.multiple, a.seed).items():
-            small = shape_only(model, sites, w)
+            small = L.shape_only(model, sites, w)
             r = L.compare({"original": model, "compressed": small}, shape, spec, a.repeats)
             pred = lm.predict(w)
             meas = r["compressed"]["median_ms"]

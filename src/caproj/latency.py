@@ -7,11 +7,14 @@ look-up tables, the latency of a network at any per-site widths `w` is predicted
     T(w) = T_full + sum over layers l of [ t_l(c_in_l(w), c_out_l(w)) - t_l(c_in_l, c_out_l) ]
 
 - `T_full`: the measured latency of the whole original network in the runtime (everything the
-  widths do not change is in it: the stem, pooling, adds, per-operator overhead);
+  widths do not change is in it: the stem, pooling, adds, per-operator overhead), measured
+  interleaved with the narrowest network the grid allows; the layer differences are scaled
+  by one factor so that the prediction there equals that measurement (`calibrate`);
 - `t_l`: the measured time of a standalone copy of layer l (conv or linear + ReLU, random
   weights, the same kernel, stride, groups and input size) in the same runtime, batch, threads
   and device, on a grid of candidate widths per side (the multiples of the site's channel step,
-  at most `GRID` points per side), linearly interpolated between grid points.
+  spaced by a power of two so that at most `GRID` points remain), the widths of one layer
+  timed interleaved in rounds; linearly interpolated between grid points.
 
 Only layers a site narrows are measured: producers (output side), consumers (input side),
 depthwise convs inside a site (both sides), squeeze-excitation readers and writers. The layer
@@ -24,6 +27,7 @@ budget solver's cost; `.measure(model, small)` times original and compressed int
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +35,7 @@ import math
 import os
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from caproj import deploy, metrics
+from caproj import deploy, metrics, projection, surgery
 from caproj.budget import site_step
 from caproj.errors import CaprojError
 from caproj.sites import Site
@@ -298,36 +302,40 @@ def site_layers(model: nn.Module, sites: list[Site], input_shape: tuple[int, ...
 
 
 # ------------------------------------------------------------------------------ timing
-def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...]) -> nn.Module:
+@contextlib.contextmanager
+def _compile_room(n: int) -> Iterator[None]:
+    """Room in dynamo's cache for n compiled copies of one module class alive at once (beyond
+    its limit dynamo would silently run the rest uncompiled)."""
+    cfg = torch._dynamo.config
+    old = cfg.cache_size_limit, cfg.accumulated_cache_size_limit
+    cfg.cache_size_limit = max(old[0], n + 8)
+    cfg.accumulated_cache_size_limit = max(old[1], n + 8)
+    try:
+        yield
+    finally:
+        cfg.cache_size_limit, cfg.accumulated_cache_size_limit = old
+
+
+def _input(shape: tuple[int, ...], spec: Spec, device: str) -> torch.Tensor:
+    x = torch.randn(spec.batch, *shape, device=device)
+    if spec.runtime == "inductor" and x.dim() == 4:  # as its form runs: no conversion timed
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...],
+                  reset: bool = True) -> nn.Module:
     if spec.runtime == "inductor":
-        torch._dynamo.reset()  # one compilation per module, never the recompile limit's fallback
+        if reset:  # one compilation per module, never the recompile limit's fallback
+            torch._dynamo.reset()
         return deploy.compiled(m, shape, batch=spec.batch)
     if spec.runtime == "onnxruntime":
         return deploy.OnnxRuntimeModule(m, shape, threads=spec.resolved_threads())  # a CPU copy
     return m
 
 
-LAYER_SECONDS = 0.3  # timing per measured layer width (3 chunks; the fastest chunk's median)
-
-
-def time_module(m: nn.Module, shape: tuple[int, ...], spec: Spec,
-                seconds: float | None = None, chunks: int = 3) -> float:
-    """ms of one forward of `m` (already in the runtime's form) at spec's batch: the smallest
-    of `chunks` medians, each over `seconds / chunks` (noise from other work only adds time),
-    after a warm-up of a third of `seconds` (a compiled network's first second runs up to
-    1.5x slower). Inputs are channels_last for inductor (as its form runs them)."""
-    seconds = LAYER_SECONDS if seconds is None else seconds
-    p = next(iter(m.parameters()), None)
-    x = torch.randn(spec.batch, *shape, device=p.device if p is not None else "cpu")
-    if spec.runtime == "inductor" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    best = math.inf
-    with torch.inference_mode():
-        metrics.median_time(m, x, seconds / 3, runs=2)
-        for _ in range(chunks):
-            best = min(best, metrics.median_time(m, x, seconds / chunks,
-                                                 runs=10 if spec.batch == 1 else 3))
-    return best
+LAYER_SECONDS = 0.3  # timing per measured layer width
+ROUNDS = 5  # interleaved rounds over a layer's widths
 
 
 class Table:
@@ -351,16 +359,39 @@ class Table:
                 log.warning("latency cache %s unreadable; measuring again", self.path)
 
     def get(self, layer: Layer, ci: int, co: int) -> float:
-        key = layer.key(ci, co)
-        if key not in self.times:
-            torch.manual_seed(0)
-            mod, shape = layer.module(ci, co)
-            mod = mod.to("cpu" if self.spec.runtime == "onnxruntime" else self.spec.device)
-            with metrics.threads(self.spec.resolved_threads()):
-                self.times[key] = time_module(_runtime_form(mod, self.spec, shape), shape,
-                                              self.spec)
-            self.measured += 1
-        return self.times[key]
+        return self.get_many(layer, [(ci, co)])[0]
+
+    def get_many(self, layer: Layer, widths: list[tuple[int, int]]) -> list[float]:
+        """Times of `layer` at each (c_in, c_out); the ones not cached are measured together,
+        interleaved: every width is timed once per round, `ROUNDS` rounds, and each keeps the
+        median of its rounds, so the machine's drift during the measurement hits all widths
+        of a layer alike (the differences between them are what a prediction uses)."""
+        todo = [w for w in dict.fromkeys(widths) if layer.key(*w) not in self.times]
+        if todo:
+            dev = "cpu" if self.spec.runtime == "onnxruntime" else self.spec.device
+            with metrics.threads(self.spec.resolved_threads()), _compile_room(len(todo)):
+                if self.spec.runtime == "inductor":
+                    torch._dynamo.reset()
+                forms, inputs = [], []
+                for ci, co in todo:
+                    torch.manual_seed(0)
+                    mod, shape = layer.module(ci, co)
+                    forms.append(_runtime_form(mod.to(dev), self.spec, shape, reset=False))
+                    inputs.append(_input(shape, self.spec, dev))
+                per = len(todo) * ROUNDS
+                rounds: list[list[float]] = [[] for _ in todo]
+                with torch.inference_mode():
+                    for m, x in zip(forms, inputs, strict=True):  # warm-up
+                        metrics.median_time(m, x, LAYER_SECONDS / 3, runs=2)
+                    for _ in range(ROUNDS):
+                        for i, (m, x) in enumerate(zip(forms, inputs, strict=True)):
+                            rounds[i].append(metrics.median_time(
+                                m, x, LAYER_SECONDS * len(todo) / per,
+                                runs=3 if self.spec.batch == 1 else 1))
+            for w, r in zip(todo, rounds, strict=True):
+                self.times[layer.key(*w)] = statistics.median(r)
+            self.measured += len(todo)
+        return [self.times[layer.key(*w)] for w in widths]
 
     def save(self) -> None:
         try:
@@ -380,6 +411,8 @@ class LatencyModel:
     measured_layers: int = 0  # layer times measured now (the rest came from the cache)
     cache: str = ""
     steps: list[int] = field(default_factory=list)  # per site: the grid's spacing
+    scale: float = 1.0  # layer-time differences x this (calibrate)
+    floor_ratio: float = math.nan  # the narrowest widths' measured latency / the original's
 
     @classmethod
     def build(cls, model: nn.Module, sites: list[Site], input_shape: tuple[int, ...],
@@ -388,46 +421,63 @@ class LatencyModel:
         spec = spec.check()
         entries = site_layers(model, sites, input_shape, multiple)
         table = Table(spec, cache)
-        todo = [(e, a, b) for e in entries for a, b in e.points()]
-        log.info("latency model (%s, batch %d, %d threads): %d layer widths, cache %s",
-                 spec.runtime, spec.batch, spec.resolved_threads(), len(todo), table.path)
+        n_points = sum(len(e.points()) for e in entries)
+        log.info("latency model (%s, batch %d, %d threads): %d layers, %d layer widths, "
+                 "cache %s", spec.runtime, spec.batch, spec.resolved_threads(), len(entries),
+                 n_points, table.path)
         try:
-            for n, (e, a, b) in enumerate(todo):
-                ci = e.side_in.at(a) if e.side_in else e.layer.c_in
-                co = e.side_out.at(b) if e.side_out else e.layer.c_out
-                e.times[(a, b)] = table.get(e.layer, ci, co)
+            for n, e in enumerate(entries):
+                pts = e.points()
+                widths = [(e.side_in.at(a) if e.side_in else e.layer.c_in,
+                           e.side_out.at(b) if e.side_out else e.layer.c_out) for a, b in pts]
+                for p, t in zip(pts, table.get_many(e.layer, widths), strict=True):
+                    e.times[p] = t
                 if progress:
-                    progress(n + 1, len(todo))
+                    progress(n + 1, len(entries))
         finally:
             if table.measured:
                 table.save()
-        full_ms = measure_network(model, input_shape, spec)
-        lm = cls(spec, full_ms, entries, [s.channels for s in sites], table.measured,
-                 str(table.path), [g[0] for g in site_grids(sites, multiple)])
-        log.info("latency model: original %.3f ms; %d layer times measured, %d from the cache",
-                 full_ms, table.measured, len(todo) - table.measured)
+        grids = site_grids(sites, multiple)
+        lm = cls(spec, 0.0, entries, [s.channels for s in sites], table.measured,
+                 str(table.path), [g[0] for g in grids])
+        lm.calibrate(model, sites, input_shape, [g[1][0] for g in grids])
+        log.info("latency model: original %.3f ms, layer times x %.2f; %d layer times "
+                 "measured, the rest from the cache or repeated layers", lm.full_ms, lm.scale,
+                 table.measured)
         return lm
+
+    def calibrate(self, model: nn.Module, sites: list[Site], input_shape: tuple[int, ...],
+                  floor: list[int]) -> None:
+        """Measure the original and the narrowest network (`floor` widths) interleaved, now:
+        the original's time is `full_ms`, and the layer times' differences are scaled so
+        that the prediction at the floor equals the measured ratio. One factor absorbs the
+        machine's drift between the table's measurement and now, and what standalone layers
+        miss (a compiler fusing a layer with its neighbours)."""
+        small = shape_only(model, sites, floor)
+        r = compare({"original": model, "floor": small}, input_shape, self.spec, repeats=1)
+        self.full_ms = r["original"]["median_ms"]
+        delta = self.layer_ms(floor) - self.layer_ms(self.full_widths)
+        measured = 1 / r["floor"]["speedup"]
+        self.floor_ratio = measured
+        if delta < 0 and measured < 1:
+            self.scale = min(5.0, max(0.2, (measured - 1) * self.full_ms / delta))
+        else:  # the table or the measurement sees no gain: trust the table as measured
+            self.scale = 1.0
 
     def layer_ms(self, widths: list[int]) -> float:
         return sum(e.time(*e.widths(widths)) for e in self.entries)
 
     def predict(self, widths: list[int]) -> float:
         """Predicted latency (ms) of the network narrowed to `widths`."""
-        return self.full_ms + self.layer_ms(widths) - self.layer_ms(self.full_widths)
+        return self.full_ms + self.scale * (self.layer_ms(widths)
+                                            - self.layer_ms(self.full_widths))
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.spec.runtime, "batch": self.spec.batch,
                 "threads": self.spec.resolved_threads(), "device": self.spec.device,
                 "original_ms": self.full_ms, "layers": len(self.entries),
+                "scale": self.scale, "floor_ratio": self.floor_ratio,
                 "measured_layer_times": self.measured_layers, "cache": self.cache}
-
-
-def measure_network(model: nn.Module, input_shape: tuple[int, ...], spec: Spec,
-                    seconds: float = 3.0) -> float:
-    with metrics.threads(spec.resolved_threads()):
-        m = _runtime_form(deploy.fold_bn(model) if spec.runtime == "eager" else model,
-                          spec, input_shape)
-        return time_module(m, input_shape, spec, seconds)
 
 
 def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Spec,
@@ -473,3 +523,12 @@ def report(model: nn.Module, small: nn.Module, input_shape: tuple[int, ...], lm:
             "predicted_ratio": pred_ms / lm.full_ms, "measured_ratio": ratio,
             "prediction_error": prediction_error(pred_ms, meas),
             "ratio_error": prediction_error(pred_ms / lm.full_ms, ratio)}
+
+
+def shape_only(model: nn.Module, sites: list[Site], widths: list[int]) -> nn.Module:
+    """The narrowed network for `widths` by channel selection (the first channels of each
+    group): the shapes a compression gives, for timing only."""
+    dev = next(model.parameters()).device
+    return surgery.apply(model, sites, [
+        projection.init_select(torch.ones(s.channels, device=dev), k, s.groups)
+        for s, k in zip(sites, widths, strict=True)])

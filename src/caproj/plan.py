@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from caproj import latency as L
-from caproj import projection, surgery
 from caproj.allocate import allocate, site_profiles
 from caproj.budget import (
     MacModel,
@@ -162,7 +161,7 @@ class Plan:
         assert lm is not None and target is not None and self.widths is not None
         goal, self.latency_checks = target * (1 - LATENCY_MARGIN), []
         for attempt in range(LATENCY_CHECKS + 1):
-            small = shape_only(model, self.sites, self.widths)
+            small = L.shape_only(model, self.sites, self.widths)
             r = L.compare({"original": model, "compressed": small}, self.input_shape,
                           lm.spec, repeats=1)
             measured = 1 / r["compressed"]["speedup"]
@@ -205,11 +204,3 @@ class Plan:
                 "stream_projection": self.stream_projection,
                 "sites": [str(s) for s in self.sites], "widths": self.widths}
 
-
-def shape_only(model: nn.Module, sites: list[Site], widths: list[int]) -> nn.Module:
-    """The narrowed network for `widths` by channel selection (the first channels of each
-    group): the shapes a compression gives, for timing only."""
-    dev = next(model.parameters()).device
-    return surgery.apply(model, sites, [
-        projection.init_select(torch.ones(s.channels, device=dev), k, s.groups)
-        for s, k in zip(sites, widths, strict=True)])

@@ -413,6 +413,7 @@ class LatencyModel:
     steps: list[int] = field(default_factory=list)  # per site: the grid's spacing
     scale: float = 1.0  # layer-time differences x this (calibrate)
     floor_ratio: float = math.nan  # the narrowest widths' measured latency / the original's
+    floor: list[int] = field(default_factory=list)  # the narrowest widths on the grid
 
     @classmethod
     def build(cls, model: nn.Module, sites: list[Site], input_shape: tuple[int, ...],
@@ -453,6 +454,7 @@ class LatencyModel:
         that the prediction at the floor equals the measured ratio. One factor absorbs the
         machine's drift between the table's measurement and now, and what standalone layers
         miss (a compiler fusing a layer with its neighbours)."""
+        self.floor = list(floor)
         small = shape_only(model, sites, floor)
         r = compare({"original": model, "floor": small}, input_shape, self.spec, repeats=1)
         self.full_ms = r["original"]["median_ms"]

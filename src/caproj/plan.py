@@ -100,7 +100,7 @@ class Plan:
                                                 latency_spec or L.Spec(), channel_multiple,
                                                 cache=latency_cache)
             if allocation == "uniform":
-                plan.widths = plan._latency_widths(target_latency * (1 - LATENCY_MARGIN))
+                plan.widths = plan._first_latency_widths()
                 plan._verify_latency(model)
             return plan
         if widths is not None:
@@ -132,8 +132,7 @@ class Plan:
         if self.widths is None:
             self._profiles = site_profiles(model, self.sites, calib)
             if self.latency is not None:
-                self.widths = self._latency_widths(
-                    self.target_latency * (1 - LATENCY_MARGIN))  # type: ignore[operator]
+                self.widths = self._first_latency_widths()
                 self._verify_latency(model)
             else:
                 self.widths = allocate(self.mm, self.sites, *self._profiles,
@@ -152,6 +151,21 @@ class Plan:
                             cost=lm.predict, what="target_latency", steps=lm.steps)
         return solve([s.channels for s in self.sites], lm.predict, goal * lm.full_ms,
                      steps=lm.steps, units=lm.steps, what=what, trades=True)
+
+    def _first_latency_widths(self) -> list[int]:
+        """Aim LATENCY_MARGIN under the target; if the prediction says only the narrowest
+        widths come close (within the margin, either side: one measurement's noise), take
+        those and let the measurement decide."""
+        lm, target = self.latency, self.target_latency
+        assert lm is not None and target is not None
+        try:
+            return self._latency_widths(target * (1 - LATENCY_MARGIN))
+        except CaprojError:
+            if lm.predict(lm.floor) > target * (1 + LATENCY_MARGIN) * lm.full_ms:
+                raise
+            log.info("target_latency %g: only the narrowest widths come close (predicted "
+                     "%.3f); measuring them", target, lm.predict(lm.floor) / lm.full_ms)
+            return list(lm.floor)
 
     def _verify_latency(self, model: nn.Module) -> None:
         """Measure the chosen widths' network (shapes only) against the original, interleaved;
@@ -175,8 +189,10 @@ class Plan:
             goal *= (1 - LATENCY_MARGIN) * target / measured
             try:
                 self.widths = self._latency_widths(goal)
-            except CaprojError:
-                break
+            except CaprojError:  # tighter than predicted possible: the narrowest, if not yet
+                if self.widths == lm.floor:
+                    break
+                self.widths = list(lm.floor)
 
     @property
     def compressed(self) -> bool:

@@ -107,20 +107,10 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int =
     until `min_seconds` have passed as well, so fast models get more samples."""
     model.eval()
     x = probe_input(model, input_shape, batch)
-    cuda = x.device.type == "cuda"
     with threads(num_threads):
         for _ in range(warmup):
             model(x)
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < runs or time.perf_counter() - start < min_seconds:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = _times(model, x, min_seconds, runs)
         q = statistics.quantiles(times, n=10) if len(times) >= 10 else [max(times)] * 9
         return Latency(batch, statistics.median(times), q[8], len(times), torch.get_num_threads())
 
@@ -128,6 +118,11 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int =
 @torch.inference_mode()
 def median_time(model: nn.Module, x: torch.Tensor, seconds: float, runs: int = 5) -> float:
     """Median ms of model(x) over at least `runs` calls and `seconds` (no warm-up)."""
+    return statistics.median(_times(model, x, seconds, runs))
+
+
+def _times(model: nn.Module, x: torch.Tensor, seconds: float, runs: int) -> list[float]:
+    """ms of each call of model(x), at least `runs` calls and `seconds` in all."""
     cuda = x.device.type == "cuda"
     times: list[float] = []
     start = time.perf_counter()
@@ -139,7 +134,7 @@ def median_time(model: nn.Module, x: torch.Tensor, seconds: float, runs: int = 5
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 @torch.inference_mode()

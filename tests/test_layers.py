@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "caproj"
 LAYERS = {
     "runtime": ["errors", "version", "utils", "dist", "resume", "config", "batches", "stream",
                 "data"],
-    "core": ["sites", "metrics", "budget", "projection", "surgery", "allocate", "plan", "models",
+    "core": ["sites", "metrics", "budget", "projection", "surgery", "allocate", "latency", "plan",
+             "models",
              "deploy", "train"],
     "methods": ["cap", "methods"],
     "api": ["api", "__init__"],

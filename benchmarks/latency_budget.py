@@ -29,7 +29,7 @@ import caproj  # noqa: E402
 from caproj import latency as L  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
-from caproj.utils import run_record  # noqa: E402
+from caproj.utils import atomic_write_bytes, run_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "models" / "resnet56-cifar10jpeg.th"
@@ -37,9 +37,7 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def _write(path: Path, rec: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_bytes(json.dumps(rec, indent=1, default=str).encode(), path)
 
 
 def _cell(res: caproj.Result) -> dict:

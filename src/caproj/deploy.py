@@ -124,7 +124,10 @@ class OnnxRuntimeModule(nn.Module):
         return torch.from_numpy(out)
 
 
-def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...]) -> nn.Module:
+def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...], batch: int = 1,
+                  threads: int | None = None) -> nn.Module:
+    """`model` in an inference form; `batch`: the batch inductor compiles for, `threads`:
+    onnxruntime's intra-op threads (default torch's)."""
     if form == "eager":
         return model.eval()
     if form == "fold_bn":
@@ -134,9 +137,9 @@ def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...]) -> 
     if form == "freeze":
         return freeze(model, input_shape)
     if form == "inductor":
-        return compiled(model, input_shape)
+        return compiled(model, input_shape, batch)
     if form == "onnxruntime":
-        return OnnxRuntimeModule(model, input_shape)
+        return OnnxRuntimeModule(model, input_shape, threads)
     raise CaprojError(f"unknown inference form {form!r}; choose one of {', '.join(FORMS)}")
 
 

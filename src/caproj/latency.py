@@ -27,6 +27,7 @@ budget solver's cost; `.measure(model, small)` times original and compressed int
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -162,24 +163,6 @@ def _layer_of(m: nn.Module, in_shape: tuple[int, ...]) -> Layer | None:
     return None
 
 
-def _input_shapes(model: nn.Module, names: set[str], input_shape: tuple[int, ...]
-                  ) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_pre_hook(
-        lambda m, i, n=n: shapes.__setitem__(n, tuple(i[0].shape[1:]))) for n in names]
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(metrics.probe_input(model, input_shape))
-            model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
 @dataclass
 class Side:
     """How one side (input or output channels) of a layer follows a site's width."""
@@ -219,31 +202,23 @@ class Entry:
 
     def time(self, ki: int, ko: int) -> float:
         """Bilinear interpolation over the measured grid (site widths on each varying side)."""
-        def bracket(side: Side | None, k: int) -> list[tuple[int, float]]:
-            if side is None:
-                return [(-1, 1.0)]
-            g = side.grid
-            if k <= g[0]:
-                return [(g[0], 1.0)] if k == g[0] else _extrap(g[0], g[1] if len(g) > 1 else
-                                                               g[0], k)
-            for a, b in zip(g, g[1:], strict=False):
-                if a <= k <= b:
-                    if k == a:
-                        return [(a, 1.0)]
-                    f = (k - a) / (b - a)
-                    return [(a, 1 - f), (b, f)]
-            return [(g[-1], 1.0)]
-
         if self.same:
-            return sum(wi * self.times[(a, a)] for a, wi in bracket(self.side_in, ki))
-        return sum(wi * wo * self.times[(a, b)] for a, wi in bracket(self.side_in, ki)
-                   for b, wo in bracket(self.side_out, ko))
+            return sum(wi * self.times[(a, a)] for a, wi in _weights(self.side_in, ki))
+        return sum(wi * wo * self.times[(a, b)] for a, wi in _weights(self.side_in, ki)
+                   for b, wo in _weights(self.side_out, ko))
 
 
-def _extrap(a: int, b: int, k: int) -> list[tuple[int, float]]:
-    if a == b:
-        return [(a, 1.0)]
-    f = (k - a) / (b - a)  # negative: linear extrapolation below the first grid point
+def _weights(side: Side | None, k: int) -> list[tuple[int, float]]:
+    """Grid points and weights interpolating width k linearly (extrapolating below the
+    first point; the full width is the last)."""
+    if side is None:
+        return [(-1, 1.0)]
+    g = side.grid
+    if len(g) == 1 or k >= g[-1]:
+        return [(g[-1], 1.0)]
+    i = max(1, bisect.bisect_left(g, k))
+    a, b = g[i - 1], g[i]
+    f = (k - a) / (b - a)
     return [(a, 1 - f), (b, f)]
 
 
@@ -283,7 +258,7 @@ def site_layers(model: nn.Module, sites: list[Site], input_shape: tuple[int, ...
     grids = site_grids(sites, multiple)
     mods = dict(model.named_modules())
     names = [n for n in mods if n in ins or n in outs]
-    shapes = _input_shapes(model, set(names), input_shape)
+    shapes = {r["layer"]: r["in_shape"] for r in metrics.layer_table(model, input_shape)}
     entries = []
     for n in names:
         layer = _layer_of(mods[n], shapes.get(n, ()))
@@ -323,15 +298,14 @@ def _input(shape: tuple[int, ...], spec: Spec, device: str) -> torch.Tensor:
     return x
 
 
-def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...],
-                  reset: bool = True) -> nn.Module:
-    if spec.runtime == "inductor":
-        if reset:  # one compilation per module, never the recompile limit's fallback
-            torch._dynamo.reset()
-        return deploy.compiled(m, shape, batch=spec.batch)
-    if spec.runtime == "onnxruntime":
-        return deploy.OnnxRuntimeModule(m, shape, threads=spec.resolved_threads())  # a CPU copy
-    return m
+FORM = {"eager": "fold_bn", "inductor": "inductor", "onnxruntime": "onnxruntime"}
+
+
+def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...]) -> nn.Module:
+    """`m` as the runtime runs it (`deploy.for_inference`; eager: BN folded, as deployed).
+    Inductor callers reset dynamo (or make room in its cache) first."""
+    return deploy.for_inference(m, FORM[spec.runtime], shape, batch=spec.batch,
+                                threads=spec.resolved_threads())
 
 
 LAYER_SECONDS = 0.3  # timing per measured layer width
@@ -358,9 +332,6 @@ class Table:
             except (OSError, ValueError, KeyError):
                 log.warning("latency cache %s unreadable; measuring again", self.path)
 
-    def get(self, layer: Layer, ci: int, co: int) -> float:
-        return self.get_many(layer, [(ci, co)])[0]
-
     def get_many(self, layer: Layer, widths: list[tuple[int, int]]) -> list[float]:
         """Times of `layer` at each (c_in, c_out); the ones not cached are measured together,
         interleaved: every width is timed once per round, `ROUNDS` rounds, and each keeps the
@@ -376,7 +347,7 @@ class Table:
                 for ci, co in todo:
                     torch.manual_seed(0)
                     mod, shape = layer.module(ci, co)
-                    forms.append(_runtime_form(mod.to(dev), self.spec, shape, reset=False))
+                    forms.append(_runtime_form(mod.to(dev), self.spec, shape))
                     inputs.append(_input(shape, self.spec, dev))
                 per = len(todo) * ROUNDS
                 rounds: list[list[float]] = [[] for _ in todo]
@@ -491,11 +462,7 @@ def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Sp
     with metrics.threads(spec.resolved_threads()):
         if spec.runtime == "inductor":
             torch._dynamo.reset()
-        forms = {n: (deploy.compiled(m, input_shape, batch=spec.batch)
-                     if spec.runtime == "inductor" else
-                     _runtime_form(deploy.fold_bn(m) if spec.runtime == "eager" else m,
-                                   spec, input_shape))
-                 for n, m in models.items()}
+        forms = {n: _runtime_form(m, spec, input_shape) for n, m in models.items()}
         reps = [metrics.compare_latency(forms, input_shape, spec.batch, rounds=rounds,
                                         warmup_seconds=1.0 if i == 0 else 0.0)
                 for i in range(repeats)]

@@ -16,7 +16,7 @@ LAYERS = {
                 "data"],
     "core": ["sites", "metrics", "budget", "projection", "surgery", "allocate", "latency", "plan",
              "models",
-             "deploy", "train"],
+             "deploy", "train", "synth"],
     "methods": ["cap", "methods"],
     "api": ["api", "__init__"],
     "bench": ["bench", "coverage"],

@@ -46,13 +46,15 @@ from caproj.models import (
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.surgery import resize_to_state_dict
+from caproj.synth import Synthetic
+from caproj.synth import synthesize as _synthesize
 from caproj.train import LossFn, OutputTransform, fit, model_device, outputs_of
 from caproj.train import evaluate as _evaluate_impl
 from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Result", "compress", "finetune", "evaluate", "save", "load"]
+__all__ = ["Result", "compress", "finetune", "evaluate", "save", "load", "synthesize"]
 
 
 @dataclass
@@ -91,7 +93,23 @@ def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, see
     return cfg if cfg.epochs > 0 else None
 
 
-def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = None,
+def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Size, *,
+               seed: int = 0, progress: bool = True,
+               state_path: str | os.PathLike | None = None, resume: bool = False,
+               cache: bool = False, output_transform: OutputTransform | None = None,
+               **options: Any) -> Synthetic:
+    """`n` calibration images of `input_shape` (C, H, W) made from `model` alone: random
+    inputs optimised until every BatchNorm layer sees its running statistics, plus a logit
+    prior (`caproj.synth`; settings: `caproj.SynthConfig` fields as `**options`). Returns a
+    `Synthetic` dataset (float images, model inputs as they are) whose `.batches(size,
+    train=True)` feeds `compress`/`finetune`, and whose `.report` records the BN loss before
+    and after. Seeded; `state_path`/`resume` make it resumable, `cache` reuses a finished set."""
+    return _synthesize(model, n, input_shape, seed=seed, progress_bar=progress,
+                       state_path=state_path, resume=resume, cache=cache,
+                       output_transform=output_transform, **options)
+
+
+def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: float | None = None,
              keep: float | None = None, method: str | Method = "cap",
              example_inputs: torch.Tensor | None = None, calib_images: int | None = None,
              steps: int | None = None, loss_fn: LossFn | None = None,
@@ -104,6 +122,7 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
              widths: list[int] | None = None, label_free: bool = False,
              target_latency: float | None = None, runtime: str = "eager",
              latency_batch: int = 1, latency_threads: int | None = None,
+             synthetic: int | None = None, synth_options: Mapping[str, Any] | None = None,
              state_path: str | os.PathLike | None = None, resume: bool = False,
              save_every: int = SAVE_EVERY, **options: Any) -> Result:
     """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5),
@@ -113,6 +132,11 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
 
     data: iterable of batches (x, y) / (x,) / x: CaP's optimisation, Taylor scores, the
         fine-tuning. calib_data: where calibration images come from (default: data).
+    synthetic: data-free: instead of `data`, synthesise this many images from the model's
+        BatchNorm statistics (`caproj.synthesize`; needs `example_inputs` for the shape;
+        `synth_options`: `caproj.SynthConfig` fields) and compress (and fine-tune) on them,
+        label-free. The set is cached in caproj's cache dir (keyed by the weights, settings
+        and N) for the next job; the report's "data_free" records the synthesis.
     eval_data: labelled batches; if given the report holds top-1 before/after each stage.
     label_free: ignore the labels `data` and `calib_data` may carry (distillation from the
         original plus reconstruction only, in CaP and in the fine-tuning); data without labels
@@ -140,6 +164,28 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
     if not isinstance(model, nn.Module):
         raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
                           param="model")
+    syn = None
+    if synthetic is not None:
+        if data is not None or calib_data is not None:
+            raise CaprojError("give data (real images) or synthetic=N (data-free), not both",
+                              param="synthetic")
+        if example_inputs is None:
+            raise CaprojError("synthetic=N needs example_inputs=... (an input batch of the "
+                              "model, for the image shape)", param="example_inputs")
+        dev = model_device(model)
+        syn = _synthesize(model, synthetic, input_shape_of(example_inputs), seed=seed,
+                          progress_bar=progress, state_path=state_path, resume=resume,
+                          cache=True, output_transform=output_transform,
+                          **dict(synth_options or {}))
+        size = CapConfig().replace(**{k: v for k, v in options.items()
+                                      if k == "batch_size"}).batch_size
+        data = syn.batches(size, train=True, seed=seed, device=dev)
+        calib_data = syn.batches(250, device=dev)
+    elif data is None:
+        raise CaprojError("data is required: an iterable of batches (a DataLoader, ...), or "
+                          "synthetic=N to compress without data", param="data")
+    elif synth_options is not None:
+        raise CaprojError("synth_options apply only with synthetic=N", param="synth_options")
     if label_free:
         B.check_iterable(data, "data")
         data = B.WithoutLabels(data)
@@ -195,6 +241,8 @@ def compress(model: nn.Module, data: Iterable, *, target_macs: float | None = No
               progress)
     rep: dict[str, Any] = {"method": name, **plan.describe(), "label_free": not labelled,
                            "allocation_seconds": alloc_s, **before}
+    if syn is not None:
+        rep["data_free"] = {k: v for k, v in syn.report.items() if k != "batches"}
     if eval_data is not None:
         rep["acc_before"] = _evaluate_impl(model, eval_data, loss_fn=loss_fn,
                                            output_transform=output_transform,

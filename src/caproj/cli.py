@@ -14,13 +14,23 @@ import math
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from caproj import dist
-from caproj.config import CAP, CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, TRAIN, CapConfig, TrainConfig
+from caproj.config import (
+    CAP,
+    CHANNEL_MULTIPLE,
+    FINETUNE,
+    SAVE_EVERY,
+    SYNTH,
+    TRAIN,
+    CapConfig,
+    TrainConfig,
+)
 from caproj.errors import CaprojError
 from caproj.latency import RUNTIMES
 from caproj.methods import METHODS
@@ -218,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-free", action="store_true", help="compress and fine-tune without "
                    "reading the training labels (distillation from the original + "
                    "reconstruction); the test split's labels still measure accuracy")
+    p.add_argument("--eval-data", help="labelled data whose test split measures accuracy "
+                   "(default: --data's own test split; needed with unlabeled:DIR or "
+                   "synthetic:N data to report accuracy)")
+    p.add_argument("--synth-steps", type=_positive_int, default=SYNTH.steps,
+                   help="with --data synthetic:N: optimisation steps per batch of synthetic "
+                   "images (default %(default)s)")
+    p.add_argument("--synth-batch-size", type=_positive_int, default=SYNTH.batch_size,
+                   help="with --data synthetic:N: images synthesised together, whose batch "
+                   "statistics are matched (default %(default)s)")
+    p.add_argument("--input-size", type=_input_size, help="C,H,W of the synthetic images "
+                   "with --data synthetic:N (default: from the checkpoint or architecture)")
     p.add_argument("--latency", choices=("none", "fast", "full"), default="fast",
                    help="latency report after the model is saved: none, fast (default: "
                    "BN folded + channels_last, batch 1 and 64, few rounds) or full (eager, "
@@ -291,7 +312,10 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, recipe: TrainC
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="digits | cifar10 | ImageFolder dir | archive")
+    p.add_argument("--data", required=True, help="digits | cifar10 | ImageFolder dir | archive "
+                   "| unlabeled:DIR (images in any layout, labels never read) | synthetic:N "
+                   "(compress only: N images made from the model's BatchNorm statistics, no "
+                   "data at all)")
     p.add_argument("--image-size", type=_positive_int, help="resize images to this size "
                    "(with --stream: the crop size, default 224)")
     p.add_argument("--stream", action="store_true",
@@ -366,16 +390,54 @@ def cmd_info(a: argparse.Namespace) -> None:
 def _data_and_model(a: argparse.Namespace):
     """The data and model of a job, checked against each other; model on the chosen device."""
     from caproj.data import load_data
-    from caproj.models import load_model
-    from caproj.utils import local_device, pick_device, seed_everything
+    from caproj.models import default_input_shape, guess_num_classes, load_model
+    from caproj.utils import check_input_shape, local_device, pick_device, seed_everything
 
     device = local_device(pick_device(a.device))
+    if a.data.startswith(SYNTHETIC):
+        if a.cmd != "compress":
+            raise CaprojError(f"--data {SYNTHETIC}N is for compress (data-free compression); "
+                              f"{a.cmd} needs real images")
+        seed_everything(a.seed)
+        model, meta = load_model(a.weights, a.arch, a.num_classes)
+        shape = a.input_size or tuple(meta.get("input_shape") or default_input_shape(meta["arch"]))
+        check_input_shape(model, shape)
+        return SyntheticSpec.of(a.data, shape, guess_num_classes(model.state_dict())), \
+            model.to(device), meta
     data = load_data(a.data, a.image_size, stream=a.stream, workers=a.workers, split=a.split)
     seed_everything(a.seed)
-    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes,
+    model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes or None,
                              data.input_shape[0])
     _check_fits(model, data)
     return data, model.to(device), meta
+
+
+SYNTHETIC = "synthetic:"  # --data synthetic:N: data-free compression
+
+
+@dataclass
+class SyntheticSpec:
+    """`--data synthetic:N`: what the CLI's checkpoint and report need to know of it."""
+
+    n: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    labelled = False
+
+    @classmethod
+    def of(cls, spec: str, shape: tuple[int, ...], num_classes: int) -> SyntheticSpec:
+        v = spec[len(SYNTHETIC):]
+        if not v.isdigit() or int(v) < 1:
+            raise CaprojError(f"--data {spec}: expected {SYNTHETIC}N with N >= 1 images")
+        return cls(int(v), tuple(shape), num_classes)
+
+    @property
+    def name(self) -> str:
+        return f"{SYNTHETIC}{self.n}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "synthetic": self.n, "train": self.n, "test": 0,
+                "labelled": False}
 
 
 def _check_fits(model: torch.nn.Module, data) -> None:
@@ -384,20 +446,38 @@ def _check_fits(model: torch.nn.Module, data) -> None:
 
     check_input_shape(model, data.input_shape)
     n = guess_num_classes(model.state_dict())
-    if n != data.num_classes:
+    if getattr(data, "labelled", True) and n != data.num_classes:
         raise CaprojError(f"model has {n} outputs but data {data.name} has {data.num_classes} "
                           f"classes")
 
 
-def _batches(data, device: torch.device, batch_size: int, seed: int, calib_images: int = 0):
+def _batches(data, device: torch.device, batch_size: int, seed: int, calib_images: int = 0,
+             test: bool = True):
     """caproj's data as the library's iterables: augmented training batches, unaugmented
-    calibration images (a fixed random subset), test batches."""
+    calibration images (a fixed random subset), test batches (`test`)."""
     from caproj.data import Batches
 
     train = Batches.train_of(data, batch_size, seed=seed, device=device)
     calib = Batches.subset_of(data, calib_images, 250, seed=seed, device=device) \
         if calib_images else None
-    return train, calib, Batches.test_of(data, 500, device=device)
+    return train, calib, Batches.test_of(data, 500, device=device) if test else None
+
+
+def _eval_batches(a: argparse.Namespace, data, model: torch.nn.Module, device: torch.device):
+    """(test batches, their data's name) of --eval-data, else of --data's own test split;
+    (None, None) when neither has labels (accuracy is then not measured)."""
+    from caproj.data import Batches, load_data
+
+    if a.eval_data:
+        ev = load_data(a.eval_data, a.image_size)
+        if not ev.labelled:
+            raise CaprojError(f"--eval-data {a.eval_data} holds unlabeled images: accuracy "
+                              f"needs labelled ones (an ImageFolder with class folders)")
+        _check_fits(model, ev)
+        return Batches.test_of(ev, 500, device=device), ev.name
+    if not getattr(data, "labelled", True):
+        return None, None
+    return Batches.test_of(data, 500, device=device), data.name
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -461,7 +541,7 @@ CAP_FLAGS = {"lr": "--cap-lr", "weight_lr": "--cap-weight-lr", "batch_size": "--
 def cmd_compress(a: argparse.Namespace) -> None:
     from caproj.api import compress, evaluate
     from caproj.deploy import LATENCY_FORMS, latency_report
-    from caproj.models import make_checkpoint
+    from caproj.models import guess_num_classes, make_checkpoint
     from caproj.resume import stop_on_signal
     from caproj.utils import atomic_save, check_output_path, run_record
 
@@ -478,9 +558,19 @@ def cmd_compress(a: argparse.Namespace) -> None:
     if meta.get("compressed"):
         raise CaprojError(f"{a.weights} is already compressed; compress the original model")
     device = next(model.parameters()).device
-    train_b, calib_b, test_b = _batches(data, device, ft.batch_size, a.seed, a.calib_images)
-    acc0 = evaluate(model, test_b)["acc"]
-    print(f"{meta['arch']}: {acc0:.2f} % on {data.name} test")
+    test_b, eval_name = _eval_batches(a, data, model, device)
+    synthetic = isinstance(data, SyntheticSpec)
+    if synthetic:
+        train_b = calib_b = None
+    else:
+        train_b, calib_b, _ = _batches(data, device, ft.batch_size, a.seed, a.calib_images,
+                                       test=False)
+    acc0 = evaluate(model, test_b)["acc"] if test_b is not None else None
+    if acc0 is not None:
+        print(f"{meta['arch']}: {acc0:.2f} % on {eval_name} test")
+    else:
+        print(f"{meta['arch']}: accuracy not measured: {data.name} has no labels (pass "
+              f"--eval-data with labelled test images to measure it)")
     with stop_on_signal():
         res = compress(model, train_b, keep=a.keep, target_macs=a.target_macs,
                        target_latency=a.target_latency, runtime=a.runtime,
@@ -490,17 +580,23 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        steps=a.cap_steps, finetune=ft if ft.epochs > 0 else None, seed=a.seed,
                        channel_multiple=a.channel_multiple, allocation=a.allocate,
                        stream_projection=a.stream_projection, label_free=a.label_free,
+                       synthetic=data.n if synthetic else None,
+                       synth_options={"steps": a.synth_steps,
+                                      "batch_size": a.synth_batch_size} if synthetic else None,
+                       example_inputs=torch.zeros(1, *data.input_shape, device=device)
+                       if synthetic else None,
                        state_path=a.out,
                        resume=a.resume, save_every=a.save_every, **_cap_options(a))
     rep = res.report
     rep["acc_before"] = acc0
-    rep["acc_after_cap"] = rep["acc_after_compress"]
+    rep["acc_after_cap"] = rep.get("acc_after_compress")
     if not dist.is_main():
         return  # torchrun: rank 0 writes and measures
     small = res.model.cpu()
+    num_classes = guess_num_classes(small.state_dict())
 
     def save() -> None:
-        ck = make_checkpoint(small, meta["arch"], num_classes=data.num_classes,
+        ck = make_checkpoint(small, meta["arch"], num_classes=num_classes,
                              in_channels=data.input_shape[0], input_shape=list(data.input_shape),
                              compressed=True, data=data.describe(),
                              train_config=ft.as_dict(),
@@ -529,13 +625,23 @@ def format_report(rep: dict[str, Any]) -> str:
         ratio = before / after if after else float("nan")
         return f"  {name:22s} {fmt(before):>12s} {fmt(after):>12s}   {ratio:5.2f}x"
 
-    acc_final = rep.get("acc_after_finetune", rep["acc_after_cap"])
-    lines = [f"  {'':22s} {'original':>12s} {'compressed':>12s}   ratio",
-             f"  {'top-1 accuracy':22s} {rep['acc_before']:11.2f}% {acc_final:11.2f}%"
-             + (f"   (after CaP, before fine-tuning: {rep['acc_after_cap']:.2f} %)"
-                if "acc_after_finetune" in rep else ""),
-             row("MACs", rep["macs_before"], rep["macs_after"], lambda v: f"{v / 1e6:.2f} M"),
-             row("params", rep["params_before"], rep["params_after"], lambda v: f"{v / 1e6:.3f} M")]
+    acc_final = rep.get("acc_after_finetune", rep.get("acc_after_cap"))
+    lines = [f"  {'':22s} {'original':>12s} {'compressed':>12s}   ratio"]
+    if rep.get("acc_before") is not None and acc_final is not None:
+        lines.append(f"  {'top-1 accuracy':22s} {rep['acc_before']:11.2f}% {acc_final:11.2f}%"
+                     + (f"   (after CaP, before fine-tuning: {rep['acc_after_cap']:.2f} %)"
+                        if "acc_after_finetune" in rep else ""))
+    else:
+        lines.append(f"  {'top-1 accuracy':22s} not measured (no labelled data: --eval-data)")
+    lines += [
+        row("MACs", rep["macs_before"], rep["macs_after"], lambda v: f"{v / 1e6:.2f} M"),
+        row("params", rep["params_before"], rep["params_after"], lambda v: f"{v / 1e6:.3f} M")]
+    if rep.get("label_free"):
+        df = rep.get("data_free")
+        lines.append(f"  label-free: {df['n']} synthetic images (BN-statistics loss "
+                     f"{df['bn_loss_start']:.1f} -> {df['bn_loss_end']:.1f}, {df['seconds']:.0f} s)"
+                     if df else "  label-free: distillation from the original + reconstruction "
+                     "(no labels read)")
     lat = rep.get("latency")
     if lat:
         name = f"latency {lat['runtime']} b{lat['batch']}"

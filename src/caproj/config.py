@@ -160,6 +160,46 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class SynthConfig:
+    """Data-free calibration images (caproj.synth): optimise random inputs so that every
+    BatchNorm layer sees batch statistics equal to its running ones (DeepInversion / ZeroQ)."""
+
+    steps: int = 200  # Adam steps per batch (DeepInversion: 2,000; ZeroQ: 500; CPU-sized)
+    batch_size: int = 256  # images optimised together: their batch statistics are matched
+    lr: float = 0.25  # Adam, cosine-decayed to 0 over the steps (DeepInversion: 0.25)
+    bn_weight: float = 1.0  # BN-statistics term: sum over layers of ||mu - rm|| + ||var - rv||
+    first_bn_weight: float = 10.0  # extra weight of the first BN (low-level image statistics)
+    ce_weight: float = 0.2  # logit prior: cross-entropy toward a balanced set of random classes
+    tv_weight: float = 1e-4  # smoothness prior: squared total variation per pixel
+    l2_weight: float = 1e-5  # mean squared input
+    jitter: float = 1 / 16  # random shift each step, as a fraction of the image side
+    flip: bool = True  # random horizontal flip each step
+    seed: int = 0
+    bf16: bool | None = None  # bf16 autocast (None: where the hardware runs it fast)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise CaprojError(f"{name} must be an integer >= 1, got {v}", param=name)
+        for name in ("lr", "bn_weight", "first_bn_weight", "ce_weight", "tv_weight",
+                     "l2_weight", "jitter"):
+            _finite_nonneg(name, getattr(self, name))
+        if self.jitter >= 0.5:
+            raise CaprojError(f"jitter must be below 0.5 (a fraction of the image side), got "
+                              f"{self.jitter}", param="jitter")
+
+    def replace(self, **changes: Any) -> SynthConfig:
+        return dataclasses.replace(self, **_known(self, changes))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _known(cfg: Any, changes: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cfg)}
     for k in changes:
@@ -176,3 +216,4 @@ TRAIN = TrainConfig()
 # KD falls to 75 % first (87.63 %).
 FINETUNE = TrainConfig(epochs=3, lr=0.005, kd_weight=0.5)
 CAP = CapConfig()
+SYNTH = SynthConfig()

@@ -4,7 +4,11 @@
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (offline; the demo's default);
 - `cifar10`: torchvision's CIFAR10, downloaded into the cache dir;
 - a directory in ImageFolder layout with `train/` and `test/` (or `val/`) splits;
-- a `.tar.gz`/`.tgz`/`.tar`/`.zip` archive of such a directory, decoded once into the cache.
+- a `.tar.gz`/`.tgz`/`.tar`/`.zip` archive of such a directory, decoded once into the cache;
+- unlabeled images: `unlabeled:PATH` (every image below PATH, any layout, labels never read), or
+  a folder (archive) with images at its top level and no train/test split. Such Splits have no
+  labels (`labelled` is False, `train_y` None) and no test split: jobs are label-free and
+  accuracy needs labelled data from elsewhere.
 
 Decoded images are cached as one `.pt` file per source, so a second load is a single read.
 `Batches` iterates over tensor-resident data; augmentation (random crop with zero padding and
@@ -42,6 +46,7 @@ from caproj.utils import atomic_save
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+UNLABELED = "unlabeled:"  # data spec prefix: every image below a path, labels never read
 CACHE_VERSION = 2
 
 
@@ -57,9 +62,9 @@ class Splits:
 
     name: str
     train_x: torch.Tensor
-    train_y: torch.Tensor
+    train_y: torch.Tensor | None  # None: unlabeled images (no test split either)
     test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_y: torch.Tensor | None
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -72,12 +77,17 @@ class Splits:
         return len(self.classes)
 
     @property
+    def labelled(self) -> bool:
+        return self.train_y is not None
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "mean": list(self.mean),
-                "std": list(self.std), "train": len(self.train_y), "test": len(self.test_y)}
+                "std": list(self.std), "train": len(self.train_x), "test": len(self.test_x),
+                "labelled": self.labelled}
 
 
 Data = Splits | Stream  # what jobs take: tensors in memory, or a streamed ImageFolder
@@ -91,6 +101,9 @@ def load_data(spec: str, image_size: int | None = None, stream: bool = False,
     that many images (or that fraction) for calibration, the rest for evaluation.
     Raises CaprojError on bad input."""
     if stream:
+        if spec.startswith(UNLABELED):
+            raise CaprojError("unlabeled images are read into memory (pass image_size=N); "
+                              "stream=True reads ImageFolder class folders", param="stream")
         if split is not None:
             raise CaprojError("split=N reads the folder into memory; it does not apply with "
                               "stream=True", param="split")
@@ -99,16 +112,23 @@ def load_data(spec: str, image_size: int | None = None, stream: bool = False,
         return _digits()
     if spec == "cifar10":
         return _cifar10()
+    unlabeled = spec.startswith(UNLABELED)
+    if unlabeled:
+        spec = spec[len(UNLABELED):]
+        if split is not None:
+            raise CaprojError("split=N divides labelled images; unlabeled images have no test "
+                              "split to make", param="split")
     p = Path(spec)
     if not p.exists():
         raise CaprojError(f"data not found: {spec!r} (give 'digits', 'cifar10', an ImageFolder "
                           f"directory with train/ and test/, or an archive of one)")
     if p.is_dir():
-        return _cached(p, (image_size, split),
-                       lambda: _read_folder_tree(_FsTree(p), image_size, spec, split))
+        return _cached(p, (image_size, split, unlabeled),
+                       lambda: _read_folder_tree(_FsTree(p), image_size, spec, split, unlabeled))
     if p.name.endswith(ARCHIVE_SUFFIXES):
-        return _cached(p, (image_size, split),
-                       lambda: _read_folder_tree(_ArchiveTree(p), image_size, spec, split))
+        return _cached(p, (image_size, split, unlabeled),
+                       lambda: _read_folder_tree(_ArchiveTree(p), image_size, spec, split,
+                                                 unlabeled))
     raise CaprojError(f"unsupported data file {spec!r}: expected a directory or one of "
                       f"{', '.join(ARCHIVE_SUFFIXES)}")
 
@@ -220,7 +240,13 @@ class _ArchiveTree:
 
 
 def _read_folder_tree(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str,
-                      split: int | float | None = None) -> Splits:
+                      split: int | float | None = None, unlabeled: bool = False) -> Splits:
+    flat = any("/" not in f and f.lower().endswith(IMG_EXTENSIONS) for f in tree.files)
+    if unlabeled or (flat and not {"train", "test", "val"} & tree.dirs):
+        if split is not None:
+            raise CaprojError(f"{spec} holds unlabeled images (no class folders): split=N "
+                              f"divides labelled images only", param="split")
+        return _unlabeled(tree, image_size, spec)
     test_name = "test" if "test" in tree.dirs else "val" if "val" in tree.dirs else None
     if "train" not in tree.dirs or test_name is None:
         return _one_split(tree, image_size, spec, split)
@@ -304,8 +330,24 @@ def _one_split(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str,
     return out
 
 
-def _splits(spec: str, trx: torch.Tensor, tr_y: torch.Tensor, tex: torch.Tensor,
-            te_y: torch.Tensor, classes: list[str]) -> Splits:
+def _unlabeled(tree: _FsTree | _ArchiveTree, image_size: int | None, spec: str) -> Splits:
+    """Every image below the root, in path order, without labels and without a test split."""
+    files = [f for f in tree.files if f.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise CaprojError(f"{spec}: no images found (looked for {', '.join(IMG_EXTENSIONS)})")
+    xs = [_decode(tree.read(f), f, image_size) for f in files]
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise CaprojError(f"{spec}: images have different sizes ({sorted(shapes)[:3]}...); "
+                          f"pass image_size=N to resize")
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
+    out = _splits(spec, x, None, x[:0], None, [])
+    out.extra["unlabeled"] = len(files)
+    return out
+
+
+def _splits(spec: str, trx: torch.Tensor, tr_y: torch.Tensor | None, tex: torch.Tensor,
+            te_y: torch.Tensor | None, classes: list[str]) -> Splits:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if trx.shape[1] == 3 else ((0.5,), (0.5,))
     pad = 4 if trx.shape[-1] <= 64 else 0  # CIFAR-style crop padding for small images
     return Splits(Path(spec).name, trx, tr_y, tex, te_y, classes, mean, std, crop_padding=pad)
@@ -355,19 +397,22 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 class Batches:
-    """Iterate (images float32 normalised, labels) over tensor-resident data.
+    """Iterate (images float32 normalised, labels) over tensor-resident data; bare images when
+    there are no labels (`y` None: label-free jobs). `mean`/`std` None: the images are already
+    float model inputs (synthetic images) and are passed through as they are.
 
     Shuffling and augmentation draw from a generator seeded with (seed, epoch), so an epoch's
     batches are a pure function of the seed and the epoch number (what resume relies on).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, mean, std, *,
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, mean, std, *,
                  train: bool = False, crop_padding: int = 0, flip: bool = False, seed: int = 0,
                  device: torch.device | str = "cpu", drop_last: bool = False,
                  channels_last: bool = False) -> None:
-        self._setup(len(y), batch_size, mean, std, train, seed, device, drop_last,
+        self._setup(len(x), batch_size, mean, std, train, seed, device, drop_last,
                     channels_last)
-        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device) if y is not None else None
         self.crop_padding, self.flip = crop_padding, flip
 
     def _setup(self, n: int, batch_size: int, mean, std, train: bool, seed: int,
@@ -383,8 +428,10 @@ class Batches:
         self.channels_last = channels_last
         self.epoch, self.start = 0, 0
         shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
-        self.std = torch.tensor(std, device=self.device).view(shape) * 255
+        self.mean = self.std = None
+        if mean is not None:
+            self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
+            self.std = torch.tensor(std, device=self.device).view(shape) * 255
 
     sharded = False  # batches hold the global batch; torchrun callers take their share
 
@@ -399,6 +446,10 @@ class Batches:
 
     @classmethod
     def test_of(cls, s: Splits | Stream, batch_size: int = 500, **kw) -> Batches | StreamBatches:
+        if isinstance(s, Splits) and not s.labelled:
+            raise CaprojError(f"{s.name} holds unlabeled images: measuring accuracy needs "
+                              f"labelled data (an ImageFolder with class folders)",
+                              param="eval_data")
         if isinstance(s, Stream):
             return StreamBatches(s, s.test_samples, batch_size, **kw)
         return cls(s.test_x, s.test_y, batch_size, s.mean, s.std, **kw)
@@ -408,11 +459,12 @@ class Batches:
                   **kw) -> Batches | StreamBatches:
         """A fixed random subset of n training images, unaugmented (calibration data)."""
         g = torch.Generator().manual_seed(seed)
-        n_train = len(s.train_samples) if isinstance(s, Stream) else len(s.train_y)
+        n_train = len(s.train_samples) if isinstance(s, Stream) else len(s.train_x)
         idx = torch.randperm(n_train, generator=g)[:min(n, n_train)]
         if isinstance(s, Stream):
             return StreamBatches(s, [s.train_samples[i] for i in idx.tolist()], batch_size, **kw)
-        return cls(s.train_x[idx], s.train_y[idx], batch_size, s.mean, s.std, **kw)
+        return cls(s.train_x[idx], s.train_y[idx] if s.train_y is not None else None, batch_size,
+                   s.mean, s.std, **kw)
 
     def __len__(self) -> int:
         n = self.n
@@ -423,12 +475,12 @@ class Batches:
         self.epoch, self.start = epoch, start
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
-        out = (xb.float() - self.mean) / self.std
+        out = (xb.float() - self.mean) / self.std if self.mean is not None else xb
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.y)
+        n = len(self.x)
         order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
         start, self.start = self.start, 0
         for i in range(len(self)):
@@ -442,15 +494,16 @@ class Batches:
                     if self.flip:
                         torch.rand(m, generator=gen)
                 continue
-            if order is None:
-                xb, yb = self.x[sl], self.y[sl]
-            else:
-                idx = order[sl]
-                xb, yb = self.x[idx], self.y[idx]
+            idx = sl if order is None else order[sl]
+            xb = self.x[idx]
+            if order is not None:
                 xb = random_crop(xb, self.crop_padding, gen)
                 if self.flip:
                     xb = random_flip(xb, gen)
-            yield self.normalise(xb), yb
+            if self.y is None:
+                yield self.normalise(xb)
+            else:
+                yield self.normalise(xb), self.y[idx]
 
 
 class StreamBatches(Batches):

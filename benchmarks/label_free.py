@@ -1,0 +1,176 @@
+"""Label-free and data-free compression of the CIFAR ResNets, through the library API.
+
+Every cell compresses the shared JPEG-CIFAR-10 checkpoint to a MACs target with CaP's default
+settings (600 steps of batch 128, 2,000 calibration images or all there are) and reports top-1
+on the 10,000 test images *before any labelled fine-tuning*. Cells (`--cells`, comma-separated):
+
+- `unlabeled:N`: N training images (a seeded subset), labels never given to caproj; CaP's steps
+  re-use them with random crops and flips (distillation from the original + reconstruction).
+  `unlabeled:50000` is the whole training split without its labels.
+- `synthetic:N`: N images synthesised from the model's BatchNorm statistics
+  (`caproj.synthesize`, `--synth-steps` Adam steps per batch of 256), then as above. The images
+  are cached next to the JSON (`synthetic-<arch>-<N>-<steps>.pt`, not committed) and shared by
+  every target.
+- `tp:N`: Torch-Pruning (`tp-l2`) at CaP's widths for the same target, then a distillation-only
+  fine-tune on the same N unlabeled images for the same number of images CaP's steps consumed
+  (600 x 128), SGD one-cycle at caproj's fine-tune lr.
+
+One JSON per cell in `--out-dir` (`<arch>-<target>-<cell>.json`, skipped when present, so a run
+resumes cell by cell); `summary` prints the table.
+
+    python benchmarks/label_free.py run --arch resnet56 --targets 0.5 \
+        --cells unlabeled:1000,tp:1000,synthetic:5000 --out-dir benchmarks/out/label-free
+    python benchmarks/label_free.py summary --out-dir benchmarks/out/label-free
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import caproj  # noqa: E402
+from caproj.config import CAP, FINETUNE  # noqa: E402
+from caproj.data import Batches, load_data  # noqa: E402
+from caproj.models import load_model  # noqa: E402
+from caproj.synth import Synthetic, bn_statistics_loss  # noqa: E402
+from caproj.utils import atomic_save, atomic_write_bytes, run_record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+
+def _weights(arch: str) -> Path:
+    return SHARED / "models" / f"{arch}-cifar10jpeg.th"
+
+
+def _write(path: Path, rec: dict) -> None:
+    atomic_write_bytes(json.dumps(rec, indent=1, default=str).encode(), path)
+
+
+def _unlabeled(data, n: int, seed: int) -> tuple[Batches, Batches]:
+    """n training images without labels: augmented batches for the steps, plain for calibration."""
+    idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:n]
+    x = data.train_x[idx]
+    train = Batches(x, None, CAP.batch_size, data.mean, data.std, train=True,
+                    crop_padding=data.crop_padding, flip=data.flip, seed=seed, drop_last=True)
+    calib = Batches(x, None, 250, data.mean, data.std)
+    return train, calib
+
+
+def _synthetic(model, arch: str, n: int, steps: int, seed: int, out_dir: Path) -> Synthetic:
+    f = out_dir / f"synthetic-{arch}-{n}-{steps}.pt"
+    if f.is_file():
+        d = torch.load(f, weights_only=True)
+        return Synthetic(d["images"], d["report"])
+    syn = caproj.synthesize(model, n, (3, 32, 32), steps=steps, seed=seed, progress=False,
+                            state_path=str(f))
+    atomic_save({"images": syn.images, "report": syn.report}, f)
+    return syn
+
+
+def run(a: argparse.Namespace) -> None:
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    data = load_data(str(DATA))
+    test = Batches.test_of(data, 500)
+    model, _ = load_model(str(_weights(a.arch)), a.arch, 10)
+    acc0 = caproj.evaluate(model, test, progress=False)["acc"]
+    command = "python " + " ".join(shlex.quote(v) for v in sys.argv)
+    for target in a.targets:
+        for cell in a.cells:
+            kind, n = cell.split(":")
+            n = int(n)
+            f = out_dir / f"{a.arch}-{target:g}-{kind}-{n}.json"
+            if f.exists():
+                logging.info("%s exists: skipped", f)
+                continue
+            t0 = time.perf_counter()
+            rec = {"arch": a.arch, "target": target, "cell": kind, "n_images": n, "seed": a.seed,
+                   "acc_original": acc0, "command": command}
+            if kind == "unlabeled":
+                train, calib = _unlabeled(data, n, a.seed)
+                res = caproj.compress(model, train, calib_data=calib, target_macs=target,
+                                      eval_data=test, seed=a.seed, progress=False)
+            elif kind == "synthetic":
+                syn = _synthetic(model, a.arch, n, a.synth_steps, a.seed, out_dir)
+                rec["synthesis"] = {k: v for k, v in syn.report.items() if k != "batches"}
+                rec["synthesis"]["bn_loss_real"] = bn_statistics_loss(
+                    model, torch.cat([x for x, _ in Batches.subset_of(data, n, 250, seed=a.seed)]))
+                rec["synthesis"]["bn_loss_synthetic"] = bn_statistics_loss(model, syn.images)
+                res = caproj.compress(model, syn.batches(CAP.batch_size, train=True, seed=a.seed),
+                                      calib_data=syn.batches(250), target_macs=target,
+                                      eval_data=test, seed=a.seed, progress=False)
+            elif kind == "tp":
+                ref = out_dir / f"{a.arch}-{target:g}-unlabeled-{n}.json"
+                if not ref.exists():
+                    raise SystemExit(f"tp:{n} reuses the widths of unlabeled:{n}: run that first")
+                widths = json.loads(ref.read_text())["widths"]
+                train, calib = _unlabeled(data, n, a.seed)
+                res = caproj.compress(model, train, calib_data=calib, widths=widths,
+                                      method="tp-l2", eval_data=test, seed=a.seed,
+                                      progress=False)
+                rec["acc_pruned"] = res.report["acc_after_compress"]
+                steps = CAP.steps  # CaP's images: steps x batch
+                epochs = math.ceil(steps / len(train))
+                hist = caproj.finetune(res.model, train, epochs=epochs, teacher=model,
+                                       kd_weight=1.0, lr=FINETUNE.lr, max_steps=steps,
+                                       seed=a.seed, eval_data=None, progress=False)
+                res.report["acc_after_compress"] = caproj.evaluate(res.model, test,
+                                                                   progress=False)["acc"]
+                rec["kd_finetune"] = {"steps": steps, "images": steps * CAP.batch_size,
+                                      "epochs": epochs, "lr": FINETUNE.lr,
+                                      "loss_last": hist[-1].get("train_loss") if hist else None}
+            else:
+                raise SystemExit(f"unknown cell {cell!r}")
+            r = res.report
+            rec.update(widths=res.widths, macs_before=r["macs_before"], macs_after=r["macs_after"],
+                       label_free=r["label_free"], acc_before_ft=r["acc_after_compress"],
+                       train_images=CAP.steps * CAP.batch_size, compress_seconds=r.get(
+                           "compress_seconds"), seconds=time.perf_counter() - t0,
+                       **{**run_record(a.seed), "threads": a.threads})
+            _write(f, rec)
+            logging.info("%s %g %s: %.2f %% (%.0f s)", a.arch, target, cell, rec["acc_before_ft"],
+                         rec["seconds"])
+
+
+def summary(a: argparse.Namespace) -> None:
+    rows = [json.loads(f.read_text()) for f in sorted(Path(a.out_dir).glob("*.json"))]
+    print("| arch | MACs | data | images | top-1 before labelled FT | s |")
+    print("|---|---:|---|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["arch"], -r["target"], r["cell"], r["n_images"])):
+        print(f"| {r['arch']} | {r['macs_after'] / r['macs_before']:.3f} | {r['cell']} | "
+              f"{r['n_images']} | {r['acc_before_ft']:.2f} | {r['seconds']:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--arch", default="resnet56")
+    p.add_argument("--targets", type=lambda s: [float(v) for v in s.split(",")], default=[0.5])
+    p.add_argument("--cells", type=lambda s: s.split(","), required=True)
+    p.add_argument("--synth-steps", type=int, default=caproj.SYNTH.steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out-dir", required=True)
+    p = sub.add_parser("summary")
+    p.add_argument("--out-dir", required=True)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(a) if a.cmd == "run" else summary(a)
+
+
+if __name__ == "__main__":
+    main()

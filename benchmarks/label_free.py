@@ -4,6 +4,8 @@ Every cell compresses the shared JPEG-CIFAR-10 checkpoint to a MACs target with 
 settings (600 steps of batch 128, 2,000 calibration images or all there are) and reports top-1
 on the 10,000 test images *before any labelled fine-tuning*. Cells (`--cells`, comma-separated):
 
+- `labelled:N`: today's CaP with labels (cross-entropy + distillation + reconstruction) on N
+  training images (`labelled:50000`: the whole split, as `caproj compress` runs it).
 - `unlabeled:N`: N training images (a seeded subset), labels never given to caproj; CaP's steps
   re-use them with random crops and flips (distillation from the original + reconstruction).
   `unlabeled:50000` is the whole training split without its labels.
@@ -58,13 +60,14 @@ def _write(path: Path, rec: dict) -> None:
     atomic_write_bytes(json.dumps(rec, indent=1, default=str).encode(), path)
 
 
-def _unlabeled(data, n: int, seed: int) -> tuple[Batches, Batches]:
-    """n training images without labels: augmented batches for the steps, plain for calibration."""
+def _subset(data, n: int, seed: int, labels: bool = False) -> tuple[Batches, Batches]:
+    """n training images (without their labels unless `labels`): augmented batches for the
+    steps, plain ones for calibration."""
     idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:n]
-    x = data.train_x[idx]
-    train = Batches(x, None, CAP.batch_size, data.mean, data.std, train=True,
+    x, y = data.train_x[idx], data.train_y[idx] if labels else None
+    train = Batches(x, y, CAP.batch_size, data.mean, data.std, train=True,
                     crop_padding=data.crop_padding, flip=data.flip, seed=seed, drop_last=True)
-    calib = Batches(x, None, 250, data.mean, data.std)
+    calib = Batches(x, y, 250, data.mean, data.std)
     return train, calib
 
 
@@ -99,8 +102,8 @@ def run(a: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             rec = {"arch": a.arch, "target": target, "cell": kind, "n_images": n, "seed": a.seed,
                    "acc_original": acc0, "command": command}
-            if kind == "unlabeled":
-                train, calib = _unlabeled(data, n, a.seed)
+            if kind in ("unlabeled", "labelled"):
+                train, calib = _subset(data, n, a.seed, labels=kind == "labelled")
                 res = caproj.compress(model, train, calib_data=calib, target_macs=target,
                                       eval_data=test, seed=a.seed, progress=False)
             elif kind == "synthetic":
@@ -117,7 +120,7 @@ def run(a: argparse.Namespace) -> None:
                 if not ref.exists():
                     raise SystemExit(f"tp:{n} reuses the widths of unlabeled:{n}: run that first")
                 widths = json.loads(ref.read_text())["widths"]
-                train, calib = _unlabeled(data, n, a.seed)
+                train, calib = _subset(data, n, a.seed)
                 res = caproj.compress(model, train, calib_data=calib, widths=widths,
                                       method="tp-l2", eval_data=test, seed=a.seed,
                                       progress=False)

@@ -1,5 +1,7 @@
 """Label-free compression: the loader yields images only (no labels). CaP's loss is then
 distillation from the original plus next-layer reconstruction; labels are used only to measure.
+Then data-free compression: no images at all, only ones synthesised from the model's own
+BatchNorm statistics (`caproj.synthesize`, through `compress(synthetic=N)`).
 
     python examples/label_free.py
 """
@@ -48,6 +50,15 @@ def main() -> None:
         agree = (res.model(x).argmax(1) == model(x).argmax(1)).float().mean().item() * 100
     print(f"label-free CaP to {res.report['macs_after'] / res.report['macs_before']:.2f} of the "
           f"MACs: top-1 {before:.1f} -> {after:.1f} %, agreement with the original {agree:.1f} %")
+
+    res = caproj.compress(model, synthetic=512, example_inputs=x[:1], target_macs=0.5, steps=60,
+                          calib_images=512, batch_size=64, progress=False,
+                          synth_options={"steps": 100, "batch_size": 256})
+    df = res.report["data_free"]
+    after = caproj.evaluate(res.model, test_loader, progress=False)["acc"]
+    print(f"data-free CaP from {df['n']} synthetic images (BN-statistics loss "
+          f"{df['bn_loss_start']:.1f} -> {df['bn_loss_end']:.1f}): top-1 {before:.1f} -> "
+          f"{after:.1f} %")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_readme_api_snippet_runs_verbatim(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, expect", [
     ("custom_model.py", "reloaded into a fresh TwoBranchNet"),
-    ("label_free.py", "label-free CaP"),
+    ("label_free.py", "data-free CaP from 512 synthetic images"),
     pytest.param("timm_model.py", "keep=1.0 exact", marks=pytest.mark.skipif(
         not HAS_TIMM, reason="needs timm")),
 ])

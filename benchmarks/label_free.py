@@ -17,6 +17,9 @@ on the 10,000 test images *before any labelled fine-tuning*. Cells (`--cells`, c
   fine-tune on the same N unlabeled images for the same number of images CaP's steps consumed
   (600 x 128), SGD one-cycle at caproj's fine-tune lr.
 
+A cell may carry CaP options after its size, `unlabeled:1000:lr=1e-3:weight_lr=3e-4` (the
+rates before the small-set rule) or `unlabeled:1000:relax=projection`; they are recorded.
+
 One JSON per cell in `--out-dir` (`<arch>-<target>-<cell>.json`, skipped when present, so a run
 resumes cell by cell); `summary` prints the table.
 
@@ -93,19 +96,21 @@ def run(a: argparse.Namespace) -> None:
     command = "python " + " ".join(shlex.quote(v) for v in sys.argv)
     for target in a.targets:
         for cell in a.cells:
-            kind, n = cell.split(":")
+            kind, n, *extra = cell.split(":")
             n = int(n)
-            f = out_dir / f"{a.arch}-{target:g}-{kind}-{n}.json"
+            opts = {k: _value(v) for k, v in (o.split("=", 1) for o in extra)}
+            tag = "".join(f"-{k}={v}" for k, v in opts.items())
+            f = out_dir / f"{a.arch}-{target:g}-{kind}-{n}{tag}.json"
             if f.exists():
                 logging.info("%s exists: skipped", f)
                 continue
             t0 = time.perf_counter()
             rec = {"arch": a.arch, "target": target, "cell": kind, "n_images": n, "seed": a.seed,
-                   "acc_original": acc0, "command": command}
+                   "options": opts, "acc_original": acc0, "command": command}
             if kind in ("unlabeled", "labelled"):
                 train, calib = _subset(data, n, a.seed, labels=kind == "labelled")
                 res = caproj.compress(model, train, calib_data=calib, target_macs=target,
-                                      eval_data=test, seed=a.seed, progress=False)
+                                      eval_data=test, seed=a.seed, progress=False, **opts)
             elif kind == "synthetic":
                 syn = _synthetic(model, a.arch, n, a.synth_steps, a.seed, out_dir)
                 rec["synthesis"] = {k: v for k, v in syn.report.items() if k != "batches"}
@@ -114,7 +119,7 @@ def run(a: argparse.Namespace) -> None:
                 rec["synthesis"]["bn_loss_synthetic"] = bn_statistics_loss(model, syn.images)
                 res = caproj.compress(model, syn.batches(CAP.batch_size, train=True, seed=a.seed),
                                       calib_data=syn.batches(250), target_macs=target,
-                                      eval_data=test, seed=a.seed, progress=False)
+                                      eval_data=test, seed=a.seed, progress=False, **opts)
             elif kind == "tp":
                 ref = out_dir / f"{a.arch}-{target:g}-unlabeled-{n}.json"
                 if not ref.exists():
@@ -138,6 +143,8 @@ def run(a: argparse.Namespace) -> None:
             else:
                 raise SystemExit(f"unknown cell {cell!r}")
             r = res.report
+            if "cap_config" in r:
+                rec["cap_config"] = r["cap_config"]
             rec.update(widths=res.widths, macs_before=r["macs_before"], macs_after=r["macs_after"],
                        label_free=r["label_free"], acc_before_ft=r["acc_after_compress"],
                        train_images=CAP.steps * CAP.batch_size, compress_seconds=r.get(
@@ -148,13 +155,25 @@ def run(a: argparse.Namespace) -> None:
                          rec["seconds"])
 
 
+def _value(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def summary(a: argparse.Namespace) -> None:
     rows = [json.loads(f.read_text()) for f in sorted(Path(a.out_dir).glob("*.json"))]
-    print("| arch | MACs | data | images | top-1 before labelled FT | s |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| arch | MACs | data | images | options | CaP lr / weight lr | top-1 before labelled "
+          "FT | s |")
+    print("|---|---:|---|---:|---|---|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["arch"], -r["target"], r["cell"], r["n_images"])):
+        c = r.get("cap_config") or {}
+        rates = f"{c['lr']:.2g} / {c['weight_lr']:.2g}" if c.get("lr") else "–"
+        opts = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "–"
         print(f"| {r['arch']} | {r['macs_after'] / r['macs_before']:.3f} | {r['cell']} | "
-              f"{r['n_images']} | {r['acc_before_ft']:.2f} | {r['seconds']:.0f} |")
+              f"{r['n_images']} | {opts} | {rates} | {r['acc_before_ft']:.2f} | "
+              f"{r['seconds']:.0f} |")
 
 
 def main() -> None:

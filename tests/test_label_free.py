@@ -176,3 +176,27 @@ def test_cli_data_free_compress(r20_folder, tmp_path):
     assert saved["data"]["synthetic"] == 12 and saved["input_shape"] == [3, 12, 12]
     assert saved["metrics"]["data_free"]["n"] == 12
     assert not list(tmp_path.glob("*state.pt"))  # the synthesis state is gone once done
+
+
+def test_a_small_training_set_lowers_the_default_rates():
+    """Many passes over few images (1,000 images x 600 steps of 128) made ResNet-56's loss
+    climb at the default rates; they are scaled by sqrt(10 / passes), given rates are kept."""
+    from caproj.config import CapConfig
+
+    full = CapConfig(train_images=50_000).resolve(streams=False)
+    assert (full.lr, full.weight_lr) == (1e-3, 3e-4)
+    small = CapConfig(train_images=1000).resolve(streams=False)
+    k = (10 / (600 * 128 / 1000)) ** 0.5
+    assert small.lr == pytest.approx(1e-3 * k) and small.weight_lr == pytest.approx(3e-4 * k)
+    assert CapConfig(train_images=1000, lr=5e-4).resolve(streams=False).lr == 5e-4
+    assert CapConfig().resolve(streams=False).lr == 1e-3  # unknown size: the defaults
+    with pytest.raises(caproj.CaprojError, match="train_images must be an integer >= 1"):
+        CapConfig(train_images=0)
+    model = bn_net()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 3, 12, 12, generator=g) for _ in range(6)]  # 96 images
+    res = caproj.compress(model, batches, target_macs=0.5, steps=60, batch_size=32,
+                          calib_images=48, progress=False)
+    cfg = res.report["cap_config"]
+    assert cfg["train_images"] == 96  # counted from the data: 20 passes
+    assert cfg["lr"] == pytest.approx(1e-3 * (10 / 20) ** 0.5)

@@ -76,6 +76,23 @@ def _peek(data: Iterable, name: str) -> tuple[torch.Tensor, bool]:
     raise CaprojError(f"{name} is empty: it yielded no batch", param=name)
 
 
+def _count_images(data: Iterable) -> int | None:
+    """Distinct images in `data` where it says (caproj's batches, a DataLoader over a sized
+    dataset, a list of batches); None where it cannot tell (a stream, a generator)."""
+    n = getattr(data, "n", None)  # caproj's Batches (and WithoutLabels over them)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    ds = getattr(data, "dataset", None)
+    if ds is not None and hasattr(ds, "__len__") and not getattr(data, "sharded", False):
+        try:
+            return len(ds)
+        except TypeError:
+            return None
+    if isinstance(data, (list, tuple)):
+        return sum(len(B.split(b)[0]) for b in data) or None
+    return None
+
+
 def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, seed: int,
                      has_teacher: bool) -> TrainConfig | None:
     if finetune is None or finetune is False:
@@ -205,6 +222,8 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     shape = input_shape_of(example_inputs)
     if calib_images is not None:
         options["calib_images"] = calib_images
+    if "train_images" not in options:  # how many distinct images CaP's steps re-use
+        options["train_images"] = _count_images(data)
     if steps is not None:
         options["steps"] = steps
     config = CapConfig(seed=seed).replace(**options)

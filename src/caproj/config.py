@@ -18,6 +18,11 @@ TARGET_MACS = 0.5  # what `compress` aims for when neither target_macs nor keep 
 LATENCY_CHECKS = 2  # re-solves when the measured latency of the chosen widths misses the target
 LATENCY_MARGIN = 0.02  # latency budgets aim this far under the target (one measurement's noise)
 SAVE_EVERY = 50  # steps between resumable state saves
+# CaP's default rates hold for up to this many passes over the training images; beyond it (a
+# small set re-used: 1,000 images x 600 steps of 128 = 77 passes) they are scaled by
+# sqrt(SMALL_SET_PASSES / passes). Measured on ResNet-56 with 1,000 images: at the full rates
+# the loss climbed from step 75 on and the result fell to 73.7 %; at a third, 86.1 %.
+SMALL_SET_PASSES = 10.0
 
 
 def _finite_nonneg(name: str, v: Any) -> None:
@@ -50,6 +55,9 @@ class CapConfig:
     retraction: str = "qr"
     ridge: float = 1e-4
     bn_recalibrate: bool = False  # re-estimate every BN's statistics on the compressed net
+    # distinct training images the optimisation draws from (compress fills it in from the
+    # data when it can tell); with default rates, many passes over few images lower them
+    train_images: int | None = None
     seed: int = 0
     bf16: bool | None = None
     log_every: int = 25
@@ -84,12 +92,27 @@ class CapConfig:
             _finite_nonneg(name, v)
         if not 0 <= self.kd <= 1:
             raise CaprojError(f"kd must be in [0, 1], got {self.kd}", param="kd")
+        if self.train_images is not None and (not isinstance(self.train_images, int)
+                                              or self.train_images < 1):
+            raise CaprojError(f"train_images must be an integer >= 1, got {self.train_images}",
+                              param="train_images")
+
+    def rate_scale(self) -> float:
+        """What the default rates are multiplied by: 1, or sqrt(SMALL_SET_PASSES / passes)
+        when the steps pass over `train_images` more than SMALL_SET_PASSES times."""
+        if self.train_images is None:
+            return 1.0
+        passes = self.steps * self.batch_size / self.train_images
+        return min(1.0, math.sqrt(SMALL_SET_PASSES / passes)) if passes > 0 else 1.0
 
     def resolve(self, streams: bool) -> CapConfig:
-        """Learning rates filled in for this job (`streams`: a residual stream is narrowed)."""
-        return self.replace(lr=self.lr if self.lr is not None else (2e-4 if streams else 1e-3),
+        """Learning rates filled in for this job (`streams`: a residual stream is narrowed;
+        a small training set lowers the defaults, `rate_scale`). Given rates stay as given."""
+        k = self.rate_scale()
+        return self.replace(lr=self.lr if self.lr is not None else
+                            (2e-4 if streams else 1e-3) * k,
                             weight_lr=self.weight_lr if self.weight_lr is not None
-                            else (1e-4 if streams else 3e-4))
+                            else (1e-4 if streams else 3e-4) * k)
 
     def replace(self, **changes: Any) -> CapConfig:
         return dataclasses.replace(self, **_known(self, changes))

@@ -81,6 +81,17 @@ def input_shape_of(example_inputs: torch.Tensor | tuple) -> tuple[int, ...]:
     return tuple(x.shape[1:])
 
 
+def mix_inputs(x: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """Each image blended with another image of the batch, the other's share ~ U(0, share) per
+    image (mixup of the inputs only: without labels the original model defines every target,
+    so a small unlabeled set yields new inputs to match instead of the same ones again)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(len(x), generator=g) * share).to(x.device, x.dtype)
+    perm = torch.randperm(len(x), generator=g).to(x.device)
+    w = w.view(-1, *[1] * (x.dim() - 1))
+    return (1 - w) * x + w * x[perm]
+
+
 class CaP:
     """Compress `model` with Cascaded Projection. `model` itself is never modified.
 
@@ -493,6 +504,8 @@ class CaP:
                 if not sharded:  # torchrun: this rank's share
                     x = dist.shard(x)
                     y = dist.shard(y) if y is not None else None
+                if y is None and cfg.mix > 0:  # label-free: the teacher labels mixed images too
+                    x = mix_inputs(x, cfg.mix, cfg.seed * 1_000_003 + step)
                 with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=use_bf16):
                     if teacher is not self.orig:

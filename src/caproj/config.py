@@ -58,6 +58,9 @@ class CapConfig:
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None
+    # label-free steps only: blend each image with another of its batch, the other's share
+    # ~ U(0, mix) (0 = off; at most 0.5). The original model labels the blend.
+    mix: float = 0.0
     seed: int = 0
     bf16: bool | None = None
     log_every: int = 25
@@ -92,6 +95,8 @@ class CapConfig:
             _finite_nonneg(name, v)
         if not 0 <= self.kd <= 1:
             raise CaprojError(f"kd must be in [0, 1], got {self.kd}", param="kd")
+        if not (isinstance(self.mix, (int, float)) and 0 <= self.mix <= 0.5):
+            raise CaprojError(f"mix must be in [0, 0.5], got {self.mix}", param="mix")
         if self.train_images is not None and (not isinstance(self.train_images, int)
                                               or self.train_images < 1):
             raise CaprojError(f"train_images must be an integer >= 1, got {self.train_images}",

@@ -80,7 +80,7 @@ def _synthetic(model, arch: str, n: int, steps: int, seed: int, out_dir: Path) -
         d = torch.load(f, weights_only=True)
         return Synthetic(d["images"], d["report"])
     syn = caproj.synthesize(model, n, (3, 32, 32), steps=steps, seed=seed, progress=False,
-                            state_path=str(f))
+                            state_path=str(f), resume=True)
     atomic_save({"images": syn.images, "report": syn.report}, f)
     return syn
 

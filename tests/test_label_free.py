@@ -180,14 +180,17 @@ def test_cli_data_free_compress(r20_folder, tmp_path):
 
 def test_a_small_training_set_lowers_the_default_rates():
     """Many passes over few images (1,000 images x 600 steps of 128) made ResNet-56's loss
-    climb at the default rates; they are scaled by sqrt(10 / passes), given rates are kept."""
+    climb at the default rates; a re-used set gets at most a third of them, and
+    sqrt(10 / passes) beyond; given rates are kept."""
     from caproj.config import CapConfig
 
     full = CapConfig(train_images=50_000).resolve(streams=False)
     assert (full.lr, full.weight_lr) == (1e-3, 3e-4)
-    small = CapConfig(train_images=1000).resolve(streams=False)
-    k = (10 / (600 * 128 / 1000)) ** 0.5
-    assert small.lr == pytest.approx(1e-3 * k) and small.weight_lr == pytest.approx(3e-4 * k)
+    small = CapConfig(train_images=1000).resolve(streams=False)  # 77 passes
+    assert small.lr == pytest.approx(1e-3 / 3) and small.weight_lr == pytest.approx(1e-4)
+    assert CapConfig(train_images=5000).resolve(streams=False).lr == pytest.approx(1e-3 / 3)
+    k = (10 / (600 * 128 / 100)) ** 0.5  # 768 passes over 100 images
+    assert CapConfig(train_images=100).resolve(streams=False).lr == pytest.approx(1e-3 * k)
     assert CapConfig(train_images=1000, lr=5e-4).resolve(streams=False).lr == 5e-4
     assert CapConfig().resolve(streams=False).lr == 1e-3  # unknown size: the defaults
     with pytest.raises(caproj.CaprojError, match="train_images must be an integer >= 1"):
@@ -199,7 +202,7 @@ def test_a_small_training_set_lowers_the_default_rates():
                           calib_images=48, progress=False)
     cfg = res.report["cap_config"]
     assert cfg["train_images"] == 96  # counted from the data: 20 passes
-    assert cfg["lr"] == pytest.approx(1e-3 * (10 / 20) ** 0.5)
+    assert cfg["lr"] == pytest.approx(1e-3 / 3)
 
 
 def test_label_free_mixing_is_seeded_and_changes_only_label_free_steps():

@@ -18,11 +18,14 @@ TARGET_MACS = 0.5  # what `compress` aims for when neither target_macs nor keep 
 LATENCY_CHECKS = 2  # re-solves when the measured latency of the chosen widths misses the target
 LATENCY_MARGIN = 0.02  # latency budgets aim this far under the target (one measurement's noise)
 SAVE_EVERY = 50  # steps between resumable state saves
-# CaP's default rates hold for up to this many passes over the training images; beyond it (a
-# small set re-used: 1,000 images x 600 steps of 128 = 77 passes) they are scaled by
-# sqrt(SMALL_SET_PASSES / passes). Measured on ResNet-56 with 1,000 images: at the full rates
-# the loss climbed from step 75 on and the result fell to 73.7 %; at a third, 86.1 %.
-SMALL_SET_PASSES = 10.0
+# CaP's default rates hold for a training set the steps pass over at most SMALL_SET_PASSES
+# times (CIFAR-10's 50,000 images: 1.5 passes). A set re-used more often gets at most a third
+# of them, and sqrt(SMALL_SET_RATE / passes) when that is lower. Measured on ResNet-56 at 50 %
+# MACs (RESULTS.md, issue 19): at the full rates the loss climbed from step ~75 on with 1,000
+# images (73.7 %) and with 5,000 synthetic ones (65.5 % at 0.81 of the rates); at about a third,
+# 86.1 % and 85.2 %; 100 images at 0.11 of the rates, 83.0 %.
+SMALL_SET_PASSES = 2.0
+SMALL_SET_RATE = 10.0
 
 
 def _finite_nonneg(name: str, v: Any) -> None:
@@ -103,12 +106,14 @@ class CapConfig:
                               param="train_images")
 
     def rate_scale(self) -> float:
-        """What the default rates are multiplied by: 1, or sqrt(SMALL_SET_PASSES / passes)
-        when the steps pass over `train_images` more than SMALL_SET_PASSES times."""
+        """What the default rates are multiplied by: 1, or min(1/3, sqrt(SMALL_SET_RATE /
+        passes)) when the steps pass over `train_images` more than SMALL_SET_PASSES times."""
         if self.train_images is None:
             return 1.0
         passes = self.steps * self.batch_size / self.train_images
-        return min(1.0, math.sqrt(SMALL_SET_PASSES / passes)) if passes > 0 else 1.0
+        if passes <= SMALL_SET_PASSES:
+            return 1.0
+        return min(1 / 3, math.sqrt(SMALL_SET_RATE / passes))
 
     def resolve(self, streams: bool) -> CapConfig:
         """Learning rates filled in for this job (`streams`: a residual stream is narrowed;

@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "only)")
     p.add_argument("--cap-lr", type=float,
                    help="Adam lr of the projection proxies (default 1e-3; 2e-4 when residual "
-                   "streams are compressed)")
+                   "streams are compressed; at most a third when the steps re-use a small "
+                   "training set more than twice)")
     p.add_argument("--cap-weight-lr", type=float,
                    help="Adam lr of the relaxed weights during CaP (default 3e-4; 1e-4 when "
-                   "residual streams are compressed)")
+                   "residual streams are compressed; scaled like --cap-lr for small sets)")
     p.add_argument("--cap-batch-size", type=_positive_int, default=CAP.batch_size)
     p.add_argument("--recon-weight", type=float, default=CAP.recon_weight,
                    help="λ, weight of the reconstruction term (default %(default)s)")

@@ -46,8 +46,7 @@ from caproj.models import (
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.surgery import resize_to_state_dict
-from caproj.synth import Synthetic
-from caproj.synth import synthesize as _synthesize
+from caproj.synth import synthesize
 from caproj.train import LossFn, OutputTransform, fit, model_device, outputs_of
 from caproj.train import evaluate as _evaluate_impl
 from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
@@ -108,22 +107,6 @@ def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, see
         opts.setdefault("kd_weight", 0.0)
     cfg = FINETUNE.replace(**opts)
     return cfg if cfg.epochs > 0 else None
-
-
-def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Size, *,
-               seed: int = 0, progress: bool = True,
-               state_path: str | os.PathLike | None = None, resume: bool = False,
-               cache: bool = False, output_transform: OutputTransform | None = None,
-               **options: Any) -> Synthetic:
-    """`n` calibration images of `input_shape` (C, H, W) made from `model` alone: random
-    inputs optimised until every BatchNorm layer sees its running statistics, plus a logit
-    prior (`caproj.synth`; settings: `caproj.SynthConfig` fields as `**options`). Returns a
-    `Synthetic` dataset (float images, model inputs as they are) whose `.batches(size,
-    train=True)` feeds `compress`/`finetune`, and whose `.report` records the BN loss before
-    and after. Seeded; `state_path`/`resume` make it resumable, `cache` reuses a finished set."""
-    return _synthesize(model, n, input_shape, seed=seed, progress_bar=progress,
-                       state_path=state_path, resume=resume, cache=cache,
-                       output_transform=output_transform, **options)
 
 
 def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: float | None = None,
@@ -190,12 +173,10 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
             raise CaprojError("synthetic=N needs example_inputs=... (an input batch of the "
                               "model, for the image shape)", param="example_inputs")
         dev = model_device(model)
-        syn = _synthesize(model, synthetic, input_shape_of(example_inputs), seed=seed,
-                          progress_bar=progress, state_path=state_path, resume=resume,
-                          cache=True, output_transform=output_transform,
-                          **dict(synth_options or {}))
-        size = CapConfig().replace(**{k: v for k, v in options.items()
-                                      if k == "batch_size"}).batch_size
+        syn = synthesize(model, synthetic, input_shape_of(example_inputs), seed=seed,
+                         progress=progress, state_path=state_path, resume=resume, cache=True,
+                         output_transform=output_transform, **dict(synth_options or {}))
+        size = CapConfig(batch_size=options.get("batch_size", CapConfig.batch_size)).batch_size
         data = syn.batches(size, train=True, seed=seed, device=dev)
         calib_data = syn.batches(250, device=dev)
     elif data is None:

@@ -391,7 +391,7 @@ def cmd_info(a: argparse.Namespace) -> None:
 def _data_and_model(a: argparse.Namespace):
     """The data and model of a job, checked against each other; model on the chosen device."""
     from caproj.data import load_data
-    from caproj.models import default_input_shape, guess_num_classes, load_model
+    from caproj.models import default_input_shape, load_model
     from caproj.utils import check_input_shape, local_device, pick_device, seed_everything
 
     device = local_device(pick_device(a.device))
@@ -403,8 +403,7 @@ def _data_and_model(a: argparse.Namespace):
         model, meta = load_model(a.weights, a.arch, a.num_classes)
         shape = a.input_size or tuple(meta.get("input_shape") or default_input_shape(meta["arch"]))
         check_input_shape(model, shape)
-        return SyntheticSpec.of(a.data, shape, guess_num_classes(model.state_dict())), \
-            model.to(device), meta
+        return SyntheticSpec.of(a.data, shape), model.to(device), meta
     data = load_data(a.data, a.image_size, stream=a.stream, workers=a.workers, split=a.split)
     seed_everything(a.seed)
     model, meta = load_model(a.weights, a.arch, a.num_classes or data.num_classes or None,
@@ -422,15 +421,14 @@ class SyntheticSpec:
 
     n: int
     input_shape: tuple[int, ...]
-    num_classes: int
     labelled = False
 
     @classmethod
-    def of(cls, spec: str, shape: tuple[int, ...], num_classes: int) -> SyntheticSpec:
+    def of(cls, spec: str, shape: tuple[int, ...]) -> SyntheticSpec:
         v = spec[len(SYNTHETIC):]
         if not v.isdigit() or int(v) < 1:
             raise CaprojError(f"--data {spec}: expected {SYNTHETIC}N with N >= 1 images")
-        return cls(int(v), tuple(shape), num_classes)
+        return cls(int(v), tuple(shape))
 
     @property
     def name(self) -> str:

@@ -122,11 +122,13 @@ def load_data(spec: str, image_size: int | None = None, stream: bool = False,
     if not p.exists():
         raise CaprojError(f"data not found: {spec!r} (give 'digits', 'cifar10', an ImageFolder "
                           f"directory with train/ and test/, or an archive of one)")
+    # labelled data keeps its earlier cache key, so caches decoded before stay valid
+    key = (image_size, split, "unlabeled") if unlabeled else (image_size, split)
     if p.is_dir():
-        return _cached(p, (image_size, split, unlabeled),
+        return _cached(p, key,
                        lambda: _read_folder_tree(_FsTree(p), image_size, spec, split, unlabeled))
     if p.name.endswith(ARCHIVE_SUFFIXES):
-        return _cached(p, (image_size, split, unlabeled),
+        return _cached(p, key,
                        lambda: _read_folder_tree(_ArchiveTree(p), image_size, spec, split,
                                                  unlabeled))
     raise CaprojError(f"unsupported data file {spec!r}: expected a directory or one of "
@@ -480,8 +482,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.x)
-        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        order = torch.randperm(self.n, generator=gen).to(self.device) if self.train else None
         start, self.start = self.start, 0
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)

@@ -37,8 +37,9 @@ from caproj.data import Batches
 from caproj.data import cache_dir as data_cache_dir
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer
-from caproj.train import OutputTransform, bf16_supported, model_device, outputs_of, progress
-from caproj.utils import atomic_save, seed_everything
+from caproj.train import OutputTransform, bf16_supported, model_device, outputs_of
+from caproj.train import progress as progress_bar
+from caproj.utils import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,10 @@ class _StatsHooks:
     def __init__(self, layers: list[nn.modules.batchnorm._BatchNorm],
                  first_weight: float) -> None:
         self.terms: list[torch.Tensor] = []
-        self.handles = [m.register_forward_pre_hook(self._hook(i == 0, first_weight))
+        self.handles = [m.register_forward_pre_hook(self._hook(first_weight if i == 0 else 1.0))
                         for i, m in enumerate(layers)]
 
-    def _hook(self, first: bool, first_weight: float):
+    def _hook(self, weight: float):
         def hook(mod: nn.modules.batchnorm._BatchNorm, args: tuple) -> None:
             x = args[0]
             # channels last as rows: (N*H*W, C); centred on the running mean, so the moments
@@ -93,7 +94,7 @@ class _StatsHooks:
             m1 = (ones @ xc).float().squeeze(0)
             var = (ones @ (xc * xc)).float().squeeze(0) - m1 * m1
             t = torch.linalg.vector_norm(m1) + torch.linalg.vector_norm(var - mod.running_var)
-            self.terms.append(t * (first_weight if first else 1.0))
+            self.terms.append(t * weight)
         return hook
 
     def take(self) -> torch.Tensor:
@@ -147,14 +148,15 @@ def _fingerprint(model: nn.Module, n: int, shape: tuple[int, ...], cfg: SynthCon
 def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Size, *,
                num_classes: int | None = None, output_transform: OutputTransform | None = None,
                state_path: str | os.PathLike | None = None, resume: bool = False,
-               cache: bool = False, progress_bar: bool = True,
+               cache: bool = False, progress: bool = True,
                config: SynthConfig | None = None, **options: Any) -> Synthetic:
     """`n` images of `input_shape` (C, H, W) synthesised from `model`'s BatchNorm statistics
     (module doc). `**options` override `caproj.config.SynthConfig` fields (steps, batch_size,
     lr, ce_weight, seed, ...). `num_classes`: of the logit prior (default: the model's output
     width). `state_path`: save `<state_path>.synth-state.pt` after every finished batch (and on
     SIGTERM/SIGINT, at the end of the batch); `resume=True` continues from it. `cache`: keep
-    the finished set in caproj's cache dir and reuse it. The model is left as it was."""
+    the finished set in caproj's cache dir and reuse it. `progress`: a bar on a terminal.
+    The model is left as it was."""
     if not isinstance(model, nn.Module):
         raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
                           param="model")
@@ -171,22 +173,21 @@ def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Si
         raise CaprojError("data-free synthesis matches BatchNorm running statistics, and the "
                           "model has no BatchNorm layer that tracks them; pass real (even "
                           "unlabeled) images instead", param="model")
+    key = _fingerprint(model, n, shape, cfg) if cache or state_path is not None else None
+    cached = data_cache_dir() / "synthetic" / f"{key}.pt"
+    if cache and cached.is_file():
+        try:
+            d = torch.load(cached, weights_only=True)
+            log.info("synthetic images: %d from the cache (%s)", n, cached)
+            return Synthetic(d["images"], d["report"])
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never trusted
+            cached.unlink(missing_ok=True)
     dev = model_device(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         out = outputs_of(model, torch.zeros(2, *shape, device=dev), output_transform)
     classes = num_classes or out.shape[-1]
-    key = _fingerprint(model, n, shape, cfg)
-    cached = data_cache_dir() / "synthetic" / f"{key}.pt"
-    if cache and cached.is_file():
-        try:
-            d = torch.load(cached, weights_only=True)
-            log.info("synthetic images: %d from the cache (%s)", n, cached)
-            model.train(was_training)
-            return Synthetic(d["images"], d["report"])
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never trusted
-            cached.unlink(missing_ok=True)
     ck = Checkpointer(f"{state_path}.synth-state.pt" if state_path is not None else None,
                       {"synth": cfg.as_dict(), "n": n, "shape": shape, "model": key}, 1, resume)
     st = ck.load()
@@ -199,8 +200,8 @@ def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Si
         p.requires_grad_(False)
     hooks = _StatsHooks(layers, cfg.first_bn_weight)
     try:
-        for k in progress(range(len(done), len(sizes)), len(sizes) - len(done),
-                          "synthesising", progress_bar):
+        for k in progress_bar(range(len(done), len(sizes)), len(sizes) - len(done),
+                              "synthesising", progress):
             x, rec = _one_batch(model, hooks, sizes[k], shape, classes, cfg, k, dev,
                                 output_transform)
             done.append(x)
@@ -232,7 +233,6 @@ def _one_batch(model: nn.Module, hooks: _StatsHooks, size: int, shape: tuple[int
                classes: int, cfg: SynthConfig, k: int, dev: torch.device,
                output_transform: OutputTransform | None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Batch k, a pure function of (cfg.seed, k): images on the CPU and their record."""
-    seed_everything(cfg.seed * 1_000_003 + k)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
     x = torch.randn(size, *shape, generator=g).to(dev).requires_grad_(True)
     targets = (torch.arange(size) % classes)[torch.randperm(size, generator=g)].to(dev)
@@ -243,12 +243,14 @@ def _one_batch(model: nn.Module, hooks: _StatsHooks, size: int, shape: tuple[int
     bf16 = bf16_supported(dev) if cfg.bf16 is None else cfg.bf16
     t0 = time.perf_counter()
 
-    def measure() -> tuple[float, float]:
+    def measure() -> tuple[float, float, float]:
+        """BN loss, prior and the share of images the model puts in their target class."""
         with torch.no_grad():
             logits = outputs_of(model, x, output_transform)
-            return float(hooks.take()), float(F.cross_entropy(logits, targets))
+            return (float(hooks.take()), float(F.cross_entropy(logits, targets)),
+                    float((logits.argmax(-1) == targets).float().mean()))
 
-    bn0, ce0 = measure()
+    bn0, ce0, _ = measure()
     for _ in range(cfg.steps):
         xi = x
         if shift:
@@ -270,9 +272,7 @@ def _one_batch(model: nn.Module, hooks: _StatsHooks, size: int, shape: tuple[int
         opt.step()
         sched.step()
     x = x.detach()
-    bn1, ce1 = measure()
-    with torch.no_grad():
-        hit = float((outputs_of(model, x, output_transform).argmax(-1) == targets).float().mean())
+    bn1, ce1, hit = measure()
     rec = {"batch": k, "n": size, "bn_loss_start": bn0, "bn_loss_end": bn1, "ce_start": ce0,
            "ce_end": ce1, "target_hit": hit, "seconds": time.perf_counter() - t0}
     return x.cpu(), rec

@@ -19,9 +19,13 @@ on the 10,000 test images *before any labelled fine-tuning*. Cells (`--cells`, c
 
 A cell may carry CaP options after its size, `unlabeled:1000:lr=1e-3:weight_lr=3e-4` (the
 rates before the small-set rule) or `unlabeled:1000:relax=projection`; they are recorded.
+Two options belong to the benchmark: `kd_steps=K` follows CaP with a distillation-only fine-tune
+of K steps on the same images (as the `tp` cell does; `kd_lr=` its peak lr, caproj's fine-tune
+lr by default), so `unlabeled:1000:steps=300:kd_steps=300` spends the same 600 x 128 images as
+the default cell and as `tp:1000`. `train_images` counts CaP's and distillation's images.
 
-One JSON per cell in `--out-dir` (`<arch>-<target>-<cell>.json`, skipped when present, so a run
-resumes cell by cell); `summary` prints the table.
+One JSON per cell in `--out-dir` (`<arch>-<target>-<cell>[-seed<S>].json`, skipped when
+present, so a run resumes cell by cell); `summary` prints the table.
 
     python benchmarks/label_free.py run --arch resnet56 --targets 0.5 \
         --cells unlabeled:1000,tp:1000,synthetic:5000 --out-dir benchmarks/out/label-free
@@ -99,14 +103,19 @@ def run(a: argparse.Namespace) -> None:
             kind, n, *extra = cell.split(":")
             n = int(n)
             opts = {k: _value(v) for k, v in (o.split("=", 1) for o in extra)}
-            tag = "".join(f"-{k}={v}" for k, v in opts.items())
+            tag = "".join(f"-{k}={v}" for k, v in opts.items()) + (
+                f"-seed{a.seed}" if a.seed else "")
             f = out_dir / f"{a.arch}-{target:g}-{kind}-{n}{tag}.json"
             if f.exists():
                 logging.info("%s exists: skipped", f)
                 continue
             t0 = time.perf_counter()
             rec = {"arch": a.arch, "target": target, "cell": kind, "n_images": n, "seed": a.seed,
-                   "options": opts, "acc_original": acc0, "command": command}
+                   "options": dict(opts), "acc_original": acc0, "command": command}
+            kd_steps = int(opts.pop("kd_steps", 0))
+            kd_lr = float(opts.pop("kd_lr", FINETUNE.lr))
+            cap_steps = int(opts.get("steps", CAP.steps))
+            train = None
             if kind in ("unlabeled", "labelled"):
                 train, calib = _subset(data, n, a.seed, labels=kind == "labelled")
                 res = caproj.compress(model, train, calib_data=calib, target_macs=target,
@@ -117,37 +126,36 @@ def run(a: argparse.Namespace) -> None:
                 rec["synthesis"]["bn_loss_real"] = bn_statistics_loss(
                     model, torch.cat([x for x, _ in Batches.subset_of(data, n, 250, seed=a.seed)]))
                 rec["synthesis"]["bn_loss_synthetic"] = bn_statistics_loss(model, syn.images)
-                res = caproj.compress(model, syn.batches(CAP.batch_size, train=True, seed=a.seed),
-                                      calib_data=syn.batches(250), target_macs=target,
+                train = syn.batches(CAP.batch_size, train=True, seed=a.seed)
+                res = caproj.compress(model, train, calib_data=syn.batches(250),
+                                      target_macs=target,
                                       eval_data=test, seed=a.seed, progress=False, **opts)
             elif kind == "tp":
-                ref = out_dir / f"{a.arch}-{target:g}-unlabeled-{n}.json"
-                if not ref.exists():
+                refs = sorted(out_dir.glob(f"{a.arch}-{target:g}-unlabeled-{n}*.json"))
+                if not refs:
                     raise SystemExit(f"tp:{n} reuses the widths of unlabeled:{n}: run that first")
-                widths = json.loads(ref.read_text())["widths"]
+                widths = json.loads(refs[0].read_text())["widths"]
                 train, calib = _subset(data, n, a.seed)
                 res = caproj.compress(model, train, calib_data=calib, widths=widths,
                                       method="tp-l2", eval_data=test, seed=a.seed,
                                       progress=False)
                 rec["acc_pruned"] = res.report["acc_after_compress"]
-                steps = CAP.steps  # CaP's images: steps x batch
-                epochs = math.ceil(steps / len(train))
-                hist = caproj.finetune(res.model, train, epochs=epochs, teacher=model,
-                                       kd_weight=1.0, lr=FINETUNE.lr, max_steps=steps,
-                                       seed=a.seed, eval_data=None, progress=False)
-                res.report["acc_after_compress"] = caproj.evaluate(res.model, test,
-                                                                   progress=False)["acc"]
-                rec["kd_finetune"] = {"steps": steps, "images": steps * CAP.batch_size,
-                                      "epochs": epochs, "lr": FINETUNE.lr,
-                                      "loss_last": hist[-1].get("train_loss") if hist else None}
+                kd_steps = kd_steps or CAP.steps  # CaP's images: steps x batch
             else:
                 raise SystemExit(f"unknown cell {cell!r}")
+            if kd_steps:
+                rec["acc_after_cap" if kind != "tp" else "acc_pruned"] = \
+                    res.report["acc_after_compress"]
+                rec["kd_finetune"] = _kd(res.model, model, train, kd_steps, kd_lr, a.seed)
+                res.report["acc_after_compress"] = caproj.evaluate(res.model, test,
+                                                                   progress=False)["acc"]
             r = res.report
             if "cap_config" in r:
                 rec["cap_config"] = r["cap_config"]
             rec.update(widths=res.widths, macs_before=r["macs_before"], macs_after=r["macs_after"],
                        label_free=r["label_free"], acc_before_ft=r["acc_after_compress"],
-                       train_images=CAP.steps * CAP.batch_size, compress_seconds=r.get(
+                       train_images=((cap_steps if kind != "tp" else 0) + kd_steps)
+                       * CAP.batch_size, compress_seconds=r.get(
                            "compress_seconds"), seconds=time.perf_counter() - t0,
                        **{**run_record(a.seed), "threads": a.threads})
             _write(f, rec)
@@ -155,25 +163,40 @@ def run(a: argparse.Namespace) -> None:
                          rec["seconds"])
 
 
+def _kd(student, teacher, train, steps: int, lr: float, seed: int) -> dict:
+    """Distillation-only fine-tune of `student` on the same (unlabeled) batches for `steps`
+    steps, SGD one-cycle peak `lr`: the label-free recovery every cell may spend images on."""
+    epochs = math.ceil(steps / len(train))
+    hist = caproj.finetune(student, train, epochs=epochs, teacher=teacher, kd_weight=1.0, lr=lr,
+                           max_steps=steps, seed=seed, eval_data=None, progress=False)
+    return {"steps": steps, "images": steps * CAP.batch_size, "epochs": epochs, "lr": lr,
+            "loss_last": hist[-1].get("train_loss") if hist else None}
+
+
 def _value(v: str):
-    try:
-        return float(v)
-    except ValueError:
-        return v
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
 
 
 def summary(a: argparse.Namespace) -> None:
     rows = [json.loads(f.read_text()) for f in sorted(Path(a.out_dir).glob("*.json"))]
-    print("| arch | MACs | data | images | options | CaP lr / weight lr | top-1 before labelled "
-          "FT | s |")
-    print("|---|---:|---|---:|---|---|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["arch"], -r["target"], r["cell"], r["n_images"])):
+    print("| arch | MACs | data | images | options | seed | CaP lr / weight lr | before KD | "
+          "top-1 before labelled FT | s |")
+    print("|---|---:|---|---:|---|---:|---|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["arch"], -r["target"], r["cell"], r["n_images"],
+                                         r["seed"])):
         c = r.get("cap_config") or {}
         rates = f"{c['lr']:.2g} / {c['weight_lr']:.2g}" if c.get("lr") else "–"
         opts = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "–"
+        pre = r.get("acc_after_cap", r.get("acc_pruned"))
+        pre = f"{pre:.2f}" if pre is not None else "–"
         print(f"| {r['arch']} | {r['macs_after'] / r['macs_before']:.3f} | {r['cell']} | "
-              f"{r['n_images']} | {opts} | {rates} | {r['acc_before_ft']:.2f} | "
-              f"{r['seconds']:.0f} |")
+              f"{r['n_images']} | {opts} | {r['seed']} | {rates} | {pre} | "
+              f"{r['acc_before_ft']:.2f} | {r['seconds']:.0f} |")
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ Per target: the site widths for the MACs target (uniform, depthwise expansion si
 - Torch-Pruning group-L2 at the same widths: as pruned, with its BatchNorm statistics
   re-estimated on the 500 images, and after label-free distillation on the same 500 images for
   the same number of images CaP's steps consumed (steps x batch).
+`--synthetic N` makes it data-free: both methods calibrate (and distil) on N images synthesised
+from the model's BatchNorm statistics (`caproj.synthesize`, `--synth-steps` per batch of
+`--synth-batch`; kept next to `--out` and re-used) instead of the 500 real ones; the held-out
+500 real images are still the test set, so the rows compare with the real-image ones.
 Inputs: ../shared/models/mobilenet_v2-imagenet-int8dq.pt, ../shared/data/imagenet-sample-1000.tar.gz
 (images resized to short side 256, centre crop 224: torchvision's eval transform).
 """
@@ -35,7 +39,7 @@ from caproj.methods import torch_pruning_l2  # noqa: E402
 from caproj.metrics import count_macs  # noqa: E402
 from caproj.plan import Plan  # noqa: E402
 from caproj.surgery import recalibrate_bn  # noqa: E402
-from caproj.utils import atomic_write_text, run_record, seed_everything  # noqa: E402
+from caproj.utils import atomic_save, atomic_write_text, run_record, seed_everything  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -80,6 +84,10 @@ def main() -> None:
     ap.add_argument("--cap", default="", help="CapConfig overrides for caproj, e.g. "
                     "relax=consumer,weight_lr=1e-5")
     ap.add_argument("--no-tp", action="store_true", help="caproj rows only")
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="calibrate on this many synthetic images instead of the real ones")
+    ap.add_argument("--synth-steps", type=int, default=caproj.SYNTH.steps)
+    ap.add_argument("--synth-batch", type=int, default=caproj.SYNTH.batch_size)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,8 +109,26 @@ def main() -> None:
                     flip=True, seed=a.seed, device=dev)  # flips only (no crop at 224)
     calib_eval = Batches(data.train_x, data.train_y, 100, data.mean, data.std, device=dev)
     test = Batches(data.test_x, data.test_y, 100, data.mean, data.std, device=dev)
-    unlabeled = WithoutLabels(calib)
+    unlabeled, calib_bare = WithoutLabels(calib), WithoutLabels(calib_eval)
     shape = (3, 224, 224)
+    synth = None
+    if a.synthetic:
+        f = Path(a.out).with_name(f"synthetic-mnv2-{a.synthetic}-{a.synth_steps}.pt")
+        if f.is_file():
+            d = torch.load(f, weights_only=True)
+            syn = caproj.Synthetic(d["images"], d["report"])
+        else:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            syn = caproj.synthesize(model, a.synthetic, shape, steps=a.synth_steps,
+                                    batch_size=a.synth_batch, seed=a.seed, state_path=str(f),
+                                    resume=True, progress=False)
+            atomic_save({"images": syn.images, "report": syn.report}, f)
+        synth = {k: v for k, v in syn.report.items() if k != "batches"}
+        unlabeled = syn.batches(a.batch_size, train=True, seed=a.seed, device=dev)
+        calib_bare = syn.batches(100, device=dev)
+        print(f"{a.synthetic} synthetic images ({a.synth_steps} steps): "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    n_calib = a.synthetic or a.split
     base = measure(model, test, None)
     ref = base.pop("preds")
     rows = [{"method": "original", "target": 1.0, "macs": 1.0, **base, "seconds": 0.0}]
@@ -110,10 +136,11 @@ def main() -> None:
           f"(load {time.perf_counter() - t0:.0f} s)", flush=True)
     total = count_macs(model, shape)
     overrides = {k: _value(v) for k, v in (kv.split("=") for kv in a.cap.split(",") if kv)}
-    ft_epochs = max(1, math.ceil(a.steps * a.batch_size / a.split))
+    ft_epochs = max(1, math.ceil(a.steps * a.batch_size / n_calib))
     def write() -> None:  # after every row: a run stopped early keeps what it measured
         out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
-                            steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs),
+                            steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs,
+                            synthetic=synth),
                "rows": rows, "wall_s": time.perf_counter() - t0}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(out, indent=1), Path(a.out))
@@ -124,9 +151,9 @@ def main() -> None:
         # caproj: calibration only, then label-free CaP steps (same job, staged)
         t1 = time.perf_counter()
         cap = caproj.CaP(model, torch.zeros(1, *shape, device=dev), plan=plan,
-                         calib_images=a.split, steps=a.steps, batch_size=a.batch_size,
+                         calib_images=n_calib, steps=a.steps, batch_size=a.batch_size,
                          progress=False, seed=a.seed, **overrides)
-        cap.calibrate(WithoutLabels(calib_eval))
+        cap.calibrate(calib_bare)
         widths = plan.widths
         small = cap.finalize()
         secs = time.perf_counter() - t1
@@ -166,7 +193,7 @@ def main() -> None:
                      "macs": macs, **r,
                      "seconds": secs})
         t1 = time.perf_counter()
-        recalibrate_bn(tp, [x.to(dev) for x, _ in calib_eval])
+        recalibrate_bn(tp, [x.to(dev) for x in calib_bare])
         secs += time.perf_counter() - t1
         r = measure(tp, test, ref)
         r.pop("preds")
@@ -185,7 +212,7 @@ def main() -> None:
             r.pop("preds")
             rows.append({"method": "tp-l2", "stage": f"+{ft_epochs} label-free KD epochs",
                          "target": t, "allocation": alloc, "macs": macs, **r, "seconds": secs,
-                         "train_images": ft_epochs * a.split})
+                         "train_images": ft_epochs * n_calib})
             print(f"{t:.2f} {alloc} tp-l2 +KD: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
                   f"{secs:.0f} s", flush=True)
         write()

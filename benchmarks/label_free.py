@@ -184,6 +184,7 @@ def _value(v: str):
 
 def summary(a: argparse.Namespace) -> None:
     rows = [json.loads(f.read_text()) for f in sorted(Path(a.out_dir).glob("*.json"))]
+    rows = [r for r in rows if "cell" in r]  # other benchmarks' JSON may share the folder
     print("| arch | MACs | data | images | options | seed | CaP lr / weight lr | before KD | "
           "top-1 before labelled FT | s |")
     print("|---|---:|---|---:|---|---:|---|---:|---:|---:|")

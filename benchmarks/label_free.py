@@ -23,6 +23,8 @@ Two options belong to the benchmark: `kd_steps=K` follows CaP with a distillatio
 of K steps on the same images (as the `tp` cell does; `kd_lr=` its peak lr, caproj's fine-tune
 lr by default), so `unlabeled:1000:steps=300:kd_steps=300` spends the same 600 x 128 images as
 the default cell and as `tp:1000`. `train_images` counts CaP's and distillation's images.
+`norm_match=1` (a diagnosis for issue 17) rescales every conv feeding a BN to the original
+layer's filter norm before the distillation, the eval function unchanged.
 
 One JSON per cell in `--out-dir` (`<arch>-<target>-<cell>[-seed<S>].json`, skipped when
 present, so a run resumes cell by cell); `summary` prints the table.
@@ -112,6 +114,7 @@ def run(a: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             rec = {"arch": a.arch, "target": target, "cell": kind, "n_images": n, "seed": a.seed,
                    "options": dict(opts), "acc_original": acc0, "command": command}
+            norm_match = bool(opts.pop("norm_match", 0))
             kd_steps = int(opts.pop("kd_steps", 0))
             kd_lr = float(opts.pop("kd_lr", FINETUNE.lr))
             cap_steps = int(opts.get("steps", CAP.steps))
@@ -143,6 +146,10 @@ def run(a: argparse.Namespace) -> None:
                 kd_steps = kd_steps or CAP.steps  # CaP's images: steps x batch
             else:
                 raise SystemExit(f"unknown cell {cell!r}")
+            if norm_match:
+                rec["norm_match"] = _norm_match(res.model, model)
+                rec["acc_after_norm_match"] = caproj.evaluate(res.model, test,
+                                                              progress=False)["acc"]
             if kd_steps:
                 rec["acc_after_cap" if kind != "tp" else "acc_pruned"] = \
                     res.report["acc_after_compress"]
@@ -161,6 +168,32 @@ def run(a: argparse.Namespace) -> None:
             _write(f, rec)
             logging.info("%s %g %s: %.2f %% (%.0f s)", a.arch, target, cell, rec["acc_before_ft"],
                          rec["seconds"])
+
+
+@torch.no_grad()
+def _norm_match(small: torch.nn.Module, original: torch.nn.Module) -> dict:
+    """Diagnosis (issue 17): rescale every conv that feeds a BN so its filters' RMS norm is the
+    original layer's, the scale moved into that BN's running statistics. The eval function is
+    unchanged (up to BN's eps); what changes is the size of the weights SGD with weight decay
+    and BN in training mode sees, which sets their effective learning rate. Returns the
+    per-layer ratios (new RMS / original RMS) before the rescaling."""
+    from caproj.sites import find_sites
+
+    om, sm = dict(original.named_modules()), dict(small.named_modules())
+    ratios = {}
+    for site in find_sites(original, stream=True).sites:
+        for prod, bn in site.producers:
+            if not bn or prod in ratios:
+                continue
+            w, w0 = sm[prod].weight, om[prod].weight
+            r = float(w.pow(2).mean().sqrt() / w0.pow(2).mean().sqrt())
+            ratios[prod] = r
+            w.div_(r)
+            if sm[prod].bias is not None:
+                sm[prod].bias.div_(r)
+            sm[bn].running_mean.div_(r)
+            sm[bn].running_var.div_(r * r)
+    return ratios
 
 
 def _kd(student, teacher, train, steps: int, lr: float, seed: int) -> dict:

@@ -13,7 +13,7 @@ Per target: the site widths for the MACs target (uniform, depthwise expansion si
   the same number of images CaP's steps consumed (steps x batch).
 `--synthetic N` makes it data-free: both methods calibrate (and distil) on N images synthesised
 from the model's BatchNorm statistics (`caproj.synthesize`, `--synth-steps` per batch of
-`--synth-batch`; kept next to `--out` and re-used) instead of the 500 real ones; the held-out
+`--synth-batch`; kept in caproj's cache and re-used) instead of the 500 real ones; the held-out
 500 real images are still the test set, so the rows compare with the real-image ones.
 Inputs: ../shared/models/mobilenet_v2-imagenet-int8dq.pt, ../shared/data/imagenet-sample-1000.tar.gz
 (images resized to short side 256, centre crop 224: torchvision's eval transform).
@@ -39,7 +39,7 @@ from caproj.methods import torch_pruning_l2  # noqa: E402
 from caproj.metrics import count_macs  # noqa: E402
 from caproj.plan import Plan  # noqa: E402
 from caproj.surgery import recalibrate_bn  # noqa: E402
-from caproj.utils import atomic_save, atomic_write_text, run_record, seed_everything  # noqa: E402
+from caproj.utils import atomic_write_text, run_record, seed_everything  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -112,22 +112,18 @@ def main() -> None:
     unlabeled, calib_bare = WithoutLabels(calib), WithoutLabels(calib_eval)
     shape = (3, 224, 224)
     synth = None
-    if a.synthetic:
-        f = Path(a.out).with_name(f"synthetic-mnv2-{a.synthetic}-{a.synth_steps}.pt")
-        if f.is_file():
-            d = torch.load(f, weights_only=True)
-            syn = caproj.Synthetic(d["images"], d["report"])
-        else:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            syn = caproj.synthesize(model, a.synthetic, shape, steps=a.synth_steps,
-                                    batch_size=a.synth_batch, seed=a.seed, state_path=str(f),
-                                    resume=True, progress=False)
-            atomic_save({"images": syn.images, "report": syn.report}, f)
+    if a.synthetic:  # caproj's own cache (keyed by weights, settings and n) re-uses a set
+        t1 = time.perf_counter()
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        syn = caproj.synthesize(model, a.synthetic, shape, steps=a.synth_steps,
+                                batch_size=a.synth_batch, seed=a.seed, cache=True,
+                                state_path=str(Path(a.out).with_suffix("")), resume=True,
+                                progress=False)
         synth = {k: v for k, v in syn.report.items() if k != "batches"}
         unlabeled = syn.batches(a.batch_size, train=True, seed=a.seed, device=dev)
         calib_bare = syn.batches(100, device=dev)
         print(f"{a.synthetic} synthetic images ({a.synth_steps} steps): "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+              f"{time.perf_counter() - t1:.0f} s", flush=True)
     n_calib = a.synthetic or a.split
     base = measure(model, test, None)
     ref = base.pop("preds")

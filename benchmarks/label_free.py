@@ -158,6 +158,8 @@ def run(a: argparse.Namespace) -> None:
             r = res.report
             if "cap_config" in r:
                 rec["cap_config"] = r["cap_config"]
+            if "match_scale" in r:  # the library's rescale (match_scale=1): ratios before it
+                rec["match_scale"] = r["match_scale"]
             rec.update(widths=res.widths, macs_before=r["macs_before"], macs_after=r["macs_after"],
                        label_free=r["label_free"], acc_before_ft=r["acc_after_compress"],
                        train_images=((cap_steps if kind != "tp" else 0) + kd_steps)

@@ -45,7 +45,7 @@ from caproj.models import (
 )
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
-from caproj.surgery import resize_to_state_dict
+from caproj.surgery import match_weight_scale, resize_to_state_dict
 from caproj.synth import synthesize
 from caproj.train import LossFn, OutputTransform, fit, model_device, outputs_of
 from caproj.train import evaluate as _evaluate_impl
@@ -256,6 +256,12 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         raise CaprojError(f"method {name!r} returned {type(small).__name__}, not an nn.Module",
                           param="method")
     small.eval()
+    if config.match_scale:
+        ratios = match_weight_scale(small, model)
+        rep["match_scale"] = ratios
+        if ratios:
+            log.info("rescaled %d layers to the original weight size (ratios %.2f-%.2f)",
+                     len(ratios), min(ratios.values()), max(ratios.values()))
     macs = metrics.count_macs(small, shape)
     if uses_widths and macs != plan.predicted_macs():
         raise CaprojError(f"internal error: MACs after surgery {macs} != predicted "

@@ -38,8 +38,10 @@ from caproj.utils import atomic_write_text, run_record
 log = logging.getLogger(__name__)
 
 # A method in the bench may carry options, spelled as suffixes of its cell name (so the cells
-# of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto.
-OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"}}
+# of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto,
+# cap+rescale.
+OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"},
+                   "rescale": {"match_scale": True}}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -90,7 +92,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     res = compress(model, train, target_macs=target, method=base, calib_data=calib,
                    eval_data=test, finetune=ft if ft.epochs else None, seed=cap_cfg.seed,
                    channel_multiple=channel_multiple, progress=False,
-                   **opts, **{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"})
+                   **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"}, **opts})
     rep = res.report
     shape = tuple(rep["input_shape"])
     small = res.model.eval()
@@ -105,6 +107,8 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
         "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
         "compress_images": len(rep.get("cap_history", [])) * cap_cfg.batch_size,
     }
+    if "match_scale" in rep:  # +rescale: each layer's size ratio before it was rescaled
+        rec["match_scale"] = rep["match_scale"]
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
              rec["acc_before_finetune"], rec["compress_seconds"])
     lat = latency_report(model, small, shape, None)  # eager, BN folded + cl, inductor, ort

@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ, weight of the reconstruction term (default %(default)s)")
     p.add_argument("--relax", choices=("projection", "consumer", "all"), default=CAP.relax,
                    help="what CaP optimises besides P: nothing, consumer weights, all weights")
+    p.add_argument("--match-scale", action="store_true",
+                   help="rescale each layer that feeds a BN to the original layer's weight "
+                   "size (same outputs; fine-tuning then steps as the original's recipe "
+                   "expects)")
     _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0)
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated registered methods (default: all, %(default)s); a "
                    "method may carry options: cap+stream (stream_projection), cap+auto "
-                   "(allocation auto), cap+stream+auto")
+                   "(allocation auto), +rescale (--match-scale), e.g. cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)
@@ -529,7 +533,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 def _cap_options(a: argparse.Namespace) -> dict[str, Any]:
     return {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
             "batch_size": a.cap_batch_size, "recon_weight": a.recon_weight, "relax": a.relax,
-            "kd": a.kd_weight, "bf16": False if a.no_bf16 else None}
+            "kd": a.kd_weight, "bf16": False if a.no_bf16 else None,
+            "match_scale": a.match_scale}
 
 
 LATENCY = {"none": (), "fast": ("fold_bn_cl",), "full": None}

@@ -58,6 +58,10 @@ class CapConfig:
     retraction: str = "qr"
     ridge: float = 1e-4
     bn_recalibrate: bool = False  # re-estimate every BN's statistics on the compressed net
+    # after any method: rescale each layer that feeds a BN to the original layer's weight size
+    # (eval function unchanged; fine-tuning's effective step size restored), see
+    # caproj.surgery.match_weight_scale
+    match_scale: bool = False
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None

@@ -501,3 +501,22 @@ def require_sites(model: nn.Module, stream: bool = False) -> list[Site]:
                           f"{len(cases)} of {len(rep.skipped)} producers meet a {kind}, "
                           f"e.g. {first} {why}")
     return rep.sites
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(producer, BatchNorm) for every Conv2d/Linear whose output only a BN reads (each called
+    once), in execution order: the layers whose weights' scale BN makes irrelevant to the
+    forward function in training mode (see `caproj.surgery.match_weight_scale`)."""
+    gm, modules, calls = _graph(model)
+    pairs = []
+    for node in gm.graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or not isinstance(modules[name], PRODUCERS) \
+                or calls[name] != 1 or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        bn = str(user.target)
+        if user.op == "call_module" and isinstance(
+                modules[bn], nn.modules.batchnorm._BatchNorm) and calls[bn] == 1:
+            pairs.append((name, bn))
+    return pairs

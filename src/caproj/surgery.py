@@ -21,7 +21,7 @@ from torch import nn
 
 from caproj import dist
 from caproj.projection import blocks
-from caproj.sites import Site, is_depthwise
+from caproj.sites import Site, conv_bn_pairs, is_depthwise
 from caproj.utils import run_with_hooks
 
 
@@ -208,6 +208,49 @@ def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
         bn.running_var.copy_(v)
         bn.weight.copy_(torch.sqrt(v + bn.eps))
         bn.bias.add_(m)
+
+
+@torch.no_grad()
+def match_weight_scale(model: nn.Module, original: nn.Module,
+                       pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
+    """Rescale each conv (or Linear) that feeds a BN to the root-mean-square size of the same
+    layer in `original`, moving the scale into that BN's running statistics, so the eval
+    function stays the same (exactly: the BN's weight absorbs its eps term).
+
+    Why: behind a BN in training mode a layer's output does not depend on its weights' scale,
+    but SGD's step relative to the weights does (effective learning rate ~ lr / |W|^2, and weight
+    decay acts on |W|). CaP's folded producers come out 0.2-0.4x and its least-squares-refitted
+    consumers 1.3-7x the original size (ResNet-56, RESULTS.md), so fine-tuning a fresh CaP
+    network with the original's recipe over-steps the ones and under-steps the others.
+
+    pairs: (layer, BN) names, default `caproj.sites.conv_bn_pairs(model)`; layers whose shape
+    or size is unchanged are left alone. Returns {layer: size ratio before rescaling}."""
+    om, mods = dict(original.named_modules()), dict(model.named_modules())
+    ratios: dict[str, float] = {}
+    for name, bn_name in conv_bn_pairs(model) if pairs is None else pairs:
+        ref = getattr(om.get(name), "weight", None)
+        w = mods[name].weight
+        if not isinstance(ref, torch.Tensor) or ref.dim() != w.dim():
+            continue
+        r = float(w.detach().float().pow(2).mean().sqrt()
+                  / ref.detach().float().pow(2).mean().sqrt().clamp_min(1e-30))
+        if not (r > 0 and abs(r - 1) > 1e-6 and r < float("inf")):
+            continue
+        ratios[name] = r
+        w.div_(r)
+        if mods[name].bias is not None:
+            mods[name].bias.div_(r)
+        bn: nn.BatchNorm2d = mods[bn_name]  # type: ignore[assignment]
+        if bn.running_mean is None or bn.running_var is None:
+            continue  # normalised by batch statistics: scale-free already
+        v = bn.running_var.clone()
+        bn.running_mean.div_(r)
+        bn.running_var.div_(r * r)
+        if bn.weight is not None:  # gamma / sqrt(v + eps) stays what it was
+            bn.weight.mul_(torch.sqrt(v + bn.eps * r * r) / torch.sqrt(v + bn.eps))
+        else:  # no affine weight: fold the eps term into the variance (clamped at 0)
+            bn.running_var.copy_(((v + bn.eps) / (r * r) - bn.eps).clamp_min(0))
+    return ratios
 
 
 @torch.no_grad()

@@ -1,0 +1,87 @@
+"""match_weight_scale / compress(match_scale=True): layers that feed a BN get the original
+layer's weight size back, and the network computes exactly what it did."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import caproj
+from caproj.coverage import randomise_bn
+from caproj.models import build_model
+from caproj.sites import conv_bn_pairs
+from caproj.surgery import match_weight_scale
+
+
+def _rms(w: torch.Tensor) -> float:
+    return float(w.detach().pow(2).mean().sqrt())
+
+
+class ConvBN(nn.Module):
+    def __init__(self, affine: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1, bias=bias)
+        self.bn = nn.BatchNorm2d(8, affine=affine)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)  # read by a ReLU, not a BN: not a pair
+        self.fc = nn.Linear(8, 4)
+        self.bn1d = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.bn(self.a(x)))))
+        return self.bn1d(self.fc(x.mean((2, 3))))
+
+
+def test_pairs_are_the_layers_only_a_bn_reads():
+    assert conv_bn_pairs(ConvBN()) == [("a", "bn"), ("fc", "bn1d")]
+
+
+@pytest.mark.parametrize("affine,bias", [(True, False), (False, True)])
+def test_rescaling_restores_the_size_and_keeps_the_eval_function(affine, bias):
+    torch.manual_seed(0)
+    original = randomise_bn(ConvBN(affine, bias)).eval()
+    model = randomise_bn(ConvBN(affine, bias), seed=1).eval()
+    with torch.no_grad():
+        model.a.weight.mul_(0.2)  # like a CaP producer: a fraction of the original size
+        model.fc.weight.mul_(5.0)  # like a refitted consumer
+    x = torch.randn(16, 3, 6, 6)
+    before = model(x)
+    rms_b = _rms(model.b.weight)
+    expect = {n: _rms(getattr(model, n).weight) / _rms(getattr(original, n).weight)
+              for n in ("a", "fc")}
+    ratios = match_weight_scale(model, original)
+    assert ratios == pytest.approx(expect, rel=1e-5)
+    for name in ("a", "fc"):
+        assert _rms(getattr(model, name).weight) == pytest.approx(
+            _rms(getattr(original, name).weight), rel=1e-5)
+    assert _rms(model.b.weight) == rms_b  # not behind a BN: untouched
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    # a second call finds every size right and changes nothing
+    assert match_weight_scale(model, original) == {}
+
+
+def _cifar_batches(n=256, batch=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    return DataLoader(x, batch_size=batch)
+
+
+def test_compress_match_scale_changes_sizes_not_outputs():
+    """CaP's folded producers come out far from the original size; with match_scale every
+    layer that feeds a BN is back at it, and the compressed network's outputs are the same."""
+    model = randomise_bn(build_model("resnet20")).eval()
+    data = _cifar_batches()
+    kw = dict(target_macs=0.5, steps=0, calib_images=128, progress=False, seed=0)
+    plain = caproj.compress(model, data, **kw)
+    scaled = caproj.compress(model, data, match_scale=True, **kw)
+    ratios = scaled.report["match_scale"]
+    assert ratios and "match_scale" not in plain.report
+    assert max(abs(r - 1) for r in ratios.values()) > 0.1  # there was something to fix
+    om, sm = dict(model.named_modules()), dict(scaled.model.named_modules())
+    for name in ratios:
+        assert _rms(sm[name].weight) == pytest.approx(_rms(om[name].weight), rel=1e-4)
+    x = next(iter(_cifar_batches(32, 32, seed=1)))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.model(x), plain.model(x), rtol=1e-3, atol=1e-4)
+    assert scaled.report["cap_config_requested"]["match_scale"] is True

@@ -23,8 +23,11 @@ Two options belong to the benchmark: `kd_steps=K` follows CaP with a distillatio
 of K steps on the same images (as the `tp` cell does; `kd_lr=` its peak lr, caproj's fine-tune
 lr by default), so `unlabeled:1000:steps=300:kd_steps=300` spends the same 600 x 128 images as
 the default cell and as `tp:1000`. `train_images` counts CaP's and distillation's images.
-`norm_match=1` (a diagnosis for issue 17) rescales every conv feeding a BN to the original
-layer's filter norm before the distillation, the eval function unchanged.
+`match_scale=1` is the library's option (`caproj.compress(..., match_scale=True)`): every layer
+feeding a BN is rescaled to the original layer's weight size after compression, the eval
+function unchanged. `norm_match=1`, the session-11 spelling, applies the same
+`caproj.surgery.match_weight_scale` from the benchmark (its session-11 cells ran an earlier
+copy that left the BN weight's eps term alone).
 
 One JSON per cell in `--out-dir` (`<arch>-<target>-<cell>[-seed<S>].json`, skipped when
 present, so a run resumes cell by cell); `summary` prints the table.
@@ -53,6 +56,7 @@ import caproj  # noqa: E402
 from caproj.config import CAP, FINETUNE  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
+from caproj.surgery import match_weight_scale  # noqa: E402
 from caproj.synth import Synthetic, bn_statistics_loss  # noqa: E402
 from caproj.utils import atomic_save, atomic_write_bytes, run_record  # noqa: E402
 
@@ -146,7 +150,7 @@ def run(a: argparse.Namespace) -> None:
             else:
                 raise SystemExit(f"unknown cell {cell!r}")
             if norm_match:
-                rec["norm_match"] = _norm_match(res.model, model)
+                rec["norm_match"] = match_weight_scale(res.model, model)
                 rec["acc_after_norm_match"] = caproj.evaluate(res.model, test,
                                                               progress=False)["acc"]
             if kd_steps:
@@ -169,32 +173,6 @@ def run(a: argparse.Namespace) -> None:
             _write(f, rec)
             logging.info("%s %g %s: %.2f %% (%.0f s)", a.arch, target, cell, rec["acc_before_ft"],
                          rec["seconds"])
-
-
-@torch.no_grad()
-def _norm_match(small: torch.nn.Module, original: torch.nn.Module) -> dict:
-    """Diagnosis (issue 17): rescale every conv that feeds a BN so its filters' RMS norm is the
-    original layer's, the scale moved into that BN's running statistics. The eval function is
-    unchanged (up to BN's eps); what changes is the size of the weights SGD with weight decay
-    and BN in training mode sees, which sets their effective learning rate. Returns the
-    per-layer ratios (new RMS / original RMS) before the rescaling."""
-    from caproj.sites import find_sites
-
-    om, sm = dict(original.named_modules()), dict(small.named_modules())
-    ratios = {}
-    for site in find_sites(original, stream=True).sites:
-        for prod, bn in site.producers:
-            if not bn or prod in ratios:
-                continue
-            w, w0 = sm[prod].weight, om[prod].weight
-            r = float(w.pow(2).mean().sqrt() / w0.pow(2).mean().sqrt())
-            ratios[prod] = r
-            w.div_(r)
-            if sm[prod].bias is not None:
-                sm[prod].bias.div_(r)
-            sm[bn].running_mean.div_(r)
-            sm[bn].running_var.div_(r * r)
-    return ratios
 
 
 def _kd(student, teacher, train, steps: int, lr: float, seed: int) -> dict:

@@ -12,7 +12,6 @@ import caproj
 from caproj.coverage import randomise_bn
 from caproj.models import build_model
 from caproj.sites import conv_bn_pairs
-from caproj.surgery import match_weight_scale
 
 
 def _rms(w: torch.Tensor) -> float:
@@ -50,7 +49,7 @@ def test_rescaling_restores_the_size_and_keeps_the_eval_function(affine, bias):
     rms_b = _rms(model.b.weight)
     expect = {n: _rms(getattr(model, n).weight) / _rms(getattr(original, n).weight)
               for n in ("a", "fc")}
-    ratios = match_weight_scale(model, original)
+    ratios = caproj.match_weight_scale(model, original)  # the staged-API spelling
     assert ratios == pytest.approx(expect, rel=1e-5)
     for name in ("a", "fc"):
         assert _rms(getattr(model, name).weight) == pytest.approx(
@@ -58,7 +57,7 @@ def test_rescaling_restores_the_size_and_keeps_the_eval_function(affine, bias):
     assert _rms(model.b.weight) == rms_b  # not behind a BN: untouched
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     # a second call finds every size right and changes nothing
-    assert match_weight_scale(model, original) == {}
+    assert caproj.match_weight_scale(model, original) == {}
 
 
 def _cifar_batches(n=256, batch=64, seed=0):

@@ -22,6 +22,7 @@ from caproj.config import CAP, FINETUNE, SYNTH, TRAIN, CapConfig, SynthConfig, T
 from caproj.errors import CaprojError
 from caproj.methods import METHODS, Job, Method, Selection, register_method
 from caproj.sites import Site, find_sites
+from caproj.surgery import match_weight_scale
 from caproj.synth import Synthetic
 from caproj.version import __version__
 
@@ -30,6 +31,6 @@ logging.getLogger("caproj").addHandler(logging.NullHandler())
 __all__ = [
     "CAP", "FINETUNE", "METHODS", "TRAIN", "CaP", "CapConfig", "CaprojError", "Job", "Method",
     "Result", "SYNTH", "Selection", "Site", "SynthConfig", "Synthetic", "TrainConfig",
-    "__version__", "compress", "evaluate", "find_sites", "finetune", "load", "register_method",
-    "save", "synthesize",
+    "__version__", "compress", "evaluate", "find_sites", "finetune", "load", "match_weight_scale",
+    "register_method", "save", "synthesize",
 ]

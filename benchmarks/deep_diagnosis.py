@@ -44,7 +44,7 @@ from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
 from caproj.sites import find_sites  # noqa: E402
 from caproj.surgery import match_weight_scale  # noqa: E402
-from caproj.train import kd_loss, make_scheduler  # noqa: E402
+from caproj.train import kd_loss, make_optimizer, make_scheduler  # noqa: E402
 from caproj.utils import atomic_write_bytes, run_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,14 +83,6 @@ def _loss(model, teacher, x, y, kd: float, t: float) -> torch.Tensor:
     return loss
 
 
-def _optimizer(model, cfg):
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                           momentum=cfg.momentum, nesterov=True)
-
-
 def sharpness(small, teacher, batches, cfg) -> dict:
     """Loss of batch 0 (stepped on) and batch 1 (held out) before and after one SGD step at
     the peak lr, BN in training mode."""
@@ -99,7 +91,7 @@ def sharpness(small, teacher, batches, cfg) -> dict:
     with torch.no_grad():
         before = [_loss(m, teacher, x, y, cfg.kd_weight, cfg.kd_temperature).item()
                   for x, y in ((x0, y0), (x1, y1))]
-    opt = _optimizer(m, cfg)
+    opt = make_optimizer(m, cfg)
     _loss(m, teacher, x0, y0, cfg.kd_weight, cfg.kd_temperature).backward()
     opt.step()
     with torch.no_grad():
@@ -112,7 +104,7 @@ def sharpness(small, teacher, batches, cfg) -> dict:
 def trajectory(small, teacher, train, test, cfg, steps: int, every: int) -> list[dict]:
     """The first `steps` steps of the recipe `cfg` (its schedule spans cfg.epochs epochs)."""
     m = copy.deepcopy(small)
-    opt = _optimizer(m, cfg)
+    opt = make_optimizer(m, cfg)
     sched = make_scheduler(opt, cfg, cfg.epochs * len(train))
     torch.manual_seed(cfg.seed)
     rows = [{"step": 0, "acc": caproj.evaluate(m, test, progress=False)["acc"]}]

@@ -10,9 +10,10 @@ on the 10,000 test images *before any labelled fine-tuning*. Cells (`--cells`, c
   re-use them with random crops and flips (distillation from the original + reconstruction).
   `unlabeled:50000` is the whole training split without its labels.
 - `synthetic:N`: N images synthesised from the model's BatchNorm statistics
-  (`caproj.synthesize`, `--synth-steps` Adam steps per batch of 256), then as above. The images
-  are cached next to the JSON (`synthetic-<arch>-<N>-<steps>.pt`, not committed) and shared by
-  every target.
+  (`caproj.synthesize`, `--synth-steps` Adam steps per batch of 256), then as above. The set is
+  kept in caproj's cache (`caproj.synthesize(cache=True)`, keyed by the weights, settings and
+  N) and shared by every target; an interrupted synthesis resumes from
+  `synthetic-<arch>-<N>.synth-state.pt` beside the JSON.
 - `tp:N`: Torch-Pruning (`tp-l2`) at CaP's widths for the same target, then a distillation-only
   fine-tune on the same N unlabeled images for the same number of images CaP's steps consumed
   (600 x 128), SGD one-cycle at caproj's fine-tune lr.
@@ -57,8 +58,8 @@ from caproj.config import CAP, FINETUNE  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
 from caproj.surgery import match_weight_scale  # noqa: E402
-from caproj.synth import Synthetic, bn_statistics_loss  # noqa: E402
-from caproj.utils import atomic_save, atomic_write_bytes, run_record  # noqa: E402
+from caproj.synth import bn_statistics_loss  # noqa: E402
+from caproj.utils import atomic_write_bytes, run_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -82,17 +83,6 @@ def _subset(data, n: int, seed: int, labels: bool = False) -> tuple[Batches, Bat
                     crop_padding=data.crop_padding, flip=data.flip, seed=seed, drop_last=True)
     calib = Batches(x, y, 250, data.mean, data.std)
     return train, calib
-
-
-def _synthetic(model, arch: str, n: int, steps: int, seed: int, out_dir: Path) -> Synthetic:
-    f = out_dir / f"synthetic-{arch}-{n}-{steps}.pt"
-    if f.is_file():
-        d = torch.load(f, weights_only=True)
-        return Synthetic(d["images"], d["report"])
-    syn = caproj.synthesize(model, n, (3, 32, 32), steps=steps, seed=seed, progress=False,
-                            state_path=str(f), resume=True)
-    atomic_save({"images": syn.images, "report": syn.report}, f)
-    return syn
 
 
 def run(a: argparse.Namespace) -> None:
@@ -127,7 +117,10 @@ def run(a: argparse.Namespace) -> None:
                 res = caproj.compress(model, train, calib_data=calib, target_macs=target,
                                       eval_data=test, seed=a.seed, progress=False, **opts)
             elif kind == "synthetic":
-                syn = _synthetic(model, a.arch, n, a.synth_steps, a.seed, out_dir)
+                syn = caproj.synthesize(model, n, (3, 32, 32), steps=a.synth_steps,
+                                        seed=a.seed, progress=False, cache=True,
+                                        state_path=str(out_dir / f"synthetic-{a.arch}-{n}"),
+                                        resume=True)
                 rec["synthesis"] = {k: v for k, v in syn.report.items() if k != "batches"}
                 rec["synthesis"]["bn_loss_real"] = bn_statistics_loss(
                     model, torch.cat([x for x, _ in Batches.subset_of(data, n, 250, seed=a.seed)]))

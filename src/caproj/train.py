@@ -108,6 +108,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Ten
                     reduction="batchmean", log_target=True) * t * t
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimiser over `model`'s trainable parameters: weight decay on weights
+    (dim > 1) only; SGD (nesterov when momentum > 0) or AdamW."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
     if cfg.schedule == "onecycle" and total >= 4:  # shorter runs: one constant rate
         # warm-up over a quarter of the steps (at least two, which OneCycleLR needs)
@@ -149,17 +163,7 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                              nesterov=cfg.momentum > 0)
+    opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
     if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch
         net: nn.Module = torch.nn.parallel.DistributedDataParallel(

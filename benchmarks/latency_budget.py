@@ -74,10 +74,11 @@ def run(a: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         res = caproj.compress(model, train, target_latency=a.target, runtime=a.runtime,
                               latency_batch=a.batch, latency_threads=a.threads,
-                              allocation=a.allocation, calib_data=calib, eval_data=test,
+                              allocation=a.allocation, stream_projection=a.stream,
+                              calib_data=calib, eval_data=test,
                               finetune=a.epochs, seed=a.seed, progress=False)
         rec["cap"] = {**_cell(res), "seconds": time.perf_counter() - t0,
-                      "allocation": a.allocation}
+                      "allocation": a.allocation, "stream_projection": a.stream}
         caproj.save(res.model, out.with_suffix(".cap.pt"), arch="resnet56", num_classes=10,
                     input_shape=[3, 32, 32])
         _write(out, rec)
@@ -86,6 +87,7 @@ def run(a: argparse.Namespace) -> None:
     if "tp" not in rec and not a.no_tp:
         t0 = time.perf_counter()
         res = caproj.compress(model, train, method="tp-l2", widths=rec["cap"]["widths"],
+                              stream_projection=a.stream,
                               calib_data=calib, eval_data=test, finetune=a.epochs,
                               seed=a.seed, progress=False)
         rec["tp"] = {**_cell(res), "seconds": time.perf_counter() - t0}
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tp", action="store_true")
+    p.add_argument("--stream", action="store_true",
+                   help="residual-stream projection too (where widths alone cannot reach)")
     p.add_argument("--out", required=True)
     p = sub.add_parser("measure")
     p.add_argument("--repeats", type=int, default=3)

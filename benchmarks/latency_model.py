@@ -7,7 +7,8 @@ times, and compared with the prediction:
 - `abs_error`: (predicted ms - measured ms) / measured ms, the prediction against a separate
   measurement (includes the machine's drift between the two);
 - `ratio_error`: (predicted / original predicted) against (measured / original measured in the
-  same interleaved run): the error in the speed-up the model promises.
+  same interleaved run): the error in the speed-up the model promises;
+- `measured_ratio_range`: the repeats' spread, the measurement's own noise.
 
     python benchmarks/latency_model.py --archs resnet20,resnet56,tv:mobilenet_v2 \
         --runtime onnxruntime --batch 1 --threads 1 --out benchmarks/out/latency/model-ort-b1.json
@@ -80,6 +81,7 @@ def main() -> None:
             r = L.compare({"original": model, "compressed": small}, shape, spec, a.repeats)
             pred = lm.predict(w)
             meas = r["compressed"]["median_ms"]
+            spread = [1 / s for s in r["compressed"]["repeats_speedup"]]
             row = {"arch": arch, "widths_name": name, "widths": w, "predicted_ms": pred,
                    "measured_ms": meas, "original_ms_model": lm.full_ms,
                    "original_ms_run": r["original"]["median_ms"],
@@ -89,11 +91,13 @@ def main() -> None:
                    "ratio_error": L.prediction_error(pred / lm.full_ms,
                                                      1 / r["compressed"]["speedup"]),
                    "repeats_speedup": r["compressed"]["repeats_speedup"],
+                   "measured_ratio_range": [min(spread), max(spread)],
                    "build_seconds": build_s, "measured_layers": lm.measured_layers}
             rows.append(row)
             print(f"  {name:12s} predicted {pred:8.3f} ms ({row['predicted_ratio']:.3f}) "
                   f"measured {meas:8.3f} ms ({row['measured_ratio']:.3f})  abs err "
-                  f"{100 * row['abs_error']:+5.1f} %  ratio err {100 * row['ratio_error']:+5.1f} %",
+                  f"{100 * row['abs_error']:+5.1f} %  ratio err {100 * row['ratio_error']:+5.1f} % "
+                  f"(repeats measured {min(spread):.3f}-{max(spread):.3f})",
                   flush=True)
             path.write_text(json.dumps({"spec": spec.__dict__, "machine": L.machine(),
                                         "rows": rows, "command": " ".join(sys.argv),

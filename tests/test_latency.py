@@ -155,3 +155,18 @@ def test_cli_target_latency_flags(tmp_path):
     run = caproj_cli("compress", "--help")
     for flag in ("--target-latency", "--runtime", "--latency-batch", "--latency-threads"):
         assert flag in run.stdout
+
+
+def test_unreachable_latency_points_to_stream_projection(tmp_path):
+    m = _model()
+    with pytest.raises(CaprojError) as e:
+        Plan.of(m, SHAPE, target_latency=0.01, latency_spec=SPEC, latency_cache=tmp_path)
+    msg = str(e.value)
+    assert "target_latency 0.01 is unreachable" in msg and e.value.param == "target_latency"
+    assert msg.endswith("stream_projection=True narrows the residual streams too")
+    from caproj.cli import translate
+    assert "--stream-projection narrows" in translate(e.value)
+    with pytest.raises(CaprojError) as e:  # with the streams projected: no such hint
+        Plan.of(m, SHAPE, target_latency=0.01, latency_spec=SPEC, latency_cache=tmp_path,
+                stream_projection=True)
+    assert "stream_projection" not in str(e.value)

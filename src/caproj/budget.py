@@ -130,7 +130,7 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
                 "with the widths" if what.startswith("target_latency") else
                 "the other layers are not compressible here")
         raise CaprojError(f"{what} is unreachable: the narrowest allowed sizes still cost "
-                          f"{floor / total:.3f} of the total ({rest})", param=what)
+                          f"{floor / total:.3f} of the total ({rest})", param=what.split()[0])
 
     def close(c: int) -> bool:
         return abs(c - goal) <= tol * goal
@@ -216,7 +216,7 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
                 sizes, cur = s2, c
     if not close(cur):
         raise CaprojError(f"{what} cannot be met within {tol:.0%} (closest below: "
-                          f"{cur / total:.4f} of the total)", param=what)
+                          f"{cur / total:.4f} of the total)", param=what.split()[0])
     return sizes
 
 

@@ -761,6 +761,7 @@ FLAGS = {"target_macs": "--target-macs", "keep": "--keep",
          "runtime": "--runtime", "latency_threads": "--latency-threads",
          "channel_multiple": "--channel-multiple", "calib_images": "--calib-images",
          "allocation": "--allocate",
+         "stream_projection=True": "--stream-projection",
          "stream_projection": "--stream-projection", "weight_lr": "--cap-weight-lr",
          "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":
          "--label-smoothing", "weight_decay": "--weight-decay", "max_steps": "--max-steps",

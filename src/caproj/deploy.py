@@ -74,7 +74,9 @@ class ChannelsLast(nn.Module):
         self.model = model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+        if x.dim() == 4:  # images; other inputs (a linear layer's tokens) as they are
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | None = None,

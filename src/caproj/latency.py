@@ -309,7 +309,16 @@ def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...]) -> nn.Module
 
 
 LAYER_SECONDS = 0.3  # timing per measured layer width
-ROUNDS = 5  # interleaved rounds over a layer's widths
+ROUNDS = 5  # interleaved rounds over a layer's widths (batch 1; x3 for larger batches)
+
+
+def _rounds(batch: int) -> tuple[int, int]:
+    """(rounds, forwards per model per round) for interleaved whole-network timing. At batch
+    1 a forward is short and 5 in a row are steady. At larger batches (tens of ms, a working
+    set of megabytes) this VM's speed switches between modes within seconds (the same pair of
+    ResNet-20s measured 1.26x-1.85x apart in 6 repeats of 6 rounds of 5 forwards), so the
+    models alternate every forward, 60 rounds (1.73x-1.82x on the same pair, same minutes)."""
+    return (15, 5) if batch == 1 else (60, 1)
 
 
 class Table:
@@ -349,12 +358,13 @@ class Table:
                     mod, shape = layer.module(ci, co)
                     forms.append(_runtime_form(mod.to(dev), self.spec, shape))
                     inputs.append(_input(shape, self.spec, dev))
-                per = len(todo) * ROUNDS
+                n_rounds = ROUNDS if self.spec.batch == 1 else 3 * ROUNDS
+                per = len(todo) * n_rounds
                 rounds: list[list[float]] = [[] for _ in todo]
                 with torch.inference_mode():
                     for m, x in zip(forms, inputs, strict=True):  # warm-up
                         metrics.median_time(m, x, LAYER_SECONDS / 3, runs=2)
-                    for _ in range(ROUNDS):
+                    for _ in range(n_rounds):
                         for i, (m, x) in enumerate(zip(forms, inputs, strict=True)):
                             rounds[i].append(metrics.median_time(
                                 m, x, LAYER_SECONDS * len(todo) / per,
@@ -458,12 +468,13 @@ def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Sp
     """The models in spec's runtime, measured interleaved (`metrics.compare_latency`) `repeats`
     times; per model the median latency and the median of the repeats' speed-ups over the
     first model, with every repeat's figures."""
-    rounds = rounds or (15 if spec.batch == 1 else 6)
+    default_rounds, runs = _rounds(spec.batch)
+    rounds = rounds or default_rounds
     with metrics.threads(spec.resolved_threads()):
         if spec.runtime == "inductor":
             torch._dynamo.reset()
         forms = {n: _runtime_form(m, spec, input_shape) for n, m in models.items()}
-        reps = [metrics.compare_latency(forms, input_shape, spec.batch, rounds=rounds,
+        reps = [metrics.compare_latency(forms, input_shape, spec.batch, rounds=rounds, runs=runs,
                                         warmup_seconds=1.0 if i == 0 else 0.0)
                 for i in range(repeats)]
     return {n: {"median_ms": statistics.median(r[n]["median_ms"] for r in reps),

@@ -100,7 +100,7 @@ class Plan:
                                                 latency_spec or L.Spec(), channel_multiple,
                                                 cache=latency_cache)
             if allocation == "uniform":
-                plan.widths = plan._first_latency_widths()
+                plan.widths = plan._first_latency_widths(model)
                 plan._verify_latency(model)
             return plan
         if widths is not None:
@@ -132,7 +132,7 @@ class Plan:
         if self.widths is None:
             self._profiles = site_profiles(model, self.sites, calib)
             if self.latency is not None:
-                self.widths = self._first_latency_widths()
+                self.widths = self._first_latency_widths(model)
                 self._verify_latency(model)
             else:
                 self.widths = allocate(self.mm, self.sites, *self._profiles,
@@ -152,7 +152,7 @@ class Plan:
         return solve([s.channels for s in self.sites], lm.predict, goal * lm.full_ms,
                      steps=lm.steps, units=lm.steps, what=what, trades=True)
 
-    def _first_latency_widths(self) -> list[int]:
+    def _first_latency_widths(self, model: nn.Module) -> list[int]:
         """Aim LATENCY_MARGIN under the target; if the prediction says only the narrowest
         widths come close (within the margin, either side: one measurement's noise), take
         those and let the measurement decide."""
@@ -160,9 +160,13 @@ class Plan:
         assert lm is not None and target is not None
         try:
             return self._latency_widths(target * (1 - LATENCY_MARGIN))
-        except CaprojError:
+        except CaprojError as e:
             if lm.predict(lm.floor) > target * (1 + LATENCY_MARGIN) * lm.full_ms:
-                raise
+                if self.stream_projection or not any(s.tied for s in require_sites(
+                        model, stream=True)):
+                    raise
+                raise CaprojError(f"{e}; stream_projection=True narrows the residual "
+                                  "streams too", param=e.param) from None
             log.info("target_latency %g: only the narrowest widths come close (predicted "
                      "%.3f); measuring them", target, lm.predict(lm.floor) / lm.full_ms)
             return list(lm.floor)

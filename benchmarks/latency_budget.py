@@ -29,6 +29,7 @@ import caproj  # noqa: E402
 from caproj import latency as L  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
+from caproj.sites import require_sites  # noqa: E402
 from caproj.utils import atomic_write_bytes, run_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +65,13 @@ def run(a: argparse.Namespace) -> None:
     train = Batches.train_of(data, 128, seed=a.seed)
     calib = Batches.subset_of(data, 2000, 250, seed=a.seed)
     test = Batches.test_of(data, 500)
+    command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    commands = rec.get("commands", [rec["command"]] if "command" in rec else [])
     rec.update({**run_record(a.seed), "torch_threads": a.train_threads,
+                "commands": [*commands, command],  # every run that added to this file
                 "arch": "resnet56", "weights": str(WEIGHTS.name), "runtime": a.runtime,
                 "batch": a.batch, "threads": a.threads, "target_latency": a.target,
-                "seed": a.seed, "finetune_epochs": a.epochs,
-                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                "seed": a.seed, "finetune_epochs": a.epochs, "command": command,
                 "machine": L.machine()})  # threads: the latency's (run_record's: torch's)
     if "cap" not in rec:
         t0 = time.perf_counter()
@@ -86,11 +89,18 @@ def run(a: argparse.Namespace) -> None:
               f"{rec['cap']['acc_after_ft']:.2f} %", flush=True)
     if "tp" not in rec and not a.no_tp:
         t0 = time.perf_counter()
-        res = caproj.compress(model, train, method="tp-l2", widths=rec["cap"]["widths"],
-                              stream_projection=a.stream,
+        widths, stream = rec["cap"]["widths"], a.stream
+        if a.tp_inner:  # Torch-Pruning cannot prune ResNet-56's streams (option-A shortcuts:
+            # its graph couples a zero-padded 12-channel stream with a 32-channel one): the
+            # inner sites only, at the narrowest widths on the latency grid, its fastest form
+            widths = [g[0] for _, g in L.site_grids(require_sites(model), 8)]
+            stream = False
+        res = caproj.compress(model, train, method="tp-l2", widths=widths,
+                              stream_projection=stream,
                               calib_data=calib, eval_data=test, finetune=a.epochs,
                               seed=a.seed, progress=False)
-        rec["tp"] = {**_cell(res), "seconds": time.perf_counter() - t0}
+        rec["tp"] = {**_cell(res), "seconds": time.perf_counter() - t0,
+                     "inner_only": a.tp_inner}
         caproj.save(res.model, out.with_suffix(".tp.pt"), arch="resnet56", num_classes=10,
                     input_shape=[3, 32, 32])
         _write(out, rec)
@@ -134,6 +144,8 @@ def main() -> None:
     p.add_argument("--no-tp", action="store_true")
     p.add_argument("--stream", action="store_true",
                    help="residual-stream projection too (where widths alone cannot reach)")
+    p.add_argument("--tp-inner", action="store_true",
+                   help="Torch-Pruning on the inner sites only, at the narrowest grid widths")
     p.add_argument("--out", required=True)
     p = sub.add_parser("measure")
     p.add_argument("--repeats", type=int, default=3)

@@ -20,6 +20,14 @@ def test_inference_forms_compute_the_same_function(form):
         assert "BatchNorm" not in str(deploy.fold_bn(m))
 
 
+def test_channels_last_forms_pass_non_image_inputs_through():
+    # a latency table times a linear consumer alone (stream sites make the classifier one)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.ReLU()).eval()
+    x = torch.randn(3, 64)
+    out = deploy.for_inference(lin, "fold_bn_cl", (64,))(x)
+    torch.testing.assert_close(out, lin(x))
+
+
 def test_unknown_form():
     with pytest.raises(CaprojError, match="unknown inference form"):
         deploy.for_inference(build_model("digits-cnn"), "tensorrt", (1, 8, 8))

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import caproj  # noqa: E402
 from caproj import latency as L  # noqa: E402
+from caproj.config import CHANNEL_MULTIPLE  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
 from caproj.sites import require_sites  # noqa: E402
@@ -93,7 +94,7 @@ def run(a: argparse.Namespace) -> None:
         if a.tp_inner:  # Torch-Pruning cannot prune ResNet-56's streams (option-A shortcuts:
             # its graph couples a zero-padded 12-channel stream with a 32-channel one): the
             # inner sites only, at the narrowest widths on the latency grid, its fastest form
-            widths = [g[0] for _, g in L.site_grids(require_sites(model), 8)]
+            widths = [g[0] for _, g in L.site_grids(require_sites(model), CHANNEL_MULTIPLE)]
             stream = False
         res = caproj.compress(model, train, method="tp-l2", widths=widths,
                               stream_projection=stream,

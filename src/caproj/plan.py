@@ -35,7 +35,7 @@ from caproj.budget import (
 )
 from caproj.config import CHANNEL_MULTIPLE, LATENCY_CHECKS, LATENCY_MARGIN, TARGET_MACS
 from caproj.errors import CaprojError
-from caproj.sites import Site, require_sites
+from caproj.sites import Site, find_sites, require_sites
 from caproj.utils import check_input_shape
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ class Plan:
             return self._latency_widths(target * (1 - LATENCY_MARGIN))
         except CaprojError as e:
             if lm.predict(lm.floor) > target * (1 + LATENCY_MARGIN) * lm.full_ms:
-                if self.stream_projection or not any(s.tied for s in require_sites(
-                        model, stream=True)):
+                if self.stream_projection or not any(
+                        s.tied for s in find_sites(model, stream=True).sites):
                     raise
                 raise CaprojError(f"{e}; stream_projection=True narrows the residual "
                                   "streams too", param=e.param) from None

@@ -16,6 +16,7 @@ from caproj.errors import CaprojError
 from caproj.models import build_model
 from caproj.plan import Plan
 from caproj.sites import require_sites
+from caproj.utils import steady_allocator
 
 from conftest import caproj as caproj_cli
 
@@ -48,6 +49,7 @@ def test_table_is_cached_and_reused(tmp_path):
     assert len(files) == 1
     stored = json.loads(files[0].read_text())
     assert stored["ident"]["runtime"] == "eager" and stored["ident"]["threads"] == 1
+    assert stored["ident"]["allocator"] == ("steady" if steady_allocator() else "system")
     assert len(stored["times"]) == first.measured_layers
     second = L.LatencyModel.build(m, sites, SHAPE, SPEC, cache=tmp_path)
     assert second.measured_layers == 0  # every layer time came from the cache
@@ -56,6 +58,37 @@ def test_table_is_cached_and_reused(tmp_path):
     # another batch size is another table
     other = L.LatencyModel.build(m, sites, SHAPE, L.Spec("eager", 2, 1), cache=tmp_path)
     assert other.measured_layers > 0 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_steady_allocator_reuses_freed_tensor_memory():
+    """Latency is measured with freed CPU tensor memory kept for reuse: a 40 MB tensor (above
+    glibc's largest automatic mmap threshold, 32 MB) allocated and freed ten times faults its
+    pages in once, not ten times."""
+    import platform
+    import resource
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("steady_allocator tunes glibc's malloc; this C library is another")
+    assert steady_allocator() and steady_allocator()  # applied, and idempotent
+    pages = (40 << 20) // resource.getpagesize()
+    torch.empty(10 << 20).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.empty(10 << 20).fill_(1.0)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2 * pages
+
+
+def test_inductor_layer_table_compiles_each_width_once(tmp_path):
+    """Each standalone copy compiles once, for the channels_last input it is timed with: a
+    second compilation per copy used to exhaust dynamo's room for the copies of one layer, and
+    the last widths then ran uncompiled (timed in eager)."""
+    from torch._dynamo.utils import counters
+
+    table = L.Table(L.Spec("inductor", 2, 1), tmp_path)
+    layer = L.Layer("conv", 8, 8, (8, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1))
+    before = counters["stats"]["unique_graphs"]
+    times = table.get_many(layer, [(8, 2), (8, 4), (8, 6)])
+    assert counters["stats"]["unique_graphs"] - before == 3 and all(t > 0 for t in times)
 
 
 def test_layers_and_interpolation():

@@ -155,7 +155,8 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         that batch size and thread count (`caproj.latency`: per-layer times measured here and
         cached on disk; the chosen widths are measured before compression and tightened if
         they miss). The report's "latency" holds original and compressed measured
-        interleaved (3 runs) next to the prediction.
+        interleaved (3 runs) next to the prediction. On CPU (glibc) this fixes the process's
+        malloc thresholds (`caproj.utils.steady_allocator`) so that times are steady.
     state_path: save resumable state to `<state_path>.cap-state.pt` / `.ft-state.pt` every
         `save_every` steps and on SIGTERM/SIGINT; resume=True continues from it. The state
         files are removed when the job finishes.

@@ -50,14 +50,18 @@ def freeze(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
-def compiled(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> nn.Module:
+def compiled(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1,
+             channels_last_input: bool = False) -> nn.Module:
     """`fold_bn_cl` compiled by inductor with frozen weights (under no_grad/inference_mode, as
-    inference runs; one compilation per input shape). Compiles once here on a probe batch of
-    `batch`, so a missing C++ toolchain is reported now, as a CaprojError, not at the first
-    real call."""
+    inference runs; one compilation per input shape and layout). Compiles once here on a probe
+    batch of `batch`, so a missing C++ toolchain is reported now, as a CaprojError, not at the
+    first real call. `channels_last_input`: the probe (and so the inputs compiled for) is
+    channels_last rather than contiguous; feeding the other layout compiles a second time."""
     m = ChannelsLast(fold_bn(model))
     c = torch.compile(m, dynamic=False, options={"freezing": True})
     x = torch.zeros(batch, *input_shape, device=next(m.parameters()).device)
+    if channels_last_input and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
             c(x)
@@ -127,9 +131,10 @@ class OnnxRuntimeModule(nn.Module):
 
 
 def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...], batch: int = 1,
-                  threads: int | None = None) -> nn.Module:
+                  threads: int | None = None, channels_last_input: bool = False) -> nn.Module:
     """`model` in an inference form; `batch`: the batch inductor compiles for, `threads`:
-    onnxruntime's intra-op threads (default torch's)."""
+    onnxruntime's intra-op threads (default torch's), `channels_last_input`: the layout
+    inductor compiles for (`compiled`)."""
     if form == "eager":
         return model.eval()
     if form == "fold_bn":
@@ -139,7 +144,7 @@ def for_inference(model: nn.Module, form: str, input_shape: tuple[int, ...], bat
     if form == "freeze":
         return freeze(model, input_shape)
     if form == "inductor":
-        return compiled(model, input_shape, batch)
+        return compiled(model, input_shape, batch, channels_last_input)
     if form == "onnxruntime":
         return OnnxRuntimeModule(model, input_shape, threads)
     raise CaprojError(f"unknown inference form {form!r}; choose one of {', '.join(FORMS)}")

@@ -16,6 +16,11 @@ look-up tables, the latency of a network at any per-site widths `w` is predicted
   spaced by a power of two so that at most `GRID` points remain), the widths of one layer
   timed interleaved in rounds; linearly interpolated between grid points.
 
+On CPU every measurement runs with glibc's malloc thresholds fixed (`utils.steady_allocator`,
+recorded as `allocator` in the cache key and the reports): with glibc's defaults a batch-64
+forward faults its activations in again and again, and the process switches between two
+speeds whose ratio to a narrowed network differs by up to 20 %.
+
 Only layers a site narrows are measured: producers (output side), consumers (input side),
 depthwise convs inside a site (both sides), squeeze-excitation readers and writers. The layer
 times are cached on disk (`cache_dir()`: one JSON per machine, runtime, batch, threads and
@@ -48,12 +53,13 @@ from caproj import deploy, metrics, projection, surgery
 from caproj.budget import site_step
 from caproj.errors import CaprojError
 from caproj.sites import Site
-from caproj.utils import atomic_write_bytes
+from caproj.utils import atomic_write_bytes, steady_allocator
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "inductor", "onnxruntime")
 GRID = 16  # at most this many measured widths per site
+PROTOCOL = 2  # how layer times are taken; part of the cache key, so a change re-measures
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,13 @@ class Spec:
 
     def resolved_threads(self) -> int:
         return self.threads or torch.get_num_threads()
+
+    def allocator(self) -> str:
+        """How host memory is allocated while measuring: CPU runtimes measure with glibc's
+        thresholds fixed (`utils.steady_allocator`), where the platform allows."""
+        if self.runtime != "onnxruntime" and self.device.startswith("cuda"):
+            return "device"
+        return "steady" if steady_allocator() else "system"
 
 
 def machine(device: str = "cpu") -> str:
@@ -301,11 +314,14 @@ def _input(shape: tuple[int, ...], spec: Spec, device: str) -> torch.Tensor:
 FORM = {"eager": "fold_bn", "inductor": "inductor", "onnxruntime": "onnxruntime"}
 
 
-def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...]) -> nn.Module:
+def _runtime_form(m: nn.Module, spec: Spec, shape: tuple[int, ...],
+                  layer: bool = False) -> nn.Module:
     """`m` as the runtime runs it (`deploy.for_inference`; eager: BN folded, as deployed).
-    Inductor callers reset dynamo (or make room in its cache) first."""
+    `layer`: a standalone layer, fed `_input`'s layout (inductor: channels_last, compiled for
+    it, so each copy compiles once). Inductor callers reset dynamo (or make room in its cache)
+    first."""
     return deploy.for_inference(m, FORM[spec.runtime], shape, batch=spec.batch,
-                                threads=spec.resolved_threads())
+                                threads=spec.resolved_threads(), channels_last_input=layer)
 
 
 LAYER_SECONDS = 0.3  # timing per measured layer width
@@ -329,6 +345,7 @@ class Table:
         dev = "cpu" if spec.runtime == "onnxruntime" else spec.device
         ident = {"machine": machine(dev), "runtime": spec.runtime, "batch": spec.batch,
                  "threads": spec.resolved_threads(), "device": dev,
+                 "allocator": spec.allocator(), "protocol": PROTOCOL,
                  **versions(spec.runtime)}
         self.ident = ident
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -356,7 +373,7 @@ class Table:
                 for ci, co in todo:
                     torch.manual_seed(0)
                     mod, shape = layer.module(ci, co)
-                    forms.append(_runtime_form(mod.to(dev), self.spec, shape))
+                    forms.append(_runtime_form(mod.to(dev), self.spec, shape, layer=True))
                     inputs.append(_input(shape, self.spec, dev))
                 n_rounds = ROUNDS if self.spec.batch == 1 else 3 * ROUNDS
                 per = len(todo) * n_rounds
@@ -458,7 +475,8 @@ class LatencyModel:
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.spec.runtime, "batch": self.spec.batch,
                 "threads": self.spec.resolved_threads(), "device": self.spec.device,
-                "original_ms": self.full_ms, "layers": len(self.entries),
+                "allocator": self.spec.allocator(), "original_ms": self.full_ms,
+                "layers": len(self.entries),
                 "scale": self.scale, "floor_ratio": self.floor_ratio,
                 "measured_layer_times": self.measured_layers, "cache": self.cache}
 
@@ -470,6 +488,7 @@ def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Sp
     first model, with every repeat's figures."""
     default_rounds, runs = _rounds(spec.batch)
     rounds = rounds or default_rounds
+    spec.allocator()  # CPU: glibc's thresholds fixed before anything is timed
     with metrics.threads(spec.resolved_threads()):
         if spec.runtime == "inductor":
             torch._dynamo.reset()
@@ -497,7 +516,8 @@ def report(model: nn.Module, small: nn.Module, input_shape: tuple[int, ...], lm:
     meas = r["compressed"]["median_ms"]
     ratio = 1 / r["compressed"]["speedup"]
     return {"runtime": lm.spec.runtime, "batch": lm.spec.batch,
-            "threads": lm.spec.resolved_threads(), "original_ms": r["original"]["median_ms"],
+            "threads": lm.spec.resolved_threads(), "allocator": lm.spec.allocator(),
+            "original_ms": r["original"]["median_ms"],
             "compressed_ms": meas, "speedup": r["compressed"]["speedup"],
             "speedups": r["compressed"]["repeats_speedup"], "predicted_ms": pred_ms,
             "predicted_ratio": pred_ms / lm.full_ms, "measured_ratio": ratio,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import os
 import platform
 import random
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from caproj.errors import CaprojError
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -120,6 +124,37 @@ def run_record(seed: int | None = None, **extra: Any) -> dict[str, Any]:
         "machine": platform.machine(),
         **extra,
     }
+
+
+_STEADY: bool | None = None  # steady_allocator's outcome in this process
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def steady_allocator() -> bool:
+    """Make CPU tensor memory come back from the heap instead of the OS, for this process.
+
+    PyTorch's CPU allocator is glibc's malloc. By default glibc maps large blocks (above a
+    threshold it moves as blocks are freed) straight from the OS and unmaps them on free, and it
+    trims the heap, so a batch-64 forward can fault in every activation again: ResNet-56 in
+    inductor took 8,800 page faults per forward (about a fifth of its time) and, as the
+    threshold moved, switched between speeds whose ratio to a narrowed network differed by up
+    to 20 %. Fixing both thresholds (1 GiB mmap, 1 GiB trim) keeps freed memory for reuse, as
+    jemalloc or tcmalloc deployments do: 300 faults per forward, one steady speed. The process
+    keeps its peak heap instead of returning it. No-op (False) off glibc; idempotent."""
+    global _STEADY
+    if _STEADY is None:
+        _STEADY = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _STEADY = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+                               or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+                _STEADY = _STEADY and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+            except (OSError, AttributeError):
+                _STEADY = False
+            if _STEADY:
+                log.info("glibc malloc: mmap and trim thresholds fixed (steady_allocator)")
+    return _STEADY
 
 
 def check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> None:

@@ -127,8 +127,11 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
     args = ["bench", "--weights", trained, "--data", "digits", "--methods", "cap,l1",
             "--targets", "0.5", "--cap-steps", "5", "--finetune-epochs", "1", "--batch-size",
             "64", "--seeds", "0,1", "--equal-compute", "--out-dir", out]
-    r = caproj(*args)
+    r = caproj(*args[:-4], "0", *args[-3:])  # seed 0 now, seed 1 in a later run
     assert r.returncode == 0, r.stderr
+    r = caproj(*args[:-4], "1", *args[-3:])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("not recomputed") == 0 and "from earlier runs" in r.stderr + r.stdout
     names = sorted(p.name for p in out.glob("*.json"))
     assert names == ["cap-0.5-s0-eq.json", "cap-0.5-s1-eq.json", "l1-0.5-s0-eq.json",
                      "l1-0.5-s1-eq.json"]

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 # A method in the bench may carry options, spelled as suffixes of its cell name (so the cells
 # of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto,
-# cap+rescale.
+# cap+rescale, cap+ponly (the paper's optimisation: the projections only, no relaxed weights).
 OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"},
-                   "rescale": {"match_scale": True}}
+                   "rescale": {"match_scale": True}, "ponly": {"relax": "projection"}}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -183,8 +183,28 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                            acc_after_ft=rec["acc_after_finetune"], **run_record(s))
                 atomic_write_text(json.dumps(rec, indent=2, default=str), path)
                 cells.append(rec)
-    report(cells, out_dir)
+    mine = {cell_path(out_dir, c["method"], c["target"], c["seed"] if seeds is not None
+                      else None, equal_compute).name for c in cells}
+    earlier = [c for n, c in stored_cells(out_dir).items() if n not in mine
+               and c.get("arch") == arch and bool(c.get("equal_compute")) == equal_compute]
+    if earlier:  # the table covers every seed and method measured here, not only this run's
+        log.info("table: %d cells of this run and %d from earlier runs in %s", len(cells),
+                 len(earlier), out_dir)
+    report(cells + earlier, out_dir)
     return cells
+
+
+def stored_cells(out_dir: Path) -> dict[str, dict]:
+    """Every finished cell in `out_dir` (file name -> record); other JSON files are skipped."""
+    out = {}
+    for p in sorted(out_dir.glob("*.json")):
+        try:
+            c = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(c, dict) and {"method", "target_macs", "acc_after_finetune"} <= c.keys():
+            out[p.name] = c
+    return out
 
 
 def report(cells: list[dict], out_dir: Path) -> str:

@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated registered methods (default: all, %(default)s); a "
                    "method may carry options: cap+stream (stream_projection), cap+auto "
-                   "(allocation auto), +rescale (--match-scale), e.g. cap+stream+auto")
+                   "(allocation auto), +rescale (--match-scale), +ponly (--relax projection: "
+                   "the projections only, as in the paper), e.g. cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)

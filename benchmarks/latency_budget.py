@@ -79,15 +79,21 @@ def run(a: argparse.Namespace) -> None:
         res = caproj.compress(model, train, target_latency=a.target, runtime=a.runtime,
                               latency_batch=a.batch, latency_threads=a.threads,
                               allocation=a.allocation, stream_projection=a.stream,
-                              calib_data=calib, eval_data=test,
+                              match_scale=a.rescale, calib_data=calib, eval_data=test,
                               finetune=a.epochs, seed=a.seed, progress=False)
         rec["cap"] = {**_cell(res), "seconds": time.perf_counter() - t0,
-                      "allocation": a.allocation, "stream_projection": a.stream}
+                      "allocation": a.allocation, "stream_projection": a.stream,
+                      "match_scale": a.rescale}
         caproj.save(res.model, out.with_suffix(".cap.pt"), arch="resnet56", num_classes=10,
                     input_shape=[3, 32, 32])
         _write(out, rec)
         print(f"cap: widths {res.widths}, {rec['cap']['acc_before_ft']:.2f} -> "
               f"{rec['cap']['acc_after_ft']:.2f} %", flush=True)
+    if "tp" not in rec and a.tp_from:
+        src = Path(a.tp_from)
+        rec["tp"] = {**json.loads(src.read_text())["tp"], "copied_from": src.name}
+        atomic_write_bytes(src.with_suffix(".tp.pt").read_bytes(), out.with_suffix(".tp.pt"))
+        _write(out, rec)
     if "tp" not in rec and not a.no_tp:
         t0 = time.perf_counter()
         widths, stream = rec["cap"]["widths"], a.stream
@@ -145,6 +151,10 @@ def main() -> None:
     p.add_argument("--no-tp", action="store_true")
     p.add_argument("--stream", action="store_true",
                    help="residual-stream projection too (where widths alone cannot reach)")
+    p.add_argument("--rescale", action="store_true",
+                   help="CaP with match_scale (the deep-target recipe, README)")
+    p.add_argument("--tp-from", help="take Torch-Pruning's record and checkpoint from this "
+                   "JSON (the same network and recipe, already fine-tuned) instead of running it")
     p.add_argument("--tp-inner", action="store_true",
                    help="Torch-Pruning on the inner sites only, at the narrowest grid widths")
     p.add_argument("--out", required=True)

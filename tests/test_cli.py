@@ -156,6 +156,16 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
     assert "the same training images" in table
     r2 = caproj(*args)
     assert r2.returncode == 0 and r2.stdout.count("not recomputed") == 4
+    # a cell fine-tuned with another recipe in the same folder stays out of this table
+    r3 = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "svd",
+                "--targets", "0.5", "--finetune-epochs", "1", "--max-steps", "2",
+                "--batch-size", "64", "--lr", "0.05", "--seeds", "0", "--equal-compute",
+                "--out-dir", out)
+    assert r3.returncode == 0, r3.stderr
+    assert "4 cells" in r3.stdout + r3.stderr and "another recipe" in r3.stdout + r3.stderr
+    rows = [ln for ln in (out / "results.md").read_text().splitlines()
+            if ln.startswith("| 0.5 |")]
+    assert len(rows) == 1 and "svd" in rows[0]
 
 
 def test_bench_fine_tunes_with_kd_from_the_original(trained, tmp_path):

@@ -185,13 +185,31 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                 cells.append(rec)
     mine = {cell_path(out_dir, c["method"], c["target"], c["seed"] if seeds is not None
                       else None, equal_compute).name for c in cells}
-    earlier = [c for n, c in stored_cells(out_dir).items() if n not in mine
-               and c.get("arch") == arch and bool(c.get("equal_compute")) == equal_compute]
-    if earlier:  # the table covers every seed and method measured here, not only this run's
+    # the table covers every seed and method measured here with this recipe, not only this
+    # run's cells (a later run for one more seed must not shrink it)
+    earlier, other = [], 0
+    for n, c in stored_cells(out_dir).items():
+        if n in mine or c.get("arch") != arch or bool(c.get("equal_compute")) != equal_compute:
+            continue
+        if _recipe(c.get("finetune_config") or {}) == _recipe(ft.as_dict()):
+            earlier.append(c)
+        else:
+            other += 1
+    if earlier:
         log.info("table: %d cells of this run and %d from earlier runs in %s", len(cells),
                  len(earlier), out_dir)
+    if other:
+        log.warning("table: %d cells in %s were fine-tuned with another recipe; left out",
+                    other, out_dir)
     report(cells + earlier, out_dir)
     return cells
+
+
+def _recipe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tune recipe without what differs between the cells of one table (the seed, and
+    the epochs and step cap that equal compute sets per method); missing keys at defaults."""
+    return {k: v for k, v in {**TrainConfig().as_dict(), **cfg}.items()
+            if k not in ("seed", "epochs", "max_steps")}
 
 
 def stored_cells(out_dir: Path) -> dict[str, dict]:

@@ -88,7 +88,8 @@ class Spec:
 
     def allocator(self) -> str:
         """How host memory is allocated while measuring: CPU runtimes measure with glibc's
-        thresholds fixed (`utils.steady_allocator`), where the platform allows."""
+        thresholds fixed (`utils.steady_allocator`, applied by the first call in a process),
+        where the platform allows."""
         if self.runtime != "onnxruntime" and self.device.startswith("cuda"):
             return "device"
         return "steady" if steady_allocator() else "system"

@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from caproj.utils import steady_allocator
+
 
 def probe_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
     p = next(iter(model.parameters()), None)
@@ -122,8 +124,11 @@ def median_time(model: nn.Module, x: torch.Tensor, seconds: float, runs: int = 5
 
 
 def _times(model: nn.Module, x: torch.Tensor, seconds: float, runs: int) -> list[float]:
-    """ms of each call of model(x), at least `runs` calls and `seconds` in all."""
+    """ms of each call of model(x), at least `runs` calls and `seconds` in all (on CPU with
+    the steady allocator, `utils.steady_allocator`, as every timing in caproj)."""
     cuda = x.device.type == "cuda"
+    if x.device.type == "cpu":
+        steady_allocator()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < runs or time.perf_counter() - start < seconds:
@@ -150,6 +155,8 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
         m.eval()
     x = probe_input(next(iter(models.values())), input_shape, batch)
     cuda = x.device.type == "cuda"
+    if x.device.type == "cpu":  # freed activations reused, not faulted in again (utils)
+        steady_allocator()
     per: dict[str, list[list[float]]] = {n: [] for n in names}
     with threads(num_threads):
         for m in models.values():

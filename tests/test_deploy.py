@@ -122,12 +122,22 @@ def test_onnx_export_of_compressed_torchvision_resnet18():
     assert (torch.from_numpy(got) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max())
 
 
-def test_inductor_without_a_compiler_is_a_clear_error(monkeypatch):
+def test_inductor_without_a_compiler_is_a_clear_error():
     import torch._inductor.config as ic
+    import torch._inductor.cpp_builder as cb
 
-    torch._dynamo.reset()
-    monkeypatch.setattr(ic, "force_disable_caches", True)
-    monkeypatch.setattr(ic.cpp, "cxx", ("/nonexistent/c++",))
-    with pytest.raises(CaprojError, match="'inductor' unavailable here"):
-        deploy.for_inference(build_model("digits-cnn"), "inductor", (1, 8, 8))
-    torch._dynamo.reset()
+    def forget_the_compiler() -> None:  # inductor caches what it found out about the compiler
+        torch._dynamo.reset()
+        for f in vars(cb).values():
+            if hasattr(type(f), "cache_clear"):  # functools caches (not a CDLL's lookups)
+                f.cache_clear()
+
+    forget_the_compiler()
+    # the config's own patch (monkeypatch's undo deletes force_disable_caches, an alias, and
+    # every later compilation then fails)
+    try:
+        with ic.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/c++",)}), \
+                pytest.raises(CaprojError, match="'inductor' unavailable here"):
+            deploy.for_inference(build_model("digits-cnn"), "inductor", (1, 8, 8))
+    finally:  # later tests compile with the real compiler again
+        forget_the_compiler()

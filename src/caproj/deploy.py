@@ -66,8 +66,10 @@ def compiled(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1,
         with torch.inference_mode():
             c(x)
     except Exception as e:  # inductor wraps toolchain failures in many exception types
-        msg = str(e).strip()
-        first = msg.splitlines()[0] if msg else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # dynamo wraps the cause as "backend='inductor' raised:\n<the cause>"
+        cause = [ln for ln in lines if not ln.endswith("raised:")]
+        first = (cause or lines or [type(e).__name__])[0]
         raise CaprojError(f"inference form 'inductor' unavailable here: {first}") from None
     return c
 

@@ -148,6 +148,7 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
     planned = {m: compress_images(m, cap_cfg) + ft.epochs * epoch_images for m in methods}
     budget = max(planned.values())
     cells = []
+    mine: set[str] = set()  # this run's cell files
     for seed in (seeds if seeds is not None else [None]):
         s = ft.seed if seed is None else seed
         data = train(s) if callable(train) else train
@@ -158,6 +159,7 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                     ft_m = finetune_for(budget - compress_images(method, cap_cfg), ft_m,
                                         epoch_images)
                 path = cell_path(out_dir, method, target, seed, equal_compute)
+                mine.add(path.name)
                 if path.is_file():
                     done = json.loads(path.read_text())
                     stored = done.get("finetune_config")  # keys added later: their defaults
@@ -183,8 +185,6 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                            acc_after_ft=rec["acc_after_finetune"], **run_record(s))
                 atomic_write_text(json.dumps(rec, indent=2, default=str), path)
                 cells.append(rec)
-    mine = {cell_path(out_dir, c["method"], c["target"], c["seed"] if seeds is not None
-                      else None, equal_compute).name for c in cells}
     # the table covers every seed and method measured here with this recipe, not only this
     # run's cells (a later run for one more seed must not shrink it)
     earlier, other = [], 0

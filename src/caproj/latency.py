@@ -489,7 +489,6 @@ def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Sp
     first model, with every repeat's figures."""
     default_rounds, runs = _rounds(spec.batch)
     rounds = rounds or default_rounds
-    spec.allocator()  # CPU: glibc's thresholds fixed before anything is timed
     with metrics.threads(spec.resolved_threads()):
         if spec.runtime == "inductor":
             torch._dynamo.reset()

@@ -136,7 +136,7 @@ def steady_allocator() -> bool:
     PyTorch's CPU allocator is glibc's malloc. By default glibc maps large blocks (above a
     threshold it moves as blocks are freed) straight from the OS and unmaps them on free, and it
     trims the heap, so a batch-64 forward can fault in every activation again: ResNet-56 in
-    inductor took 5,700-8,800 page faults per forward (10-25 % of its time) and, as the
+    inductor took 5,700-7,600 page faults per forward (44-49 ms against 36-39 ms) and, as the
     threshold moved, switched between speeds whose ratio to a narrowed network differed by up
     to 20 % (benchmarks/allocator.py). Fixing both thresholds (1 GiB mmap, 1 GiB trim) keeps
     freed memory for reuse, as jemalloc or tcmalloc deployments do: no faults per forward, one

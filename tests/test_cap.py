@@ -1,5 +1,7 @@
 """Sites, projections, surgery and the CaP optimisation."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -246,3 +248,76 @@ def test_reorthonormalise_replaces_drifted_proxies_keeping_p(digits_model, monke
     for a, p in zip(cap.proxies, before, strict=True):
         assert projection.orthonormality_error(a) <= 1e-5  # the proxy is now P itself
         torch.testing.assert_close(real(a), p, atol=1e-5, rtol=0)
+
+
+def test_refit_toward_the_projected_weights(digits_model):
+    """ridge_to="projected": min ||X W' - Y||^2 + lambda ||W' - W P||^2. A huge ridge gives W P
+    itself (zero: the zero matrix); a moderate one lands between W P and the plain refit."""
+    model, data = digits_model
+    sites = require_sites(model)
+    widths = widths_for_keep(sites, 0.25)
+    _, calib, _ = loaders(data, 64, 256)
+    got = {}
+    for ridge_to, ridge in (("zero", 1e-4), ("projected", 1e8), ("zero", 1e8),
+                            ("projected", 0.3)):
+        cfg = CapConfig(steps=0, calib_images=256, log_every=0, ridge=ridge, ridge_to=ridge_to)
+        cap = make_cap(model, sites, widths, cfg, data.input_shape)
+        cap.calibrate(calib)
+        got[ridge_to, ridge] = cap
+    plain = got["zero", 1e-4]
+    ps = plain.projections()
+    for name, w in plain.consumer_w.items():
+        i, spatial = next((i, sp) for i, s in enumerate(sites) for c, sp in s.consumers
+                          if c == name)
+        wp = surgery.project_in(dict(model.named_parameters())[f"{name}.weight"].detach(),
+                                ps[i], sites[i], spatial)
+        assert torch.allclose(got["projected", 1e8].consumer_w[name], wp, atol=1e-5)
+        assert got["zero", 1e8].consumer_w[name].abs().max() < 1e-3 * wp.abs().max()
+        mid = got["projected", 0.3].consumer_w[name]
+        assert (mid - wp).norm() < (w - wp).norm()  # pulled toward W P, not all the way
+        assert (mid - wp).norm() > 1e-3 * wp.norm()
+    with pytest.raises(CaprojError, match="ridge_to"):
+        CapConfig(ridge_to="one")
+
+
+def test_bn_train_normalises_the_batch_and_keeps_the_forward_value(digits_model):
+    """bn_train: a site's fresh BN returns its eval value (x + bias) but passes only the
+    gradient a batch-normalised layer passes (no component along the channel's mean or its
+    centred input); other BNs use batch statistics; everything is restored afterwards."""
+    model, data = digits_model
+    sites = require_sites(model)
+    cfg = CapConfig(steps=4, batch_size=32, calib_images=128, log_every=0, bn_train=True,
+                    bf16=False)
+    cap = make_cap(model, sites, widths_for_keep(sites, 0.5), cfg, data.input_shape)
+    train, calib, _ = loaders(data, 32, 128)
+    cap.calibrate(calib)
+    bn_name = next(bn for s in sites for _, bn in s.producers if bn)
+    nmods = dict(cap.narrow.named_modules())
+    bn = nmods[bn_name]
+    tensors = cap.tensors()
+    handles = cap._bn_train(nmods)
+    try:
+        x = torch.randn(16, bn.num_features, 4, 4, requires_grad=True)
+        from torch.func import functional_call
+
+        out = functional_call(bn, {k[len(bn_name) + 1:]: v for k, v in tensors.items()
+                                   if k.startswith(f"{bn_name}.")}, (x,))
+        bias = tensors[f"{bn_name}.bias"].view(1, -1, 1, 1)
+        assert torch.allclose(out, x + bias, atol=1e-4)
+        out.mul(torch.randn_like(out)).sum().backward()
+        g = x.grad
+        assert g.mean((0, 2, 3)).abs().max() < 1e-5
+        xc = x.detach() - x.detach().mean((0, 2, 3), keepdim=True)
+        assert (g * xc).sum((0, 2, 3)).abs().max() < 1e-3
+        assert all(m.training and not m.track_running_stats for m in nmods.values()
+                   if isinstance(m, nn.BatchNorm2d))
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(not m.training and m.track_running_stats for m in nmods.values()
+               if isinstance(m, nn.BatchNorm2d))
+    running = {k: v.clone() for k, v in cap.base.items() if "running" in k}
+    cap.optimise(train)
+    assert len(cap.history) == 4 and all(math.isfinite(h["loss"]) for h in cap.history)
+    assert all(torch.equal(cap.base[k], v) for k, v in running.items())  # never updated
+    assert all(not bn._forward_hooks for bn in nmods.values())

@@ -168,6 +168,49 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
     assert len(rows) == 1 and "svd" in rows[0]
 
 
+def test_bench_remedy_rows_and_a_folders_budget(trained, tmp_path):
+    """Issue 17's remedy rows as method suffixes, at equal compute: +prog (two stages),
+    +prior (refit toward W P), +mixft (reconstruction in fine-tuning), +bntrain; a later run
+    with other methods keeps the folder's budget; --budget-images sets one."""
+    import json
+
+    from caproj.bench import parse_method
+
+    assert parse_method("cp+prior+mixft") == ("cp", {"ridge_to": "projected", "ridge": 0.1,
+                                                     "feature_weight": 1.0})
+    out = tmp_path / "remedies"
+    common = ["--weights", trained, "--data", "digits", "--targets", "0.25", "--cap-steps",
+              "4", "--finetune-epochs", "2", "--batch-size", "64", "--seeds", "0",
+              "--equal-compute", "--out-dir", out]
+    r = caproj("bench", "--methods", "cap+prog+bntrain,cp+prior+mixft", *common)
+    assert r.returncode == 0, r.stderr
+    cells = {m: json.loads((out / f"{m}-0.25-s0-eq.json").read_text())
+             for m in ("cap+prog+bntrain", "cp+prior+mixft")}
+    prog = cells["cap+prog+bntrain"]
+    assert len(prog["stages"]) == 1 and prog["stages"][0]["target_macs"] == 0.5
+    assert prog["stages"][0]["cap_steps"] == 2 and prog["compress_images"] == 4 * 128
+    assert prog["stages"][0]["macs"] > prog["macs"]
+    assert 0.2 <= prog["macs"] / prog["macs_original"] <= 0.25
+    assert len(prog["stages"][0]["finetune_history"]) == 1  # one epoch between the stages
+    assert cells["cp+prior+mixft"]["finetune_feature_weight"] == 1.0
+    assert "finetune_feature_weight" not in prog
+    budget = {c["train_images"] for c in cells.values()}
+    assert len(budget) == 1  # the same images for every row, two stages or one
+    # a later run without a CaP method keeps the folder's budget (CaP's steps included)
+    r = caproj("bench", "--methods", "l1", *common)
+    assert r.returncode == 0, r.stderr
+    l1 = json.loads((out / "l1-0.25-s0-eq.json").read_text())
+    assert {l1["train_images"]} == budget and l1["compress_images"] == 0
+    r = caproj("bench", "--methods", "l1", *common[:-1], tmp_path / "b2", "--budget-images",
+               "3000")
+    assert r.returncode == 0, r.stderr
+    l1b = json.loads((tmp_path / "b2" / "l1-0.25-s0-eq.json").read_text())
+    assert l1b["train_images"] == 3000 // 64 * 64
+    r = caproj("bench", "--methods", "l1", *common[:-3], "--out-dir", tmp_path / "b3",
+               "--budget-images", "3000")
+    assert r.returncode == 2 and "only with --equal-compute" in r.stderr
+
+
 def test_bench_fine_tunes_with_kd_from_the_original(trained, tmp_path):
     out = tmp_path / "bench"
     r = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "l1",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -86,3 +88,51 @@ def test_ema_decay_out_of_range_is_refused():
 
     with pytest.raises(CaprojError, match="ema must be in"):
         TrainConfig(ema=1.0)
+
+
+def test_feature_weight_adds_caps_reconstruction_term_to_the_loss(digits):
+    """feature_weight: + w * mean over the consumers of ||f - f_teacher||^2 / ||f_teacher||^2,
+    on the layers a compression narrowed the input of; one step's loss shows exactly that."""
+    from caproj import compress
+    from caproj.errors import CaprojError
+    from caproj.train import feature_layers_of
+
+    torch.manual_seed(0)
+    teacher = build_model("digits-cnn", num_classes=10, in_channels=1)
+    train, calib, _ = loaders(digits, 64, 256)
+    fit(teacher, train, TrainConfig(epochs=1, lr=0.05, batch_size=64, max_steps=20))
+    teacher.eval()
+    small = compress(teacher, train, widths=[16, 64, 32], steps=0, calib_images=256,
+                     progress=False).model  # conv2 keeps its outputs, conv3 does not
+    names = feature_layers_of(small, teacher)
+    assert names == ["conv2", "fc"]
+    for n in names:  # output width kept, input narrowed
+        a, b = dict(small.named_modules())[n], dict(teacher.named_modules())[n]
+        assert a.weight.shape[0] == b.weight.shape[0] and a.weight.shape != b.weight.shape
+    x, y = next(iter(train))
+    with torch.no_grad():  # the term by hand, on the first batch, before any step
+        fs, ft = {}, {}
+        hs = [dict(small.named_modules())[n].register_forward_hook(
+            lambda m, i, o, n=n: fs.__setitem__(n, o)) for n in names]
+        hs += [dict(teacher.named_modules())[n].register_forward_hook(
+            lambda m, i, o, n=n: ft.__setitem__(n, o)) for n in names]
+        small.train()(x)
+        teacher(x)
+        for h in hs:
+            h.remove()
+        term = sum(float((fs[n] - ft[n]).pow(2).sum() / ft[n].pow(2).sum()) for n in names)
+        term /= len(names)
+    assert term > 0
+    losses = {}
+    for w in (0.0, 2.0):
+        net = copy.deepcopy(small)
+        cfg = TrainConfig(epochs=1, lr=0.01, batch_size=64, max_steps=1, bf16=False,
+                          channels_last=False, feature_weight=w, kd_weight=0.0)
+        losses[w] = fit(net, train, cfg, teacher=teacher)[0]["train_loss"]
+    assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * term, rel=1e-3)
+    assert not any(m._forward_hooks for m in teacher.modules())  # the hooks are removed
+    with pytest.raises(CaprojError, match="needs a teacher"):
+        fit(copy.deepcopy(small), train, TrainConfig(epochs=1, max_steps=1, feature_weight=1.0))
+    with pytest.raises(CaprojError, match="no feature layers"):
+        fit(copy.deepcopy(teacher), train, TrainConfig(epochs=1, max_steps=1,
+                                                       feature_weight=1.0), teacher=teacher)

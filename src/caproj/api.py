@@ -289,8 +289,9 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     if ft is not None:
         t2 = time.perf_counter()
         kd_teacher = teacher if teacher is not None else model
-        rep["finetune"] = fit(small, data, ft, teacher=kd_teacher if ft.kd_weight > 0 or
-                              not labelled else None, eval_data=eval_data, loss_fn=loss_fn,
+        needs_teacher = ft.kd_weight > 0 or ft.feature_weight > 0 or not labelled
+        rep["finetune"] = fit(small, data, ft, teacher=kd_teacher if needs_teacher else None,
+                              eval_data=eval_data, loss_fn=loss_fn,
                               output_transform=output_transform, checkpoint=ft_ck,
                               progress_bar=progress)
         rep["finetune_seconds"] = time.perf_counter() - t2

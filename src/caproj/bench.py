@@ -39,13 +39,23 @@ log = logging.getLogger(__name__)
 
 # A method in the bench may carry options, spelled as suffixes of its cell name (so the cells
 # of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto,
-# cap+rescale, cap+ponly (the paper's optimisation: the projections only, no relaxed weights).
+# cap+rescale, cap+ponly (the paper's optimisation: the projections only, no relaxed weights),
+# cp+prior (the refit's ridge pulls toward W P, lambda 0.1 of the mean Gram diagonal),
+# cap+bntrain (BN in training mode during CaP's steps), cap+mixft (CaP's reconstruction term,
+# weight 1, carried into fine-tuning), cap+prog (progressive: to sqrt(target) with half the
+# CaP steps, one fine-tune epoch, then to the target with the other half and the rest).
+# Options that are TrainConfig fields change the fine-tuning of that method only.
 OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"},
-                   "rescale": {"match_scale": True}, "ponly": {"relax": "projection"}}
+                   "rescale": {"match_scale": True}, "ponly": {"relax": "projection"},
+                   "prior": {"ridge_to": "projected", "ridge": 0.1},
+                   "bntrain": {"bn_train": True}, "mixft": {"feature_weight": 1.0},
+                   "prog": {"progressive": True}}
+FINETUNE_FIELDS = frozenset(TrainConfig().as_dict())
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """A bench method spec -> (registered method, compress options)."""
+    """A bench method spec -> (registered method, options: compress's, TrainConfig fields for
+    this method's fine-tuning, and `progressive`)."""
     base, *flags = spec.split("+")
     if base not in METHODS:
         raise CaprojError(f"unknown method {base!r}; choose from {', '.join(METHODS)}",
@@ -88,25 +98,67 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     """One (method, target) cell through `caproj.compress`: the same data, calibration images,
     fine-tune recipe and teacher for every method."""
     base, opts = parse_method(method)
+    ft = ft.replace(**{k: v for k, v in opts.items() if k in FINETUNE_FIELDS})
+    opts = {k: v for k, v in opts.items() if k not in FINETUNE_FIELDS}
+    progressive = opts.pop("progressive", False)
     torch.manual_seed(ft.seed)
-    res = compress(model, train, target_macs=target, method=base, calib_data=calib,
-                   eval_data=test, finetune=ft if ft.epochs else None, seed=cap_cfg.seed,
-                   channel_multiple=channel_multiple, progress=False,
-                   **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"}, **opts})
+
+    def stage(net: nn.Module, frac: float, ft_s: TrainConfig, **extra: Any) -> Any:
+        return compress(net, train, target_macs=frac, method=base, calib_data=calib,
+                        eval_data=test, finetune=ft_s if ft_s.epochs else None,
+                        seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
+                        **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"},
+                           **opts, **extra})
+
+    stages: list[dict[str, Any]] = []
+    if progressive:  # to sqrt(target) first (half the CaP steps, one fine-tune epoch)
+        spe = steps_per_pass(train)
+        total = min(ft.epochs * spe, ft.max_steps or ft.epochs * spe)  # type: ignore[operator]
+        if spe is None or total <= spe:
+            raise CaprojError("+prog needs more than one fine-tune epoch", param="method")
+        half = cap_cfg.steps // 2
+        first = stage(model, math.sqrt(target), ft.replace(epochs=1, max_steps=None),
+                      steps=half)
+        r1 = first.report
+        frac1 = r1["macs_after"] / r1["macs_before"]
+        stages.append({"target_macs": math.sqrt(target), "macs": r1["macs_after"],
+                       "widths": first.widths, "acc_before_finetune": r1["acc_after_compress"],
+                       "acc_after_finetune": r1.get("acc_after_finetune"),
+                       "compress_seconds": r1["compress_seconds"],
+                       "finetune_seconds": r1.get("finetune_seconds", 0.0),
+                       "finetune_history": r1.get("finetune", []),
+                       "cap_steps": len(r1.get("cap_history", []))})
+        log.info("  %s: stage 1 at %.3f MACs, %.2f %% -> %.2f %%", method, frac1,
+                 r1["acc_after_compress"], r1.get("acc_after_finetune", float("nan")))
+        rest = total - spe
+        res = stage(first.model, target / frac1,
+                    ft.replace(epochs=math.ceil(rest / spe), max_steps=rest),
+                    steps=cap_cfg.steps - half, teacher=model)
+        res.report["macs_before"] = r1["macs_before"]
+    else:
+        res = stage(model, target, ft)
     rep = res.report
     shape = tuple(rep["input_shape"])
     small = res.model.eval()
+    cap_steps = len(rep.get("cap_history", [])) + sum(s["cap_steps"] for s in stages)
     rec: dict[str, Any] = {
         "method": method, "target_macs": target, "widths": res.widths,
-        "compress_seconds": rep["compress_seconds"], "acc_original": base_acc,
+        "compress_seconds": rep["compress_seconds"] + sum(s["compress_seconds"]
+                                                          for s in stages),
+        "acc_original": base_acc,
         "macs_original": rep["macs_before"], "macs": rep["macs_after"],
-        "params_original": rep["params_before"], "params": rep["params_after"],
+        "params_original": metrics.count_params(model), "params": rep["params_after"],
         "acc_before_finetune": rep["acc_after_compress"],
-        "finetune_seconds": rep.get("finetune_seconds", 0.0),
+        "finetune_seconds": rep.get("finetune_seconds", 0.0) + sum(s["finetune_seconds"]
+                                                                   for s in stages),
         "finetune_history": rep.get("finetune", []),
         "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
-        "compress_images": len(rep.get("cap_history", [])) * cap_cfg.batch_size,
+        "compress_images": cap_steps * cap_cfg.batch_size,
     }
+    if stages:  # stage 1's fine-tune epoch is part of the cell's fine-tuning steps
+        rec["stages"] = stages
+    if ft.feature_weight:
+        rec["finetune_feature_weight"] = ft.feature_weight
     if "match_scale" in rep:  # +rescale: each layer's size ratio before it was rescaled
         rec["match_scale"] = rep["match_scale"]
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
@@ -128,13 +180,15 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
 def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: Iterable,
         test: Iterable, arch: str, methods: list[str], targets: list[float], ft: TrainConfig,
         cap_cfg: CapConfig, out_dir: Path, channel_multiple: int = 8,
-        seeds: list[int] | None = None, equal_compute: bool = False) -> list[dict]:
+        seeds: list[int] | None = None, equal_compute: bool = False,
+        budget_images: int | None = None) -> list[dict]:
     """Every (target, method, seed) cell, resumed from `out_dir` where already measured.
 
     `train`: the training batches, or `train(seed)` giving each seed its own data order.
     `seeds`: one cell per seed (None: one cell at ft.seed, files named as before).
     `equal_compute`: every method consumes the same number of training images (the largest
-    compression + fine-tuning total among `methods`), extending the others' fine-tuning."""
+    compression + fine-tuning total among `methods` and the cells already stored in `out_dir`
+    with this recipe, or `budget_images` when given), extending the others' fine-tuning."""
     for m in methods:
         parse_method(m)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +201,19 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
     epoch_images = spe * ft.batch_size
     planned = {m: compress_images(m, cap_cfg) + ft.epochs * epoch_images for m in methods}
     budget = max(planned.values())
+    if equal_compute:  # a later run with fewer methods keeps the folder's budget
+        budget = max([budget] + [
+            c.get("train_images") or 0 for c in stored_cells(out_dir).values()
+            if c.get("arch") == arch and c.get("equal_compute")
+            and _recipe(c.get("finetune_config") or {}) == _recipe(ft.as_dict())])
+        if budget_images is not None:
+            need = max(compress_images(m, cap_cfg) for m in methods)
+            if budget_images <= need:
+                raise CaprojError(f"budget_images {budget_images} leaves no fine-tuning after "
+                                  f"the {need} images compression consumes",
+                                  param="budget_images")
+            budget = budget_images
+        log.info("equal compute: %d training images per cell", budget)
     cells = []
     mine: set[str] = set()  # this run's cell files
     for seed in (seeds if seeds is not None else [None]):

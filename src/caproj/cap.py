@@ -256,6 +256,8 @@ class CaP:
         calib = self.calib
         omods = dict(self.orig.named_modules())
         nmods = dict(self.narrow.named_modules())
+        ps = self.projections()
+        read = {c: (i, spatial) for i, s in enumerate(self.sites) for c, spatial in s.consumers}
         for name in self._consumer_order(calib[0]):
             raise_if_stopped("the least-squares refit")
             cons_o, cons_n = omods[name], nmods[name]
@@ -309,9 +311,14 @@ class CaP:
             d = gram.shape[-1]
             trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
             ridge = (self.cfg.ridge * trace / d + 1e-12)[:, None, None]
+            w_old = self.base[f"{name}.weight"]
+            if self.cfg.ridge_to == "projected":  # + lambda ||W' - W P||^2: pulled toward the
+                i, spatial = read[name]  # original consumer read through P, not toward zero
+                w0 = surgery.project_in(w_old, ps[i], self.sites[i], spatial).double()
+                w0 = w0.reshape(gram.shape[0], -1, d).transpose(1, 2)  # G x d x o/G
+                cross = cross + ridge * w0
             sol = _spd_solve(gram + ridge * torch.eye(d, dtype=gram.dtype, device=gram.device),
                              cross)
-            w_old = self.base[f"{name}.weight"]
             w = sol.transpose(1, 2).reshape(-1, d).float()  # (G o) x (c'/G k k)
             if w_old.dim() == 4:
                 w = w.reshape(w_old.shape[0], -1, *w_old.shape[2:])
@@ -496,6 +503,8 @@ class CaP:
                 lambda m, inp, out, i=i: got_o.__setitem__(i, out)))
             hooks.append(nmods[name].register_forward_hook(
                 lambda m, inp, out, i=i: got_n.__setitem__(i, out)))
+        if cfg.bn_train:
+            hooks += self._bn_train(nmods)
         sharded = getattr(batches, "sharded", False)
         it = B.endless(batches, cfg.batch_size, self.device, start)
         try:
@@ -587,6 +596,41 @@ class CaP:
             self._freeze()
         self.timings["optimise_s"] = time.perf_counter() - t0
         return self.history
+
+    def _bn_train(self, nmods: dict[str, nn.Module]) -> list[Any]:
+        """`bn_train`: every BN of the narrow network normalises by its batch's statistics, as
+        in fine-tuning (running statistics neither used nor updated), and each site's fresh BN
+        (identity + bias after folding) keeps its forward value: its output is scaled back by
+        the batch's detached std and mean, so only its gradients are those of a normalised
+        layer (invariant to the producer's scale). Returns handles that undo it on remove()."""
+        fresh = {bn for s in self.sites for _, bn in s.producers if bn}
+        handles: list[Any] = []
+
+        class _Undo:
+            def __init__(self, m: nn.Module) -> None:
+                self.m, self.state = m, (m.training, m.track_running_stats)
+
+            def remove(self) -> None:
+                self.m.training, self.m.track_running_stats = self.state
+
+        def keep_value(m: nn.Module, inp: tuple, out: torch.Tensor) -> torch.Tensor:
+            x = inp[0].detach().float()
+            dims = [d for d in range(x.dim()) if d != 1]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            mean = x.mean(dims).view(shape)
+            std = torch.sqrt(x.var(dims, unbiased=False) + m.eps).view(shape)  # type: ignore
+            b = m.bias.view(shape)  # type: ignore[union-attr]
+            return ((out - b) * std + mean + b).to(out.dtype)
+
+        for name, m in nmods.items():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                handles.append(_Undo(m))
+                m.train()
+                m.track_running_stats = False
+                if name in fresh:
+                    # first, so that the reconstruction taps see the kept value
+                    handles.append(m.register_forward_hook(keep_value, prepend=True))
+        return handles
 
     def _rearm(self, every: list[torch.optim.Optimizer]) -> None:
         """Every tensor an optimiser holds trains (again, after a previous optimise call)."""

@@ -258,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated registered methods (default: all, %(default)s); a "
                    "method may carry options: cap+stream (stream_projection), cap+auto "
                    "(allocation auto), +rescale (--match-scale), +ponly (--relax projection: "
-                   "the projections only, as in the paper), e.g. cap+stream+auto")
+                   "the projections only, as in the paper), +prior (the refit pulls toward W P), "
+                   "+bntrain (BN in training mode during CaP), +mixft (CaP's reconstruction "
+                   "term in fine-tuning), +prog (progressive: sqrt(target) first), "
+                   "e.g. cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)
@@ -269,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(CaP, data order and fine-tuning), the table gives mean ± std")
     p.add_argument("--equal-compute", action="store_true",
                    help="give every method the same training images (the largest CaP steps x "
-                   "batch + fine-tuning total), extending the others' fine-tuning")
+                   "batch + fine-tuning total, and the cells already in --out-dir), extending "
+                   "the others' fine-tuning")
+    p.add_argument("--budget-images", type=_positive_int,
+                   help="with --equal-compute: this many training images per cell instead")
     _add_common(p)
 
     p = cmd("export", "export a (compressed) model for deployment: ONNX or torch.export")
@@ -726,6 +732,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise CaprojError(f"--out-dir {out} exists and is not a directory")
+    if a.budget_images is not None and not a.equal_compute:
+        raise CaprojError("--budget-images applies only with --equal-compute")
     ft = _train_config(a)
     data, model, meta = _data_and_model(a)
     cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0, kd=ft.kd_weight,
@@ -740,7 +748,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     bench.run(model, train_for, calib_b, test_b, meta["arch"], methods, targets, ft, cap_cfg,
               out, channel_multiple=a.channel_multiple, seeds=a.seeds,
-              equal_compute=a.equal_compute)
+              equal_compute=a.equal_compute, budget_images=a.budget_images)
     print((out / "results.md").read_text())
 
 

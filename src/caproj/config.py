@@ -56,7 +56,15 @@ class CapConfig:
     refit: bool = True
     alternate: bool = True
     retraction: str = "qr"
+    # the least-squares refit's ridge, relative to the mean diagonal of its Gram matrix, and
+    # what it pulls toward: "zero" (plain ridge) or "projected", the original consumer read
+    # through P (min ||X W' - Y||^2 + lambda ||W' - W P||^2: keeps the refit near the original)
     ridge: float = 1e-4
+    ridge_to: str = "zero"
+    # BatchNorm as fine-tuning runs it, during the optimisation: batch statistics in every BN
+    # (running statistics untouched); each site's fresh BN normalises its batch too, with its
+    # forward value kept (scale-invariant gradients for the projected producers)
+    bn_train: bool = False
     bn_recalibrate: bool = False  # re-estimate every BN's statistics on the compressed net
     # after any method: rescale each layer that feeds a BN to the original layer's weight size
     # (eval function unchanged; fine-tuning's effective step size restored), see
@@ -84,6 +92,9 @@ class CapConfig:
         if self.relax not in ("projection", "consumer", "all"):
             raise CaprojError(f"relax must be projection, consumer or all, got {self.relax!r}",
                               param="relax")
+        if self.ridge_to not in ("zero", "projected"):
+            raise CaprojError(f"ridge_to must be zero or projected, got {self.ridge_to!r}",
+                              param="ridge_to")
         if self.retraction not in ("qr", "polar"):
             raise CaprojError(f"retraction must be qr or polar, got {self.retraction!r}",
                               param="retraction")
@@ -153,6 +164,9 @@ class TrainConfig:
     compile: bool = False
     kd_weight: float = 0.0  # weight of distillation from `teacher` (0 = plain cross-entropy)
     kd_temperature: float = 4.0
+    # CaP's mixture loss carried into training: + feature_weight * mean over feature layers of
+    # ||f - f_teacher||^2 / ||f_teacher||^2 (the layers' outputs in the model and the teacher)
+    feature_weight: float = 0.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
     # BatchNorm keeps its running statistics while training (affine still learned), so the
     # network being fine-tuned is exactly the one that was evaluated (no batch-statistics shift)
@@ -189,6 +203,7 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise CaprojError(f"max_steps must be >= 1, got {self.max_steps}", param="max_steps")
         _finite_nonneg("weight_decay", self.weight_decay)
+        _finite_nonneg("feature_weight", self.feature_weight)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **_known(self, changes))

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,15 +135,61 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def feature_layers_of(model: nn.Module, teacher: nn.Module) -> list[str]:
+    """The layers a compression narrowed the input of but kept the output of (CaP's consumers,
+    whose outputs its mixture loss reconstructs): convs and Linears named alike in `model` and
+    `teacher`, of equal output width and a different weight shape."""
+    tm = dict(teacher.named_modules())
+    out = []
+    for name, m in model.named_modules():
+        t = tm.get(name)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and type(t) is type(m) and \
+                m.weight.shape[0] == t.weight.shape[0] and m.weight.shape != t.weight.shape:
+            out.append(name)
+    return out
+
+
+def _feature_hooks(model: nn.Module, teacher: nn.Module, names: list[str]
+                   ) -> tuple[list[Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    mm, tm = dict(model.named_modules()), dict(teacher.named_modules())
+    missing = [n for n in names if n not in mm or n not in tm]
+    if missing:
+        raise CaprojError(f"feature layers not in both the model and the teacher: "
+                          f"{', '.join(missing[:5])}", param="feature_layers")
+    got_s: dict[str, torch.Tensor] = {}
+    got_t: dict[str, torch.Tensor] = {}
+    hooks = [mm[n].register_forward_hook(lambda m, i, o, n=n: got_s.__setitem__(n, o))
+             for n in names]
+    hooks += [tm[n].register_forward_hook(lambda m, i, o, n=n: got_t.__setitem__(n, o))
+              for n in names]
+    return hooks, got_s, got_t
+
+
+def feature_loss(got_s: dict[str, torch.Tensor], got_t: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Mean over layers of ||f - f_teacher||^2 / ||f_teacher||^2 (CaP's reconstruction term)."""
+    terms = []
+    for n, t in got_t.items():
+        s, t = got_s[n].float(), t.float()
+        if s.shape != t.shape:
+            raise CaprojError(f"feature layer {n}: output {tuple(s.shape)} in the model, "
+                              f"{tuple(t.shape)} in the teacher", param="feature_layers")
+        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Module | None = None,
         eval_data: Iterable | None = None, loss_fn: LossFn | None = None,
         output_transform: OutputTransform | None = None,
-        checkpoint: Checkpointer | None = None, progress_bar: bool = True) -> list[dict]:
+        checkpoint: Checkpointer | None = None, progress_bar: bool = True,
+        feature_layers: list[str] | None = None) -> list[dict]:
     """Train `model` in place on the batches of `data`, `cfg.epochs` passes. Returns one
     record per epoch (train loss/accuracy, time, and test accuracy/loss when `eval_data`).
 
     The loss is cross-entropy (or `loss_fn(outputs, y)`), mixed with distillation from
     `teacher` by `cfg.kd_weight`; batches without labels are distilled only (label-free).
+    With `cfg.feature_weight` > 0, CaP's reconstruction term is added: the outputs of
+    `feature_layers` (default `feature_layers_of(model, teacher)`) matched to the teacher's.
     With a `checkpoint`, the whole training state is saved every `checkpoint.every` steps and
     on SIGTERM/SIGINT, and a resumed call continues from the saved step to the same result.
     """
@@ -150,6 +197,31 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     B.check_iterable(data)
     if cfg.kd_weight > 0 and teacher is None:
         raise CaprojError("kd_weight > 0 needs a teacher model", param="teacher")
+    feat_hooks: list[Any] = []
+    if cfg.feature_weight > 0:
+        if teacher is None:
+            raise CaprojError("feature_weight > 0 needs a teacher model", param="teacher")
+        names = feature_layers_of(model, teacher) if feature_layers is None else feature_layers
+        if not names:
+            raise CaprojError("feature_weight > 0 but no feature layers: none has the same "
+                              "output width in the model and the teacher and a changed "
+                              "input; pass feature_layers=[...]", param="feature_layers")
+        feat_hooks, got_s, got_t = _feature_hooks(model, teacher, names)
+        log.info("feature reconstruction on %d layers, weight %g", len(names),
+                 cfg.feature_weight)
+    try:
+        return _fit(model, data, cfg, teacher, eval_data, loss_fn, output_transform,
+                    checkpoint, progress_bar, (got_s, got_t) if feat_hooks else None)
+    finally:
+        for h in feat_hooks:
+            h.remove()
+
+
+def _fit(model: nn.Module, data: Iterable, cfg: TrainConfig, teacher: nn.Module | None,
+         eval_data: Iterable | None, loss_fn: LossFn | None,
+         output_transform: OutputTransform | None, checkpoint: Checkpointer | None,
+         progress_bar: bool,
+         feats: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None) -> list[dict]:
     seed_everything(cfg.seed)
     device = model_device(model)
     use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
@@ -219,7 +291,7 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = outputs_of(fwd, x, output_transform).float()
-                if teacher is not None and (cfg.kd_weight > 0 or y is None):
+                if teacher is not None and (cfg.kd_weight > 0 or y is None or feats):
                     with torch.no_grad():
                         t_out = outputs_of(teacher, x, output_transform).float()
                 if y is None:  # label-free: distillation only
@@ -233,6 +305,8 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
                     if cfg.kd_weight > 0:
                         loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(
                             out, t_out, cfg.kd_temperature)
+                if feats is not None:
+                    loss = loss + cfg.feature_weight * feature_loss(*feats)
             if dist.any_rank(not torch.isfinite(loss)):
                 last = (f"; last good state: {checkpoint.path} (step "
                         f"{step - step % checkpoint.every})" if checkpoint is not None

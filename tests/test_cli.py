@@ -178,6 +178,7 @@ def test_bench_remedy_rows_and_a_folders_budget(trained, tmp_path):
 
     assert parse_method("cp+prior+mixft") == ("cp", {"ridge_to": "projected", "ridge": 0.1,
                                                      "feature_weight": 1.0})
+    assert parse_method("cp+wp") == ("cp", {"ridge_to": "projected", "ridge": 1e4})
     out = tmp_path / "remedies"
     common = ["--weights", trained, "--data", "digits", "--targets", "0.25", "--cap-steps",
               "4", "--finetune-epochs", "2", "--batch-size", "64", "--seeds", "0",

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto,
 # cap+rescale, cap+ponly (the paper's optimisation: the projections only, no relaxed weights),
 # cp+prior (the refit's ridge pulls toward W P, lambda 0.1 of the mean Gram diagonal),
+# cp+wp (the same prior at lambda 1e4: the consumers stay W P, least squares has no say),
 # cap+bntrain (BN in training mode during CaP's steps), cap+mixft (CaP's reconstruction term,
 # weight 1, carried into fine-tuning), cap+prog (progressive: to sqrt(target) with half the
 # CaP steps, one fine-tune epoch, then to the target with the other half and the rest).
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"},
                    "rescale": {"match_scale": True}, "ponly": {"relax": "projection"},
                    "prior": {"ridge_to": "projected", "ridge": 0.1},
+                   "wp": {"ridge_to": "projected", "ridge": 1e4},
                    "bntrain": {"bn_train": True}, "mixft": {"feature_weight": 1.0},
                    "prog": {"progressive": True}}
 FINETUNE_FIELDS = frozenset(TrainConfig().as_dict())

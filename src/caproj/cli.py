@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated registered methods (default: all, %(default)s); a "
                    "method may carry options: cap+stream (stream_projection), cap+auto "
                    "(allocation auto), +rescale (--match-scale), +ponly (--relax projection: "
-                   "the projections only, as in the paper), +prior (the refit pulls toward W P), "
-                   "+bntrain (BN in training mode during CaP), +mixft (CaP's reconstruction "
+                   "the projections only, as in the paper), +prior (the refit pulls toward "
+                   "W P), +wp (the consumers stay W P), +bntrain (BN in training mode during "
+                   "CaP), +mixft (CaP's reconstruction "
                    "term in fine-tuning), +prog (progressive: sqrt(target) first), "
                    "e.g. cap+stream+auto")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")

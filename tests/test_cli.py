@@ -51,6 +51,23 @@ def test_compress_round_trips_through_eval(trained, tmp_path):
     assert "(compressed)" in info.stdout and "params: 0.01" in info.stdout
 
 
+def test_compress_takes_the_deep_target_remedies_as_flags(trained, tmp_path):
+    out = tmp_path / "deep.pt"
+    r = caproj("compress", "--weights", trained, "--data", "digits", "--keep", "0.5",
+               "--cap-steps", "0", "--calib-images", "300", "--ridge-to", "projected",
+               "--ridge", "0.1", "--match-scale", "--feature-weight", "1", "--kd", "0.5",
+               "--finetune-epochs", "1", "--max-steps", "3", "--batch-size", "64",
+               "--latency", "none", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(out, weights_only=True)
+    assert ck["train_config"]["feature_weight"] == 1.0
+    cfg = ck["metrics"]["cap_config_requested"]
+    assert cfg["ridge_to"] == "projected" and cfg["ridge"] == 0.1 and cfg["match_scale"]
+    r = caproj("compress", "--weights", trained, "--data", "digits", "--ridge", "-1",
+               "--out", tmp_path / "bad.pt")
+    assert r.returncode == 2 and "ridge" in r.stderr and not (tmp_path / "bad.pt").exists()
+
+
 def test_info_resnet56_numbers():
     r = caproj("info", "--arch", "resnet56")
     assert "MACs: 125.49 M" in r.stdout and "params: 0.853 M" in r.stdout

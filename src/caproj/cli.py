@@ -227,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rescale each layer that feeds a BN to the original layer's weight "
                    "size (same outputs; fine-tuning then steps as the original's recipe "
                    "expects)")
+    p.add_argument("--ridge-to", choices=("zero", "projected"), default=CAP.ridge_to,
+                   help="what the least-squares refit's ridge pulls toward: zero, or the "
+                   "original consumer read through P (W P; with --ridge 0.1 it fine-tunes "
+                   "better at deep targets, benchmarks/RESULTS.md)")
+    p.add_argument("--ridge", type=float, default=CAP.ridge,
+                   help="the refit's ridge, relative to the mean Gram diagonal "
+                   "(default %(default)s)")
+    p.add_argument("--feature-weight", type=float, default=FINETUNE.feature_weight,
+                   help="fine-tune with CaP's reconstruction term too: this weight times the "
+                   "consumers' output error against the original's (default 0: off)")
     _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0)
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
@@ -355,7 +365,8 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
                        seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
                        kd_weight=getattr(a, "kd_weight", 0.0), max_steps=a.max_steps,
                        freeze_bn=getattr(a, "freeze_bn", False),
-                       optimizer=getattr(a, "optimizer", "sgd"), ema=a.ema)
+                       optimizer=getattr(a, "optimizer", "sgd"), ema=a.ema,
+                       feature_weight=getattr(a, "feature_weight", 0.0))
 
 
 def _fmt_m(v: float, digits: int = 2) -> str:
@@ -542,7 +553,7 @@ def _cap_options(a: argparse.Namespace) -> dict[str, Any]:
     return {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
             "batch_size": a.cap_batch_size, "recon_weight": a.recon_weight, "relax": a.relax,
             "kd": a.kd_weight, "bf16": False if a.no_bf16 else None,
-            "match_scale": a.match_scale}
+            "match_scale": a.match_scale, "ridge_to": a.ridge_to, "ridge": a.ridge}
 
 
 LATENCY = {"none": (), "fast": ("fold_bn_cl",), "full": None}

@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "expects)")
     p.add_argument("--ridge-to", choices=("zero", "projected"), default=CAP.ridge_to,
                    help="what the least-squares refit's ridge pulls toward: zero, or the "
-                   "original consumer read through P (W P; with --ridge 0.1 it fine-tunes "
-                   "better at deep targets, benchmarks/RESULTS.md)")
+                   "original consumer read through P (W P; with --ridge 0.1 measured at "
+                   "deep targets in benchmarks/RESULTS.md)")
     p.add_argument("--ridge", type=float, default=CAP.ridge,
                    help="the refit's ridge, relative to the mean Gram diagonal "
                    "(default %(default)s)")

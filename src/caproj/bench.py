@@ -115,8 +115,10 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     stages: list[dict[str, Any]] = []
     if progressive:  # to sqrt(target) first (half the CaP steps, one fine-tune epoch)
         spe = steps_per_pass(train)
-        total = min(ft.epochs * spe, ft.max_steps or ft.epochs * spe)  # type: ignore[operator]
-        if spe is None or total <= spe:
+        if spe is None:
+            raise CaprojError("+prog needs training batches of known length", param="train")
+        total = min(ft.epochs * spe, ft.max_steps or ft.epochs * spe)
+        if total <= spe:
             raise CaprojError("+prog needs more than one fine-tune epoch", param="method")
         half = cap_cfg.steps // 2
         first = stage(model, math.sqrt(target), ft.replace(epochs=1, max_steps=None),

@@ -7,17 +7,20 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import caproj, caproj_cmd
 
+# gloo on the CPU, also on a GPU machine (a one-GPU machine cannot hold two CUDA ranks)
 TRAIN = ["train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "2", "--batch-size",
-         "64", "--freeze-bn", "--no-bf16", "--threads", "1"]
+         "64", "--freeze-bn", "--no-bf16", "--threads", "1", "--device", "cpu"]
 
 
 def _torchrun(*args, cwd):
+    exe = caproj_cmd(*args)  # the entry point, or `python -m caproj.cli` where none is installed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *caproj_cmd(*args)]
+           *(exe[1:] if exe[0] == sys.executable else exe)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
 
@@ -43,7 +46,7 @@ def test_two_processes_match_one(tmp_path):
 
 def test_uneven_batch_and_single_process_commands_are_refused(tmp_path):
     r = _torchrun("train", "--arch", "digits-cnn", "--data", "digits", "--epochs", "1",
-                  "--batch-size", "63", "--out", "x.pt", cwd=tmp_path)
+                  "--batch-size", "63", "--out", "x.pt", "--device", "cpu", cwd=tmp_path)
     assert r.returncode != 0 and "does not split evenly over 2 processes" in r.stderr
     r = _torchrun("eval", "--arch", "digits-cnn", "--data", "digits", "--weights", "x.pt",
                   cwd=tmp_path)
@@ -54,10 +57,24 @@ def test_uneven_batch_and_single_process_commands_are_refused(tmp_path):
 def test_compress_under_torchrun_matches_one_process(trained, tmp_path):
     args = ["compress", "--weights", trained, "--data", "digits", "--target-macs", "0.5",
             "--cap-steps", "20", "--cap-batch-size", "64", "--finetune-epochs", "1",
-            "--batch-size", "64", "--freeze-bn", "--no-bf16", "--threads", "1"]
+            "--batch-size", "64", "--freeze-bn", "--no-bf16", "--threads", "1", "--device", "cpu"]
     a, b = _two_and_one(args, tmp_path)
     # statistics, least squares and BN re-estimation all-reduced; CaP gradients summed
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-3, atol=1e-4, msg=k)
     for k in ("acc_after_cap", "acc_after_finetune"):
         assert abs(a["metrics"][k] - b["metrics"][k]) < 0.5
+
+
+def test_more_cuda_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: a CaprojError naming the fix, raised
+    before CUDA is touched (it used to be CUDA's 'invalid device ordinal' traceback)."""
+    from caproj import dist
+    from caproj.errors import CaprojError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device called"))
+    with pytest.raises(CaprojError, match=r"local rank 1 .* 1 CUDA device.*nproc_per_node 1"):
+        dist.init_from_env(torch.device("cuda"))

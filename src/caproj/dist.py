@@ -27,7 +27,13 @@ def init_from_env(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= n:  # more processes per node than GPUs: say so, not "invalid ordinal"
+            raise CaprojError(f"torchrun started a process with local rank {local} but this "
+                              f"machine has {n} CUDA device(s): start at most {n} per node "
+                              f"(--nproc_per_node {n}), or run on the CPU (device 'cpu')",
+                              param="device")
+        torch.cuda.set_device(local)
     dist.init_process_group(backend)
 
 

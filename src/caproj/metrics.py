@@ -215,18 +215,12 @@ class _LiveBytes(TorchDispatchMode):
 
 @torch.inference_mode()
 def peak_activation_bytes(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1) -> int:
-    """Peak bytes of live activations (input included, weights excluded) in an eval forward.
-    On CUDA: the allocator's peak minus what was allocated before. On CPU: the peak of bytes
-    held by tensors the forward created and had not yet freed."""
+    """Peak bytes of live activations (input included, weights excluded) in an eval forward:
+    the peak of bytes held by tensors the forward created and had not yet freed. The same
+    count on every device (a CUDA allocator's peak would add block rounding and cuDNN
+    workspaces, and differ between a CPU and a GPU run of the same network)."""
     model.eval()
     x = probe_input(model, input_shape, batch)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        model(x)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base + x.nbytes
     mode = _LiveBytes()
     with mode:
         out = model(x)

@@ -335,3 +335,64 @@ def test_label_free_never_reads_the_labels():
     c = caproj.compress(model, wrong, **kw)  # labels read: the weights change
     assert any(not torch.equal(v, c.model.state_dict()[k])
                for k, v in a.model.state_dict().items())
+
+
+def _confident(seed: int = 0) -> nn.Module:
+    """A small net with confident logits (its argmax labels give a low loss)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        net[3].weight.mul_(20)
+    return randomise_bn(net).eval()
+
+
+def _labelled_by(net: nn.Module | None, seed: int, n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        y = net(x).argmax(1) if net is not None else torch.randint(0, 5, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_choose_recipe_learns_where_the_original_does_not_fit_its_training_data():
+    net = _confident()
+    fits = caproj.choose_recipe(net, _labelled_by(net, 0), _labelled_by(None, 1))
+    assert fits["recipe"] == "polish" and fits["ratio"] < 0.1 < fits["test_loss"]
+    assert fits["threshold"] == caproj.config.LEARN_RATIO
+    # the same network on training labels it does not predict: as lost as on the test set
+    lost = caproj.choose_recipe(net, _labelled_by(None, 2), _labelled_by(None, 1))
+    assert lost["recipe"] == "learn" and lost["ratio"] > caproj.config.LEARN_RATIO
+    assert lost["train_loss"] == pytest.approx(
+        caproj.evaluate(net, _labelled_by(None, 2), progress=False)["loss"])
+    assert "reason" in caproj.choose_recipe(net, _labelled_by(net, 0), None)
+    unlabelled = DataLoader(torch.randn(32, 3, 8, 8), batch_size=16)
+    assert caproj.choose_recipe(net, unlabelled, _labelled_by(None, 1))["recipe"] == "polish"
+
+
+def test_compress_fine_tunes_with_the_recipe_it_chose_and_the_options_given():
+    common = dict(target_macs=0.5, steps=2, calib_images=32, batch_size=16, channel_multiple=1,
+                  progress=False)
+    net, test = _confident(), _labelled_by(None, 1)
+    auto = caproj.compress(net, _labelled_by(None, 2), finetune={"epochs": 1, "max_steps": 1},
+                           eval_data=test, **common).report
+    assert auto["recipe"]["recipe"] == "learn"
+    assert (auto["finetune_config"]["lr"], auto["finetune_config"]["kd_weight"]) == \
+        (caproj.FINETUNE_LEARN.lr, caproj.FINETUNE_LEARN.kd_weight)
+    assert auto["cap_config"]["kd"] == caproj.FINETUNE_LEARN.kd_weight  # CaP distils as FT does
+    fits = caproj.compress(net, _labelled_by(net, 0), finetune={"epochs": 1, "max_steps": 1},
+                           eval_data=test, **common).report
+    assert fits["recipe"]["recipe"] == "polish"
+    assert fits["finetune_config"]["lr"] == caproj.FINETUNE.lr
+    assert fits["cap_config"]["kd"] == caproj.CAP.kd
+    # options given win over the recipe's; a TrainConfig is used as given, with no choice made
+    mine = caproj.compress(net, _labelled_by(None, 2), recipe="learn", kd=0.25, eval_data=test,
+                           finetune={"epochs": 1, "max_steps": 1, "lr": 0.01}, **common).report
+    assert mine["recipe"] == {"recipe": "learn"} and mine["finetune_config"]["lr"] == 0.01
+    assert mine["cap_config"]["kd"] == 0.25 and mine["finetune_config"]["kd_weight"] == 0.0
+    given = caproj.compress(net, _labelled_by(None, 2), eval_data=test, **common,
+                            finetune=caproj.TrainConfig(epochs=1, max_steps=1, lr=0.003))
+    assert "recipe" not in given.report and given.report["finetune_config"]["lr"] == 0.003
+    with pytest.raises(caproj.CaprojError, match="recipe must be one of") as e:
+        caproj.compress(net, _labelled_by(None, 2), finetune=1, recipe="fast", **common)
+    assert e.value.param == "recipe"

@@ -6,7 +6,9 @@ import re
 import pytest
 import torch
 
-from conftest import CIFAR_ARCHIVE, MODELS, caproj, needs_cifar, needs_models
+from caproj.config import FINETUNE, FINETUNE_LEARN
+
+from conftest import CIFAR_ARCHIVE, MODELS, caproj, caproj_cmd, needs_cifar, needs_models
 
 
 def test_readme_demo_command():
@@ -66,6 +68,29 @@ def test_compress_takes_the_deep_target_remedies_as_flags(trained, tmp_path):
     r = caproj("compress", "--weights", trained, "--data", "digits", "--ridge", "-1",
                "--out", tmp_path / "bad.pt")
     assert r.returncode == 2 and "ridge" in r.stderr and not (tmp_path / "bad.pt").exists()
+
+
+def test_compress_picks_its_fine_tune_recipe_and_flags_override_it(trained, tmp_path):
+    base = ["compress", "--weights", trained, "--data", "digits", "--keep", "0.5",
+            "--cap-steps", "2", "--calib-images", "300", "--finetune-epochs", "1",
+            "--max-steps", "2", "--batch-size", "64", "--latency", "none"]
+    r = caproj(*base, "--out", tmp_path / "auto.pt")
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(tmp_path / "auto.pt", weights_only=True)
+    chosen = ck["metrics"]["recipe"]
+    assert chosen["recipe"] in ("polish", "learn") and f"fine-tune recipe {chosen['recipe']}" \
+        in r.stdout + r.stderr
+    want = {"polish": FINETUNE, "learn": FINETUNE_LEARN}[chosen["recipe"]]
+    assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == \
+        (want.lr, want.kd_weight)
+    r = caproj(*base, "--recipe", "learn", "--kd", "0.3", "--out", tmp_path / "learn.pt")
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(tmp_path / "learn.pt", weights_only=True)
+    assert ck["metrics"]["recipe"] == {"recipe": "learn"}
+    assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == (FINETUNE_LEARN.lr, 0.3)
+    assert ck["metrics"]["cap_config"]["kd"] == 0.3  # --kd: CaP and fine-tuning alike
+    r = caproj(*base, "--recipe", "fast", "--out", tmp_path / "bad.pt")
+    assert r.returncode == 2 and "--recipe" in r.stderr and not (tmp_path / "bad.pt").exists()
 
 
 def test_info_resnet56_numbers():
@@ -135,6 +160,40 @@ def test_bench_writes_cells_table_plot_and_resumes(trained, tmp_path):
     # a finished cell is never mixed into a table fine-tuned with another recipe
     r3 = caproj(*args, "--lr", "0.05")
     assert r3.returncode == 2 and "another recipe" in r3.stderr
+
+
+def test_bench_cell_stopped_part_way_resumes_to_the_same_result(trained, tmp_path):
+    """SIGTERM inside a cell leaves its resumable state beside the cell file; the next run
+    continues from it and ends exactly where an uninterrupted run ends. --no-latency: no
+    latency fields in the cell, dashes in the table."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    args = ["bench", "--weights", trained, "--data", "digits", "--methods", "cap", "--targets",
+            "0.5", "--cap-steps", "400", "--finetune-epochs", "2", "--batch-size", "64",
+            "--no-latency", "--threads", "1"]
+    out = tmp_path / "stopped"
+    p = subprocess.Popen(caproj_cmd(*args, "--out-dir", out), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*state.pt")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=300) == 128 + signal.SIGTERM
+    assert list(out.glob("cap-0.5.*state.pt")) and not (out / "cap-0.5.json").exists()
+    r = caproj(*args, "--out-dir", out)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout + r.stderr and not list(out.glob("*state.pt"))
+    whole = caproj(*args, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    a = json.loads((out / "cap-0.5.json").read_text())
+    b = json.loads((tmp_path / "whole" / "cap-0.5.json").read_text())
+    assert a["widths"] == b["widths"]
+    assert (a["acc_before_ft"], a["acc_after_ft"]) == (b["acc_before_ft"], b["acc_after_ft"])
+    assert not any(k.startswith("latency") for k in a)
+    assert "| – | – | – |" in (out / "results.md").read_text()
 
 
 def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained, tmp_path):

@@ -16,9 +16,18 @@ The package reads in layers, imports pointing only downward:
 
 import logging
 
-from caproj.api import Result, compress, evaluate, finetune, load, save, synthesize
+from caproj.api import Result, choose_recipe, compress, evaluate, finetune, load, save, synthesize
 from caproj.cap import CaP
-from caproj.config import CAP, FINETUNE, SYNTH, TRAIN, CapConfig, SynthConfig, TrainConfig
+from caproj.config import (
+                           CAP,
+                           FINETUNE,
+                           FINETUNE_LEARN,
+                           SYNTH,
+                           TRAIN,
+                           CapConfig,
+                           SynthConfig,
+                           TrainConfig,
+)
 from caproj.errors import CaprojError
 from caproj.methods import METHODS, Job, Method, Selection, register_method
 from caproj.sites import Site, find_sites
@@ -29,8 +38,8 @@ from caproj.version import __version__
 logging.getLogger("caproj").addHandler(logging.NullHandler())
 
 __all__ = [
-    "CAP", "FINETUNE", "METHODS", "TRAIN", "CaP", "CapConfig", "CaprojError", "Job", "Method",
-    "Result", "SYNTH", "Selection", "Site", "SynthConfig", "Synthetic", "TrainConfig",
-    "__version__", "compress", "evaluate", "find_sites", "finetune", "load", "match_weight_scale",
-    "register_method", "save", "synthesize",
+    "CAP", "FINETUNE", "FINETUNE_LEARN", "METHODS", "TRAIN", "CaP", "CapConfig", "CaprojError",
+    "Job", "Method", "Result", "SYNTH", "Selection", "Site", "SynthConfig", "Synthetic",
+    "TrainConfig", "__version__", "choose_recipe", "compress", "evaluate", "find_sites",
+    "finetune", "load", "match_weight_scale", "register_method", "save", "synthesize",
 ]

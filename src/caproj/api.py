@@ -18,6 +18,7 @@ raises `CaprojError` naming the parameter at fault; it never prints.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -29,10 +30,18 @@ import torch
 from torch import nn
 
 from caproj import batches as B
+from caproj import dist, metrics
 from caproj import latency as L
-from caproj import metrics
 from caproj.cap import input_shape_of
-from caproj.config import CHANNEL_MULTIPLE, FINETUNE, SAVE_EVERY, CapConfig, TrainConfig
+from caproj.config import (
+    CHANNEL_MULTIPLE,
+    FINETUNE,
+    LEARN_RATIO,
+    RECIPES,
+    SAVE_EVERY,
+    CapConfig,
+    TrainConfig,
+)
 from caproj.errors import CaprojError
 from caproj.methods import Job, Method, get_method, method_name
 from caproj.models import (
@@ -53,7 +62,8 @@ from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Result", "compress", "finetune", "evaluate", "save", "load", "synthesize"]
+__all__ = ["Result", "compress", "choose_recipe", "finetune", "evaluate", "save", "load",
+           "synthesize"]
 
 
 @dataclass
@@ -93,7 +103,7 @@ def _count_images(data: Iterable) -> int | None:
 
 
 def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, seed: int,
-                     has_teacher: bool) -> TrainConfig | None:
+                     has_teacher: bool, base: TrainConfig = FINETUNE) -> TrainConfig | None:
     if finetune is None or finetune is False:
         return None
     if isinstance(finetune, TrainConfig):
@@ -105,8 +115,36 @@ def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, see
     opts.setdefault("seed", seed)
     if not has_teacher:
         opts.setdefault("kd_weight", 0.0)
-    cfg = FINETUNE.replace(**opts)
+    cfg = base.replace(**opts)
     return cfg if cfg.epochs > 0 else None
+
+
+def choose_recipe(model: nn.Module, train_data: Iterable, eval_data: Iterable | None, *,
+                  loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
+                  max_batches: int = 16) -> dict[str, Any]:
+    """Which fine-tune recipe suits compressing `model` on this data: {"recipe": "polish" |
+    "learn", "train_loss", "test_loss", "ratio", "threshold"} (or a "reason" where it could
+    not measure).
+
+    "polish" (`caproj.FINETUNE`: peak lr 0.005, KD 0.5 from the original) keeps a start that
+    already fits the data; "learn" (`caproj.FINETUNE_LEARN`: peak lr 0.02, no KD) suits an
+    original that does not fit the training data yet (trained on other data or preprocessing),
+    whose predictions would cap the student. The test: the original's mean loss on up to
+    `max_batches` batches of `train_data` (unaugmented training images, as a calibration set
+    is) above `caproj.config.LEARN_RATIO` x its loss on `eval_data` means "learn". A heuristic
+    measured on four starts (RESULTS.md); pass the recipe explicitly to override it."""
+    if eval_data is None:
+        return {"recipe": "polish", "reason": "no eval_data to compare the training loss with"}
+    if not _peek(train_data, "train_data")[1]:
+        return {"recipe": "polish", "reason": "unlabelled training data (distillation needed)"}
+    kw: dict[str, Any] = {"loss_fn": loss_fn, "output_transform": output_transform,
+                          "progress_bar": False}
+    tr = _evaluate_impl(model, train_data, max_batches=max_batches, **kw)["loss"]
+    te = _evaluate_impl(model, eval_data, **kw)["loss"]
+    ratio = tr / te if te > 0 else math.inf
+    learn = dist.any_rank(ratio > LEARN_RATIO)  # under torchrun every rank takes one recipe
+    return {"recipe": "learn" if learn else "polish", "train_loss": tr,
+            "test_loss": te, "ratio": ratio, "threshold": LEARN_RATIO}
 
 
 def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: float | None = None,
@@ -124,7 +162,7 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
              latency_batch: int = 1, latency_threads: int | None = None,
              synthetic: int | None = None, synth_options: Mapping[str, Any] | None = None,
              state_path: str | os.PathLike | None = None, resume: bool = False,
-             save_every: int = SAVE_EVERY, **options: Any) -> Result:
+             save_every: int = SAVE_EVERY, recipe: str = "auto", **options: Any) -> Result:
     """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5),
     `keep` (fraction of channels per site) or `target_latency` (fraction of its measured
     latency) with `method` (a registered name, see `caproj.METHODS`, or a plug-in), optionally
@@ -147,7 +185,11 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     loss_fn(outputs, targets): replaces cross-entropy; output_transform(model output) ->
         logits for models returning a tuple/dict; teacher: distil from it (default: model).
     finetune: epochs (int), a dict of recipe options (`caproj.TrainConfig` fields) or a
-        TrainConfig; default recipe `caproj.FINETUNE` (SGD one-cycle 0.005, KD 0.5).
+        TrainConfig (used as given). A number or dict starts from `recipe`'s options.
+    recipe: "polish" (`caproj.FINETUNE`: SGD one-cycle peak lr 0.005, KD 0.5), "learn"
+        (`caproj.FINETUNE_LEARN`: peak lr 0.02, no KD, and CaP's `kd` 0 unless given) or
+        "auto" (default): `choose_recipe` on calib_data (else data) and eval_data, recorded
+        in the report's "recipe". Only read when fine-tuning.
     stream_projection, allocation ("uniform" | "auto"), channel_multiple, widths: what is
         narrowed and how the budget is spread.
     target_latency, runtime ("eager" | "inductor" | "onnxruntime"), latency_batch,
@@ -209,7 +251,22 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     if steps is not None:
         options["steps"] = steps
     config = CapConfig(seed=seed).replace(**options)
-    ft = _finetune_config(finetune, seed, has_teacher=True)
+    if recipe not in (*RECIPES, "auto"):
+        raise CaprojError(f"recipe must be one of {', '.join([*RECIPES, 'auto'])}, got "
+                          f"{recipe!r}", param="recipe")
+    chosen: dict[str, Any] = {"recipe": recipe}
+    if recipe == "auto" and finetune not in (None, False, 0) and \
+            not isinstance(finetune, TrainConfig):
+        chosen = choose_recipe(model, calib_data if calib_data is not None else data,
+                               eval_data, loss_fn=loss_fn, output_transform=output_transform)
+        log.info("fine-tune recipe %s (%s)", chosen["recipe"], chosen.get("reason") or
+                 f"training loss {chosen['train_loss']:.3f} = {chosen['ratio']:.2f} x the "
+                 f"test loss; learn above {LEARN_RATIO}")
+    base = RECIPES.get(chosen["recipe"], FINETUNE)
+    ft = _finetune_config(finetune, seed, has_teacher=True, base=base)
+    if ft is not None and not isinstance(finetune, TrainConfig) and base is not FINETUNE \
+            and "kd" not in options:
+        config = config.replace(kd=base.kd_weight)  # the recipe's distillation in CaP too
     was_training = model.training
     model.eval()  # compression reads the trained network as deployed; mode restored below
     uses_widths = getattr(m, "uses_widths", True)
@@ -242,6 +299,8 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
               progress)
     rep: dict[str, Any] = {"method": name, **plan.describe(), "label_free": not labelled,
                            "allocation_seconds": alloc_s, **before}
+    if ft is not None and not isinstance(finetune, TrainConfig):
+        rep["recipe"] = chosen
     if syn is not None:
         rep["data_free"] = {k: v for k, v in syn.report.items() if k != "batches"}
     if eval_data is not None:

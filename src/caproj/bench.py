@@ -96,19 +96,25 @@ def finetune_for(images: int, ft: TrainConfig, epoch_images: int) -> TrainConfig
 
 def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, method: str,
              target: float, ft: TrainConfig, cap_cfg: CapConfig, base_acc: float,
-             channel_multiple: int = 8) -> dict[str, Any]:
+             channel_multiple: int = 8, latency: bool = True,
+             state_path: Path | None = None) -> dict[str, Any]:
     """One (method, target) cell through `caproj.compress`: the same data, calibration images,
-    fine-tune recipe and teacher for every method."""
+    fine-tune recipe and teacher for every method. `latency=False` skips the CPU latency
+    report (its fields are then absent, not guessed). `state_path`: resumable CaP and
+    fine-tune state (`caproj.compress`'s), so a stopped cell continues where it stopped."""
     base, opts = parse_method(method)
     ft = ft.replace(**{k: v for k, v in opts.items() if k in FINETUNE_FIELDS})
     opts = {k: v for k, v in opts.items() if k not in FINETUNE_FIELDS}
     progressive = opts.pop("progressive", False)
     torch.manual_seed(ft.seed)
 
-    def stage(net: nn.Module, frac: float, ft_s: TrainConfig, **extra: Any) -> Any:
+    def stage(net: nn.Module, frac: float, ft_s: TrainConfig, tag: str = "",
+              **extra: Any) -> Any:
         return compress(net, train, target_macs=frac, method=base, calib_data=calib,
                         eval_data=test, finetune=ft_s if ft_s.epochs else None,
                         seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
+                        state_path=None if state_path is None else f"{state_path}{tag}",
+                        resume=state_path is not None,
                         **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"},
                            **opts, **extra})
 
@@ -122,7 +128,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
             raise CaprojError("+prog needs more than one fine-tune epoch", param="method")
         half = cap_cfg.steps // 2
         first = stage(model, math.sqrt(target), ft.replace(epochs=1, max_steps=None),
-                      steps=half)
+                      ".stage1", steps=half)
         r1 = first.report
         frac1 = r1["macs_after"] / r1["macs_before"]
         stages.append({"target_macs": math.sqrt(target), "macs": r1["macs_after"],
@@ -167,12 +173,13 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
         rec["match_scale"] = rep["match_scale"]
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
              rec["acc_before_finetune"], rec["compress_seconds"])
-    lat = latency_report(model, small, shape, None)  # eager, BN folded + cl, inductor, ort
-    rec.update(lat)
-    for b in (1, 64):  # the headline: one fixed deploy form for every method
-        rec[f"latency_b{b}_ms"] = lat.get(f"latency_fold_bn_cl_b{b}_after_ms")
-        rec[f"latency_b{b}_original_ms"] = lat.get(f"latency_fold_bn_cl_b{b}_before_ms")
-        rec[f"latency_b{b}_speedup"] = lat.get(f"latency_fold_bn_cl_b{b}_speedup")
+    if latency:
+        lat = latency_report(model, small, shape, None)  # eager, BN folded + cl, inductor, ort
+        rec.update(lat)
+        for b in (1, 64):  # the headline: one fixed deploy form for every method
+            rec[f"latency_b{b}_ms"] = lat.get(f"latency_fold_bn_cl_b{b}_after_ms")
+            rec[f"latency_b{b}_original_ms"] = lat.get(f"latency_fold_bn_cl_b{b}_before_ms")
+            rec[f"latency_b{b}_speedup"] = lat.get(f"latency_fold_bn_cl_b{b}_speedup")
     rec["peak_activation_bytes"] = metrics.peak_activation_bytes(small, shape)
     rec["peak_activation_bytes_original"] = metrics.peak_activation_bytes(model, shape)
     log.info("  %s @ %g: %.2f %% after %d fine-tune epochs", method, target,
@@ -185,14 +192,17 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
         test: Iterable, arch: str, methods: list[str], targets: list[float], ft: TrainConfig,
         cap_cfg: CapConfig, out_dir: Path, channel_multiple: int = 8,
         seeds: list[int] | None = None, equal_compute: bool = False,
-        budget_images: int | None = None) -> list[dict]:
+        budget_images: int | None = None, latency: bool = True) -> list[dict]:
     """Every (target, method, seed) cell, resumed from `out_dir` where already measured.
 
     `train`: the training batches, or `train(seed)` giving each seed its own data order.
     `seeds`: one cell per seed (None: one cell at ft.seed, files named as before).
     `equal_compute`: every method consumes the same number of training images (the largest
     compression + fine-tuning total among `methods` and the cells already stored in `out_dir`
-    with this recipe, or `budget_images` when given), extending the others' fine-tuning."""
+    with this recipe, or `budget_images` when given), extending the others' fine-tuning.
+    `latency=False`: no CPU latency report per cell (a long bench on a GPU box, say).
+    A cell stopped part-way (SIGTERM, a time limit) leaves `<cell>.cap-state.pt` /
+    `.ft-state.pt` beside its file, and the next run continues it from there."""
     for m in methods:
         parse_method(m)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +253,8 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                              target, s, path.name)
                     continue
                 rec = run_cell(model, data, calib, test, method, target, ft_m,
-                               cap_cfg.replace(seed=s), base_acc, channel_multiple)
+                               cap_cfg.replace(seed=s), base_acc, channel_multiple, latency,
+                               state_path=path.with_suffix(""))  # a stopped cell resumes
                 cap_images = rec["compress_images"]
                 ft_steps = min(ft_m.epochs * spe, ft_m.max_steps or ft_m.epochs * spe)
                 rec.update(arch=arch, target=target, finetune_config=ft_m.as_dict(),

@@ -25,6 +25,9 @@ from caproj.config import (
     CAP,
     CHANNEL_MULTIPLE,
     FINETUNE,
+    FINETUNE_LEARN,
+    LEARN_RATIO,
+    RECIPES,
     SAVE_EVERY,
     SYNTH,
     TRAIN,
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-weight", type=float, default=FINETUNE.feature_weight,
                    help="fine-tune with CaP's reconstruction term too: this weight times the "
                    "consumers' output error against the original's (default 0: off)")
-    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0)
+    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0, by_recipe=True)
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
     p.add_argument("--label-free", action="store_true", help="compress and fine-tune without "
@@ -287,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the others' fine-tuning")
     p.add_argument("--budget-images", type=_positive_int,
                    help="with --equal-compute: this many training images per cell instead")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip each cell's CPU latency report (accuracy and MACs only)")
     _add_common(p)
 
     p = cmd("export", "export a (compressed) model for deployment: ONNX or torch.export")
@@ -306,21 +311,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, recipe: TrainConfig,
-                    default_epochs: int) -> None:
-    """Training flags, their defaults read from `recipe` (caproj.config: one source)."""
+                    default_epochs: int, by_recipe: bool = False) -> None:
+    """Training flags, their defaults read from `recipe` (caproj.config: one source).
+    `by_recipe`: --lr and --kd default to the one --recipe picks (compress)."""
     p.add_argument(epochs_flag, dest="epochs", type=int, default=default_epochs,
                    help=f"epochs (default {default_epochs})")
-    p.add_argument("--lr", type=float, default=recipe.lr,
-                   help="peak learning rate (default %(default)s)")
+    if by_recipe:
+        p.add_argument("--recipe", choices=(*RECIPES, "auto"), default="auto",
+                       help=f"fine-tune recipe behind --lr and --kd: polish (peak lr "
+                       f"{FINETUNE.lr:g}, KD {FINETUNE.kd_weight:g}), learn (lr "
+                       f"{FINETUNE_LEARN.lr:g}, KD {FINETUNE_LEARN.kd_weight:g}, in CaP too: for "
+                       f"an original trained on other data or preprocessing) or auto (default: "
+                       f"learn when the original's loss on training images exceeds "
+                       f"{LEARN_RATIO:g}x its test loss)")
+    p.add_argument("--lr", type=float, default=None if by_recipe else recipe.lr,
+                   help="peak learning rate (default " + ("from --recipe)" if by_recipe
+                                                          else "%(default)s)"))
     p.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
     p.add_argument("--schedule", choices=("onecycle", "cosine", "constant"),
                    default=recipe.schedule)
     p.add_argument("--label-smoothing", type=float, default=recipe.label_smoothing)
     p.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
-    p.add_argument("--kd", type=float, default=recipe.kd_weight, dest="kd_weight",
+    p.add_argument("--kd", type=float, default=None if by_recipe else recipe.kd_weight,
+                   dest="kd_weight",
                    help="distillation weight (0..1) from the original model (compress, "
                    "bench: in CaP's optimisation and the fine-tuning) or from --teacher "
-                   "(train); default %(default)s")
+                   "(train); default " + ("from --recipe" if by_recipe else "%(default)s"))
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=recipe.optimizer,
                    help="sgd (nesterov, default) or adam (AdamW)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "
@@ -360,10 +376,15 @@ def _add_resume_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule,
+    """The flags' recipe (compress: an unset --lr / --kd reads as polish's here; the library
+    replaces them with its --recipe's, see `_finetune_options`)."""
+    kd = getattr(a, "kd_weight", 0.0)
+    return TrainConfig(epochs=a.epochs, lr=FINETUNE.lr if a.lr is None else a.lr,
+                       batch_size=a.batch_size, schedule=a.schedule,
                        label_smoothing=a.label_smoothing, weight_decay=a.weight_decay,
                        seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
-                       kd_weight=getattr(a, "kd_weight", 0.0), max_steps=a.max_steps,
+                       kd_weight=FINETUNE.kd_weight if kd is None else kd,
+                       max_steps=a.max_steps,
                        freeze_bn=getattr(a, "freeze_bn", False),
                        optimizer=getattr(a, "optimizer", "sgd"), ema=a.ema,
                        feature_weight=getattr(a, "feature_weight", 0.0))
@@ -552,8 +573,18 @@ def cmd_train(a: argparse.Namespace) -> None:
 def _cap_options(a: argparse.Namespace) -> dict[str, Any]:
     return {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
             "batch_size": a.cap_batch_size, "recon_weight": a.recon_weight, "relax": a.relax,
-            "kd": a.kd_weight, "bf16": False if a.no_bf16 else None,
-            "match_scale": a.match_scale, "ridge_to": a.ridge_to, "ridge": a.ridge}
+            "bf16": False if a.no_bf16 else None, "match_scale": a.match_scale,
+            "ridge_to": a.ridge_to, "ridge": a.ridge,
+            **({} if a.kd_weight is None else {"kd": a.kd_weight})}  # unset: the recipe's
+
+
+def _finetune_options(a: argparse.Namespace, ft: TrainConfig) -> dict[str, Any] | None:
+    """compress's fine-tuning for the library: every flag's value, except an unset --lr / --kd
+    (the library takes those from --recipe)."""
+    if ft.epochs <= 0:
+        return None
+    unset = {k for k, v in (("lr", a.lr), ("kd_weight", a.kd_weight)) if v is None}
+    return {k: v for k, v in ft.as_dict().items() if k not in unset}
 
 
 LATENCY = {"none": (), "fast": ("fold_bn_cl",), "full": None}
@@ -600,7 +631,8 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        latency_batch=a.latency_batch,
                        latency_threads=a.latency_threads or a.threads,
                        calib_data=calib_b, eval_data=test_b, calib_images=a.calib_images,
-                       steps=a.cap_steps, finetune=ft if ft.epochs > 0 else None, seed=a.seed,
+                       steps=a.cap_steps, finetune=_finetune_options(a, ft),
+                       recipe=a.recipe, seed=a.seed,
                        channel_multiple=a.channel_multiple, allocation=a.allocate,
                        stream_projection=a.stream_projection, label_free=a.label_free,
                        synthetic=data.n if synthetic else None,
@@ -622,7 +654,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
         ck = make_checkpoint(small, meta["arch"], num_classes=num_classes,
                              in_channels=data.input_shape[0], input_shape=list(data.input_shape),
                              compressed=True, data=data.describe(),
-                             train_config=ft.as_dict(),
+                             train_config=rep.get("finetune_config", ft.as_dict()),
                              metrics={k: v for k, v in rep.items() if k != "cap_history"},
                              cap_history=rep.get("cap_history"), **run_record(a.seed))
         atomic_save(ck, a.out)
@@ -730,6 +762,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from caproj import bench
+    from caproj.resume import stop_on_signal
 
     try:
         targets = [float(t) for t in a.targets.split(",")]
@@ -758,9 +791,11 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
         return Batches.train_of(data, ft.batch_size, seed=seed, device=device)
 
-    bench.run(model, train_for, calib_b, test_b, meta["arch"], methods, targets, ft, cap_cfg,
-              out, channel_multiple=a.channel_multiple, seeds=a.seeds,
-              equal_compute=a.equal_compute, budget_images=a.budget_images)
+    with stop_on_signal():  # SIGTERM/SIGINT: the cell in progress saves its state and stops
+        bench.run(model, train_for, calib_b, test_b, meta["arch"], methods, targets, ft,
+                  cap_cfg, out, channel_multiple=a.channel_multiple, seeds=a.seeds,
+                  equal_compute=a.equal_compute, budget_images=a.budget_images,
+                  latency=not a.no_latency)
     print((out / "results.md").read_text())
 
 

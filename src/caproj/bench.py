@@ -330,8 +330,11 @@ def report(cells: list[dict], out_dir: Path) -> str:
              + (", BN statistics frozen" if ftc.get('freeze_bn') else "")
              + (f", weight EMA {ftc['ema']:g} (the averaged weights are evaluated)"
                 if ftc.get('ema') else "") + ". Accuracies: mean ± std over the seeds (n).", "",
-             "Speed-ups against the original in the same form, interleaved in the same run: "
-             "PyTorch CPU with BN folded + channels_last, and onnxruntime (CPU).", "",
+             ("Speed-ups against the original in the same form, interleaved in the same run: "
+              "PyTorch CPU with BN folded + channels_last, and onnxruntime (CPU)."
+              if any(c.get("latency_b1_speedup") for c in cells) else
+              "Latency not measured in these cells (--no-latency): speed-up columns are –."),
+             "",
              "| target | method | MACs (M) | params (M) | top-1 before FT | top-1 after FT | "
              "train images (k) | b1 speed-up | b64 speed-up | b1 / b64 onnxruntime | "
              "peak act. (KiB) | compress (s) |",

@@ -26,7 +26,7 @@ from caproj import dist
 from caproj.config import TrainConfig
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, rng_state, set_rng_state
-from caproj.utils import seed_everything
+from caproj.utils import seed_everything, steady_allocator
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -192,6 +192,9 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     `feature_layers` (default `feature_layers_of(model, teacher)`) matched to the teacher's.
     With a `checkpoint`, the whole training state is saved every `checkpoint.every` steps and
     on SIGTERM/SIGINT, and a resumed call continues from the saved step to the same result.
+    On the CPU (glibc) it fixes the process's malloc thresholds (`utils.steady_allocator`):
+    with a teacher, glibc's defaults fault every step's memory in again (30,000 page faults a
+    step on ResNet-56, 10 % slower; benchmarks/train_allocator.py).
     """
     cfg.validate()
     B.check_iterable(data)
@@ -224,6 +227,8 @@ def _fit(model: nn.Module, data: Iterable, cfg: TrainConfig, teacher: nn.Module 
          feats: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None) -> list[dict]:
     seed_everything(cfg.seed)
     device = model_device(model)
+    if device.type == "cpu":
+        steady_allocator()
     use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

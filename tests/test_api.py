@@ -366,6 +366,9 @@ def test_choose_recipe_learns_where_the_original_does_not_fit_its_training_data(
     assert lost["train_loss"] == pytest.approx(
         caproj.evaluate(net, _labelled_by(None, 2), progress=False)["loss"])
     assert "reason" in caproj.choose_recipe(net, _labelled_by(net, 0), None)
+    # a test loss already measured is used, not measured again
+    given = caproj.choose_recipe(net, _labelled_by(None, 2), _labelled_by(None, 1), test_loss=1e3)
+    assert given["test_loss"] == 1e3 and given["recipe"] == "polish"
     unlabelled = DataLoader(torch.randn(32, 3, 8, 8), batch_size=16)
     assert caproj.choose_recipe(net, unlabelled, _labelled_by(None, 1))["recipe"] == "polish"
 
@@ -377,6 +380,8 @@ def test_compress_fine_tunes_with_the_recipe_it_chose_and_the_options_given():
     auto = caproj.compress(net, _labelled_by(None, 2), finetune={"epochs": 1, "max_steps": 1},
                            eval_data=test, **common).report
     assert auto["recipe"]["recipe"] == "learn"
+    assert auto["recipe"]["test_loss"] == pytest.approx(
+        caproj.evaluate(net, test, progress=False)["loss"])  # the one evaluation of the original
     assert (auto["finetune_config"]["lr"], auto["finetune_config"]["kd_weight"]) == \
         (caproj.FINETUNE_LEARN.lr, caproj.FINETUNE_LEARN.kd_weight)
     assert auto["cap_config"]["kd"] == caproj.FINETUNE_LEARN.kd_weight  # CaP distils as FT does

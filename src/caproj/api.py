@@ -121,7 +121,7 @@ def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, see
 
 def choose_recipe(model: nn.Module, train_data: Iterable, eval_data: Iterable | None, *,
                   loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
-                  max_batches: int = 16) -> dict[str, Any]:
+                  max_batches: int = 16, test_loss: float | None = None) -> dict[str, Any]:
     """Which fine-tune recipe suits compressing `model` on this data: {"recipe": "polish" |
     "learn", "train_loss", "test_loss", "ratio", "threshold"} (or a "reason" where it could
     not measure).
@@ -132,7 +132,8 @@ def choose_recipe(model: nn.Module, train_data: Iterable, eval_data: Iterable | 
     whose predictions would cap the student. The test: the original's mean loss on up to
     `max_batches` batches of `train_data` (unaugmented training images, as a calibration set
     is) above `caproj.config.LEARN_RATIO` x its loss on `eval_data` means "learn". A heuristic
-    measured on four starts (RESULTS.md); pass the recipe explicitly to override it."""
+    measured on four starts (RESULTS.md); pass the recipe explicitly to override it.
+    `test_loss`: the original's loss on `eval_data` when already measured (not re-measured)."""
     if eval_data is None:
         return {"recipe": "polish", "reason": "no eval_data to compare the training loss with"}
     if not _peek(train_data, "train_data")[1]:
@@ -140,7 +141,7 @@ def choose_recipe(model: nn.Module, train_data: Iterable, eval_data: Iterable | 
     kw: dict[str, Any] = {"loss_fn": loss_fn, "output_transform": output_transform,
                           "progress_bar": False}
     tr = _evaluate_impl(model, train_data, max_batches=max_batches, **kw)["loss"]
-    te = _evaluate_impl(model, eval_data, **kw)["loss"]
+    te = _evaluate_impl(model, eval_data, **kw)["loss"] if test_loss is None else test_loss
     ratio = tr / te if te > 0 else math.inf
     learn = dist.any_rank(ratio > LEARN_RATIO)  # under torchrun every rank takes one recipe
     return {"recipe": "learn" if learn else "polish", "train_loss": tr,
@@ -254,19 +255,8 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     if recipe not in (*RECIPES, "auto"):
         raise CaprojError(f"recipe must be one of {', '.join([*RECIPES, 'auto'])}, got "
                           f"{recipe!r}", param="recipe")
-    chosen: dict[str, Any] = {"recipe": recipe}
-    if recipe == "auto" and finetune not in (None, False, 0) and \
-            not isinstance(finetune, TrainConfig):
-        chosen = choose_recipe(model, calib_data if calib_data is not None else data,
-                               eval_data, loss_fn=loss_fn, output_transform=output_transform)
-        log.info("fine-tune recipe %s (%s)", chosen["recipe"], chosen.get("reason") or
-                 f"training loss {chosen['train_loss']:.3f} = {chosen['ratio']:.2f} x the "
-                 f"test loss; learn above {LEARN_RATIO}")
-    base = RECIPES.get(chosen["recipe"], FINETUNE)
-    ft = _finetune_config(finetune, seed, has_teacher=True, base=base)
-    if ft is not None and not isinstance(finetune, TrainConfig) and base is not FINETUNE \
-            and "kd" not in options:
-        config = config.replace(kd=base.kd_weight)  # the recipe's distillation in CaP too
+    ft = _finetune_config(finetune, seed, has_teacher=True)  # bad options fail before any work
+    by_recipe = ft is not None and not isinstance(finetune, TrainConfig)
     was_training = model.training
     model.eval()  # compression reads the trained network as deployed; mode restored below
     uses_widths = getattr(m, "uses_widths", True)
@@ -289,6 +279,22 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         log.info("%d sites; widths %s; predicted MACs %.2f M (%.3f of %.2f M)", len(plan.sites),
                  plan.widths, plan.predicted_macs() / 1e6, plan.predicted_macs() / plan.mm.total,
                  plan.mm.total / 1e6)
+    original = None if eval_data is None else _evaluate_impl(
+        model, eval_data, loss_fn=loss_fn, output_transform=output_transform,
+        progress_bar=progress)  # once: accuracy before, and the recipe's test loss
+    chosen: dict[str, Any] = {"recipe": recipe}
+    if by_recipe and recipe == "auto":
+        chosen = choose_recipe(model, calib_data if calib_data is not None else data,
+                               eval_data, loss_fn=loss_fn, output_transform=output_transform,
+                               test_loss=None if original is None else original["loss"])
+        log.info("fine-tune recipe %s (%s)", chosen["recipe"], chosen.get("reason") or
+                 f"training loss {chosen['train_loss']:.3f} = {chosen['ratio']:.2f} x the "
+                 f"test loss; learn above {LEARN_RATIO}")
+    base = RECIPES.get(chosen["recipe"], FINETUNE)
+    if by_recipe and base is not FINETUNE:
+        ft = _finetune_config(finetune, seed, has_teacher=True, base=base)
+        if "kd" not in options:
+            config = config.replace(kd=base.kd_weight)  # the recipe's distillation in CaP too
     cap_ck = ft_ck = None
     if state_path is not None:
         cap_ck = Checkpointer(f"{state_path}.cap-state.pt", {}, save_every, resume)
@@ -299,14 +305,12 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
               progress)
     rep: dict[str, Any] = {"method": name, **plan.describe(), "label_free": not labelled,
                            "allocation_seconds": alloc_s, **before}
-    if ft is not None and not isinstance(finetune, TrainConfig):
+    if by_recipe:
         rep["recipe"] = chosen
     if syn is not None:
         rep["data_free"] = {k: v for k, v in syn.report.items() if k != "batches"}
-    if eval_data is not None:
-        rep["acc_before"] = _evaluate_impl(model, eval_data, loss_fn=loss_fn,
-                                           output_transform=output_transform,
-                                           progress_bar=progress)["acc"]
+    if original is not None:
+        rep["acc_before"] = original["acc"]
     t1 = time.perf_counter()
     small = m(job)
     rep.update(job.report)

@@ -273,8 +273,8 @@ FINETUNE = TrainConfig(epochs=3, lr=0.005, kd_weight=0.5)
 FINETUNE_LEARN = TrainConfig(epochs=3, lr=0.02, kd_weight=0.0)
 RECIPES = {"polish": FINETUNE, "learn": FINETUNE_LEARN}
 # recipe="auto": "learn" when the original's loss on unaugmented training images exceeds this
-# share of its test loss (0.22-0.37 for the four starts that fit their data, 0.54-0.61 for those
-# that did not), else "polish".
+# share of its test loss (0.20-0.35 for the two shared starts that fit their data, 0.54-0.64 for
+# the two that do not: benchmarks/recipe_probe.py), else "polish".
 LEARN_RATIO = 0.45
 CAP = CapConfig()
 SYNTH = SynthConfig()

@@ -160,7 +160,7 @@ def main() -> None:
            "starts": {}}
     for method in a.methods.split(","):
         t0 = time.perf_counter()
-        res = caproj.compress(model, train, target_macs=a.target, method=method,
+        res = caproj.compress(model, train, preset=None, target_macs=a.target, method=method,
                               calib_data=calib, seed=a.seed, progress=False)
         compress_s = time.perf_counter() - t0
         variants = {method: res.model}

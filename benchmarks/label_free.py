@@ -114,7 +114,8 @@ def run(a: argparse.Namespace) -> None:
             cap_steps = int(opts.get("steps", CAP.steps))
             if kind in ("unlabeled", "labelled"):
                 train, calib = _subset(data, n, a.seed, labels=kind == "labelled")
-                res = caproj.compress(model, train, calib_data=calib, target_macs=target,
+                res = caproj.compress(model, train, preset=None,
+                                      calib_data=calib, target_macs=target,
                                       eval_data=test, seed=a.seed, progress=False, **opts)
             elif kind == "synthetic":
                 syn = caproj.synthesize(model, n, (3, 32, 32), steps=a.synth_steps,
@@ -126,7 +127,7 @@ def run(a: argparse.Namespace) -> None:
                     model, torch.cat([x for x, _ in Batches.subset_of(data, n, 250, seed=a.seed)]))
                 rec["synthesis"]["bn_loss_synthetic"] = bn_statistics_loss(model, syn.images)
                 train = syn.batches(CAP.batch_size, train=True, seed=a.seed)
-                res = caproj.compress(model, train, calib_data=syn.batches(250),
+                res = caproj.compress(model, train, preset=None, calib_data=syn.batches(250),
                                       target_macs=target,
                                       eval_data=test, seed=a.seed, progress=False, **opts)
             elif kind == "tp":
@@ -135,7 +136,7 @@ def run(a: argparse.Namespace) -> None:
                     raise SystemExit(f"tp:{n} reuses the widths of unlabeled:{n}: run that first")
                 widths = json.loads(refs[0].read_text())["widths"]
                 train, calib = _subset(data, n, a.seed)
-                res = caproj.compress(model, train, calib_data=calib, widths=widths,
+                res = caproj.compress(model, train, preset=None, calib_data=calib, widths=widths,
                                       method="tp-l2", eval_data=test, seed=a.seed,
                                       progress=False)
                 rec["acc_pruned"] = res.report["acc_after_compress"]

@@ -35,7 +35,8 @@ def main() -> None:
         opts = {k: LF._value(v) for k, v in (o.split("=", 1) for o in extra)}
         train, calib = LF._subset(data, n, 0, labels=mode == "lab")
         t = time.time()
-        res = caproj.compress(model, train, calib_data=calib, target_macs=0.5, steps=steps,
+        res = caproj.compress(model, train, preset=None,
+                              calib_data=calib, target_macs=0.5, steps=steps,
                               eval_data=test, progress=False, calib_images=min(n, 1000), **opts)
         h = res.report["cap_history"]
         print(kind, round(time.time() - t), res.report["acc_after_compress"],

@@ -76,7 +76,7 @@ def run(a: argparse.Namespace) -> None:
                 "machine": L.machine()})  # threads: the latency's (run_record's: torch's)
     if "cap" not in rec:
         t0 = time.perf_counter()
-        res = caproj.compress(model, train, target_latency=a.target, runtime=a.runtime,
+        res = caproj.compress(model, train, preset=None, target_latency=a.target, runtime=a.runtime,
                               latency_batch=a.batch, latency_threads=a.threads,
                               allocation=a.allocation, stream_projection=a.stream,
                               match_scale=a.rescale, calib_data=calib, eval_data=test,
@@ -102,7 +102,7 @@ def run(a: argparse.Namespace) -> None:
             # inner sites only, at the narrowest widths on the latency grid, its fastest form
             widths = [g[0] for _, g in L.site_grids(require_sites(model), CHANNEL_MULTIPLE)]
             stream = False
-        res = caproj.compress(model, train, method="tp-l2", widths=widths,
+        res = caproj.compress(model, train, preset=None, method="tp-l2", widths=widths,
                               stream_projection=stream,
                               calib_data=calib, eval_data=test, finetune=a.epochs,
                               seed=a.seed, progress=False)

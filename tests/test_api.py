@@ -355,49 +355,52 @@ def _labelled_by(net: nn.Module | None, seed: int, n: int = 64) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=16)
 
 
-def test_choose_recipe_learns_where_the_original_does_not_fit_its_training_data():
+def test_measure_fit_says_where_the_original_does_not_fit_its_training_data():
     net = _confident()
-    fits = caproj.choose_recipe(net, _labelled_by(net, 0), _labelled_by(None, 1))
-    assert fits["recipe"] == "polish" and fits["ratio"] < 0.1 < fits["test_loss"]
+    fits = caproj.measure_fit(net, _labelled_by(net, 0), _labelled_by(None, 1))
+    assert fits["fits"] is True and fits["ratio"] < 0.1 < fits["test_loss"]
     assert fits["threshold"] == caproj.config.LEARN_RATIO
     # the same network on training labels it does not predict: as lost as on the test set
-    lost = caproj.choose_recipe(net, _labelled_by(None, 2), _labelled_by(None, 1))
-    assert lost["recipe"] == "learn" and lost["ratio"] > caproj.config.LEARN_RATIO
+    lost = caproj.measure_fit(net, _labelled_by(None, 2), _labelled_by(None, 1))
+    assert lost["fits"] is False and lost["ratio"] > caproj.config.LEARN_RATIO
     assert lost["train_loss"] == pytest.approx(
         caproj.evaluate(net, _labelled_by(None, 2), progress=False)["loss"])
-    assert "reason" in caproj.choose_recipe(net, _labelled_by(net, 0), None)
+    assert caproj.measure_fit(net, _labelled_by(net, 0), None)["fits"] is None
     # a test loss already measured is used, not measured again
-    given = caproj.choose_recipe(net, _labelled_by(None, 2), _labelled_by(None, 1), test_loss=1e3)
-    assert given["test_loss"] == 1e3 and given["recipe"] == "polish"
+    given = caproj.measure_fit(net, _labelled_by(None, 2), _labelled_by(None, 1), test_loss=1e3)
+    assert given["test_loss"] == 1e3 and given["fits"] is True
     unlabelled = DataLoader(torch.randn(32, 3, 8, 8), batch_size=16)
-    assert caproj.choose_recipe(net, unlabelled, _labelled_by(None, 1))["recipe"] == "polish"
+    assert caproj.measure_fit(net, unlabelled, _labelled_by(None, 1))["fits"] is None
 
 
-def test_compress_fine_tunes_with_the_recipe_it_chose_and_the_options_given():
+def test_compress_takes_the_preset_it_chose_and_the_options_given():
     common = dict(target_macs=0.5, steps=2, calib_images=32, batch_size=16, channel_multiple=1,
                   progress=False)
     net, test = _confident(), _labelled_by(None, 1)
+    learn = caproj.PRESETS["learn"]
     auto = caproj.compress(net, _labelled_by(None, 2), finetune={"epochs": 1, "max_steps": 1},
                            eval_data=test, **common).report
-    assert auto["recipe"]["recipe"] == "learn"
-    assert auto["recipe"]["test_loss"] == pytest.approx(
+    assert auto["preset"]["name"] == "learn" and auto["fit"]["fits"] is False
+    assert auto["fit"]["test_loss"] == pytest.approx(
         caproj.evaluate(net, test, progress=False)["loss"])  # the one evaluation of the original
     assert (auto["finetune_config"]["lr"], auto["finetune_config"]["kd_weight"]) == \
-        (caproj.FINETUNE_LEARN.lr, caproj.FINETUNE_LEARN.kd_weight)
-    assert auto["cap_config"]["kd"] == caproj.FINETUNE_LEARN.kd_weight  # CaP distils as FT does
+        (dict(learn.finetune)["lr"], dict(learn.finetune)["kd_weight"])
+    assert auto["cap_config"]["kd"] == dict(learn.cap)["kd"]  # CaP distils as FT does
     fits = caproj.compress(net, _labelled_by(net, 0), finetune={"epochs": 1, "max_steps": 1},
                            eval_data=test, **common).report
-    assert fits["recipe"]["recipe"] == "polish"
+    assert fits["preset"]["name"] == "shallow"
     assert fits["finetune_config"]["lr"] == caproj.FINETUNE.lr
     assert fits["cap_config"]["kd"] == caproj.CAP.kd
-    # options given win over the recipe's; a TrainConfig is used as given, with no choice made
-    mine = caproj.compress(net, _labelled_by(None, 2), recipe="learn", kd=0.25, eval_data=test,
+    # options given win over the preset's, and the report names them
+    mine = caproj.compress(net, _labelled_by(None, 2), preset="learn", kd=0.25, eval_data=test,
                            finetune={"epochs": 1, "max_steps": 1, "lr": 0.01}, **common).report
-    assert mine["recipe"] == {"recipe": "learn"} and mine["finetune_config"]["lr"] == 0.01
+    assert mine["preset"]["name"] == "learn" and mine["preset"]["reason"] == "chosen by name"
+    assert mine["finetune_config"]["lr"] == 0.01 and mine["preset"]["overridden"] == ["kd", "lr"]
     assert mine["cap_config"]["kd"] == 0.25 and mine["finetune_config"]["kd_weight"] == 0.0
+    # a TrainConfig is used as given: no preset recipe, no budget split
     given = caproj.compress(net, _labelled_by(None, 2), eval_data=test, **common,
                             finetune=caproj.TrainConfig(epochs=1, max_steps=1, lr=0.003))
-    assert "recipe" not in given.report and given.report["finetune_config"]["lr"] == 0.003
-    with pytest.raises(caproj.CaprojError, match="recipe must be one of") as e:
-        caproj.compress(net, _labelled_by(None, 2), finetune=1, recipe="fast", **common)
-    assert e.value.param == "recipe"
+    assert given.report["finetune_config"]["lr"] == 0.003
+    with pytest.raises(caproj.CaprojError, match="unknown preset 'fast'") as e:
+        caproj.compress(net, _labelled_by(None, 2), finetune=1, preset="fast", **common)
+    assert e.value.param == "preset"

@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from caproj.config import FINETUNE, FINETUNE_LEARN
+from caproj.config import PRESETS
+from caproj.errors import CaprojError
 
 from conftest import CIFAR_ARCHIVE, MODELS, caproj, caproj_cmd, needs_cifar, needs_models
 
@@ -70,27 +71,34 @@ def test_compress_takes_the_deep_target_remedies_as_flags(trained, tmp_path):
     assert r.returncode == 2 and "ridge" in r.stderr and not (tmp_path / "bad.pt").exists()
 
 
-def test_compress_picks_its_fine_tune_recipe_and_flags_override_it(trained, tmp_path):
+def test_compress_picks_its_preset_and_flags_override_it(trained, tmp_path):
     base = ["compress", "--weights", trained, "--data", "digits", "--keep", "0.5",
             "--cap-steps", "2", "--calib-images", "300", "--finetune-epochs", "1",
             "--max-steps", "2", "--batch-size", "64", "--latency", "none"]
     r = caproj(*base, "--out", tmp_path / "auto.pt")
     assert r.returncode == 0, r.stderr
     ck = torch.load(tmp_path / "auto.pt", weights_only=True)
-    chosen = ck["metrics"]["recipe"]
-    assert chosen["recipe"] in ("polish", "learn") and f"fine-tune recipe {chosen['recipe']}" \
-        in r.stdout + r.stderr
-    want = {"polish": FINETUNE, "learn": FINETUNE_LEARN}[chosen["recipe"]]
+    chosen = ck["metrics"]["preset"]
+    assert chosen["name"] in ("shallow", "learn", "deep")
+    assert f"preset {chosen['name']}" in r.stdout  # the choice and its reason are printed
+    want = dict(PRESETS[chosen["name"]].finetune)
     assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == \
-        (want.lr, want.kd_weight)
-    r = caproj(*base, "--recipe", "learn", "--kd", "0.3", "--out", tmp_path / "learn.pt")
+        (want["lr"], want["kd_weight"])
+    r = caproj(*base, "--preset", "learn", "--kd", "0.3", "--method", "cap",
+               "--out", tmp_path / "learn.pt")
     assert r.returncode == 0, r.stderr
     ck = torch.load(tmp_path / "learn.pt", weights_only=True)
-    assert ck["metrics"]["recipe"] == {"recipe": "learn"}
-    assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == (FINETUNE_LEARN.lr, 0.3)
+    assert ck["metrics"]["preset"]["name"] == "learn"
+    assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == \
+        (dict(PRESETS["learn"].finetune)["lr"], 0.3)
     assert ck["metrics"]["cap_config"]["kd"] == 0.3  # --kd: CaP and fine-tuning alike
-    r = caproj(*base, "--recipe", "fast", "--out", tmp_path / "bad.pt")
-    assert r.returncode == 2 and "--recipe" in r.stderr and not (tmp_path / "bad.pt").exists()
+    r = caproj(*base, "--preset", "fast", "--out", tmp_path / "bad.pt")
+    assert r.returncode == 2 and "--preset" in r.stderr and not (tmp_path / "bad.pt").exists()
+    # --method runs another method under the same preset; --preset none: plain defaults
+    r = caproj(*base, "--method", "l1", "--preset", "none", "--out", tmp_path / "l1.pt")
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(tmp_path / "l1.pt", weights_only=True)
+    assert ck["metrics"]["method"] == "l1" and ck["metrics"]["preset"]["name"] is None
 
 
 def test_info_resnet56_numbers():
@@ -244,48 +252,36 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
     assert len(rows) == 1 and "svd" in rows[0]
 
 
-def test_bench_remedy_rows_and_a_folders_budget(trained, tmp_path):
-    """Issue 17's remedy rows as method suffixes, at equal compute: +prog (two stages),
-    +prior (refit toward W P), +mixft (reconstruction in fine-tuning), +bntrain; a later run
-    with other methods keeps the folder's budget; --budget-images sets one."""
+def test_bench_method_options_and_a_folders_budget(trained, tmp_path):
+    """A preset's options as method suffixes (+prior: the refit toward W P, +rescale), at equal
+    compute; a later run with other methods keeps the folder's budget; the research suffixes
+    measurement rejected are gone."""
     import json
 
     from caproj.bench import parse_method
 
-    assert parse_method("cp+prior+mixft") == ("cp", {"ridge_to": "projected", "ridge": 0.1,
-                                                     "feature_weight": 1.0})
-    assert parse_method("cp+wp") == ("cp", {"ridge_to": "projected", "ridge": 1e4})
-    out = tmp_path / "remedies"
+    assert parse_method("cp+prior+rescale") == ("cp", {"ridge_to": "projected", "ridge": 0.1,
+                                                       "match_scale": True})
+    with pytest.raises(CaprojError, match=r"unknown option \+prog"):
+        parse_method("cap+prog")
+    out = tmp_path / "options"
     common = ["--weights", trained, "--data", "digits", "--targets", "0.25", "--cap-steps",
               "4", "--finetune-epochs", "2", "--batch-size", "64", "--seeds", "0",
               "--equal-compute", "--out-dir", out]
-    r = caproj("bench", "--methods", "cap+prog+bntrain,cp+prior+mixft", *common)
+    r = caproj("bench", "--methods", "cap,cp+prior+rescale", *common)
     assert r.returncode == 0, r.stderr
     cells = {m: json.loads((out / f"{m}-0.25-s0-eq.json").read_text())
-             for m in ("cap+prog+bntrain", "cp+prior+mixft")}
-    prog = cells["cap+prog+bntrain"]
-    assert len(prog["stages"]) == 1 and prog["stages"][0]["target_macs"] == 0.5
-    assert prog["stages"][0]["cap_steps"] == 2 and prog["compress_images"] == 4 * 128
-    assert prog["stages"][0]["macs"] > prog["macs"]
-    assert 0.2 <= prog["macs"] / prog["macs_original"] <= 0.25
-    assert len(prog["stages"][0]["finetune_history"]) == 1  # one epoch between the stages
-    assert cells["cp+prior+mixft"]["finetune_feature_weight"] == 1.0
-    assert "finetune_feature_weight" not in prog
+             for m in ("cap", "cp+prior+rescale")}
+    assert cells["cap"]["compress_images"] == 4 * 128
+    assert cells["cp+prior+rescale"]["compress_images"] == 0
+    assert cells["cp+prior+rescale"]["match_scale"]
     budget = {c["train_images"] for c in cells.values()}
-    assert len(budget) == 1  # the same images for every row, two stages or one
+    assert len(budget) == 1  # the same images for every row
     # a later run without a CaP method keeps the folder's budget (CaP's steps included)
     r = caproj("bench", "--methods", "l1", *common)
     assert r.returncode == 0, r.stderr
     l1 = json.loads((out / "l1-0.25-s0-eq.json").read_text())
     assert {l1["train_images"]} == budget and l1["compress_images"] == 0
-    r = caproj("bench", "--methods", "l1", *common[:-1], tmp_path / "b2", "--budget-images",
-               "3000")
-    assert r.returncode == 0, r.stderr
-    l1b = json.loads((tmp_path / "b2" / "l1-0.25-s0-eq.json").read_text())
-    assert l1b["train_images"] == 3000 // 64 * 64
-    r = caproj("bench", "--methods", "l1", *common[:-3], "--out-dir", tmp_path / "b3",
-               "--budget-images", "3000")
-    assert r.returncode == 2 and "only with --equal-compute" in r.stderr
 
 
 def test_bench_fine_tunes_with_kd_from_the_original(trained, tmp_path):

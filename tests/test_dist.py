@@ -62,7 +62,7 @@ def test_compress_under_torchrun_matches_one_process(trained, tmp_path):
     # statistics, least squares and BN re-estimation all-reduced; CaP gradients summed
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-3, atol=1e-4, msg=k)
-    for k in ("acc_after_cap", "acc_after_finetune"):
+    for k in ("acc_after_compress", "acc_after_finetune"):
         assert abs(a["metrics"][k] - b["metrics"][k]) < 0.5
 
 

@@ -152,7 +152,7 @@ def test_cli_compresses_from_unlabeled_images_and_reports_accuracy_only_with_lab
     assert r.returncode == 0, r.stderr
     assert "accuracy not measured" in r.stdout and "label-free" in r.stdout
     m = torch.load(out, weights_only=True)["metrics"]
-    assert m["label_free"] is True and m["acc_before"] is None
+    assert m["label_free"] is True and m.get("acc_before") is None
     out2 = tmp_path / "u2.pt"
     r = caproj_cli("compress", "--data", f"unlabeled:{tree / 'train'}", "--eval-data", tree,
                    *common, "--finetune-epochs", "1", "--out", out2)
@@ -203,28 +203,3 @@ def test_a_small_training_set_lowers_the_default_rates():
     cfg = res.report["cap_config"]
     assert cfg["train_images"] == 96  # counted from the data: 20 passes
     assert cfg["lr"] == pytest.approx(1e-3 / 3)
-
-
-def test_label_free_mixing_is_seeded_and_changes_only_label_free_steps():
-    from caproj.cap import mix_inputs
-    from caproj.config import CapConfig
-
-    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    a, b = mix_inputs(x, 0.5, 3), mix_inputs(x, 0.5, 3)
-    assert torch.equal(a, b) and not torch.equal(a, x)
-    assert torch.equal(mix_inputs(x, 0.0, 3), x)
-    with pytest.raises(caproj.CaprojError, match="mix must be in"):
-        CapConfig(mix=0.7)
-    model = bn_net()
-    g = torch.Generator().manual_seed(1)
-    images = [torch.randn(16, 3, 12, 12, generator=g) for _ in range(4)]
-    labelled = [(x, torch.randint(0, 4, (16,), generator=g)) for x in images]
-    kw = dict(target_macs=0.5, steps=4, batch_size=16, calib_images=32, progress=False)
-    plain = caproj.compress(model, images, **kw).model.state_dict()
-    mixed = caproj.compress(model, images, mix=0.5, **kw).model.state_dict()
-    again = caproj.compress(model, images, mix=0.5, **kw).model.state_dict()
-    assert all(torch.equal(v, again[k]) for k, v in mixed.items())
-    assert any(not torch.equal(v, plain[k]) for k, v in mixed.items())
-    with_labels = caproj.compress(model, labelled, **kw).model.state_dict()
-    with_labels_mix = caproj.compress(model, labelled, mix=0.5, **kw).model.state_dict()
-    assert all(torch.equal(v, with_labels_mix[k]) for k, v in with_labels.items())

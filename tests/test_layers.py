@@ -18,7 +18,7 @@ LAYERS = {
              "models",
              "deploy", "train", "synth"],
     "methods": ["cap", "methods"],
-    "api": ["api", "__init__"],
+    "api": ["api", "stages", "__init__"],
     "bench": ["bench", "coverage"],
     "cli": ["cli"],
 }

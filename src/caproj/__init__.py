@@ -16,17 +16,29 @@ The package reads in layers, imports pointing only downward:
 
 import logging
 
-from caproj.api import Result, choose_recipe, compress, evaluate, finetune, load, save, synthesize
+from caproj.api import (
+    Report,
+    Result,
+    compress,
+    evaluate,
+    finetune,
+    load,
+    measure_fit,
+    save,
+    synthesize,
+)
 from caproj.cap import CaP
 from caproj.config import (
                            CAP,
                            FINETUNE,
-                           FINETUNE_LEARN,
+                           PRESETS,
                            SYNTH,
                            TRAIN,
                            CapConfig,
+                           Preset,
                            SynthConfig,
                            TrainConfig,
+                           choose_preset,
 )
 from caproj.errors import CaprojError
 from caproj.methods import METHODS, Job, Method, Selection, register_method
@@ -38,8 +50,9 @@ from caproj.version import __version__
 logging.getLogger("caproj").addHandler(logging.NullHandler())
 
 __all__ = [
-    "CAP", "FINETUNE", "FINETUNE_LEARN", "METHODS", "TRAIN", "CaP", "CapConfig", "CaprojError",
-    "Job", "Method", "Result", "SYNTH", "Selection", "Site", "SynthConfig", "Synthetic",
-    "TrainConfig", "__version__", "choose_recipe", "compress", "evaluate", "find_sites",
-    "finetune", "load", "match_weight_scale", "register_method", "save", "synthesize",
+    "CAP", "FINETUNE", "METHODS", "PRESETS", "TRAIN", "CaP", "CapConfig", "CaprojError",
+    "Job", "Method", "Preset", "Report", "Result", "SYNTH", "Selection", "Site", "SynthConfig",
+    "Synthetic", "TrainConfig", "__version__", "choose_preset", "compress", "evaluate",
+    "find_sites", "finetune", "load", "match_weight_scale", "measure_fit", "register_method",
+    "save", "synthesize",
 ]

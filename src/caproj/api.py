@@ -17,33 +17,26 @@ raises `CaprojError` naming the parameter at fault; it never prints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
 from caproj import batches as B
-from caproj import dist, metrics
 from caproj import latency as L
+from caproj import metrics
+from caproj import stages as S
 from caproj.cap import input_shape_of
-from caproj.config import (
-    CHANNEL_MULTIPLE,
-    FINETUNE,
-    LEARN_RATIO,
-    RECIPES,
-    SAVE_EVERY,
-    CapConfig,
-    TrainConfig,
-)
+from caproj.config import FINETUNE, SAVE_EVERY, CapConfig, JobFacts, Preset, TrainConfig
 from caproj.errors import CaprojError
-from caproj.methods import Job, Method, get_method, method_name
+from caproj.methods import Job, Method
 from caproj.models import (
     check_finite,
     check_state_dict,
@@ -52,25 +45,25 @@ from caproj.models import (
     read_checkpoint,
     write_safetensors,
 )
-from caproj.plan import Plan
 from caproj.resume import Checkpointer
-from caproj.surgery import match_weight_scale, resize_to_state_dict
+from caproj.stages import measure_fit
+from caproj.surgery import resize_to_state_dict
 from caproj.synth import synthesize
-from caproj.train import LossFn, OutputTransform, fit, model_device, outputs_of
+from caproj.train import LossFn, OutputTransform, fit, model_device
 from caproj.train import evaluate as _evaluate_impl
 from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Result", "compress", "choose_recipe", "finetune", "evaluate", "save", "load",
-           "synthesize"]
+__all__ = ["Report", "Result", "compress", "measure_fit", "finetune", "evaluate", "save",
+           "load", "synthesize"]
 
 
 @dataclass
 class Result:
     """What `compress` returns. `model` is a plain nn.Module, physically narrower than the
     input model (which is left untouched); `widths` the channels kept per site; `report` a
-    JSON-able dict: MACs/params before and after, timings, configuration, seed, versions."""
+    JSON-able dict (`Report`: one name per quantity); `sites` the compressed sites."""
 
     model: nn.Module
     widths: list[int] | None
@@ -78,298 +71,221 @@ class Result:
     sites: list[Any] = field(default_factory=list)
 
 
-def _peek(data: Iterable, name: str) -> tuple[torch.Tensor, bool]:
-    B.check_iterable(data, name)
-    for x, y in B.iterate(data):
-        return x, y is not None
-    raise CaprojError(f"{name} is empty: it yielded no batch", param=name)
+class Report(TypedDict, total=False):
+    """The keys of `Result.report` (each quantity under one name)."""
 
-
-def _count_images(data: Iterable) -> int | None:
-    """Distinct images in `data` where it says (caproj's batches, a DataLoader over a sized
-    dataset, a list of batches); None where it cannot tell (a stream, a generator)."""
-    n = getattr(data, "n", None)  # caproj's Batches (and WithoutLabels over them)
-    if isinstance(n, int) and not isinstance(n, bool):
-        return n
-    ds = getattr(data, "dataset", None)
-    if ds is not None and hasattr(ds, "__len__") and not getattr(data, "sharded", False):
-        try:
-            return len(ds)
-        except TypeError:
-            return None
-    if isinstance(data, (list, tuple)):
-        return sum(len(B.split(b)[0]) for b in data) or None
-    return None
-
-
-def _finetune_config(finetune: int | Mapping[str, Any] | TrainConfig | None, seed: int,
-                     has_teacher: bool, base: TrainConfig = FINETUNE) -> TrainConfig | None:
-    if finetune is None or finetune is False:
-        return None
-    if isinstance(finetune, TrainConfig):
-        return finetune
-    if isinstance(finetune, bool) or not isinstance(finetune, (int, Mapping)):
-        raise CaprojError("finetune must be a number of epochs, a dict of recipe options or a "
-                          "TrainConfig", param="finetune")
-    opts: dict[str, Any] = {"epochs": finetune} if isinstance(finetune, int) else dict(finetune)
-    opts.setdefault("seed", seed)
-    if not has_teacher:
-        opts.setdefault("kd_weight", 0.0)
-    cfg = base.replace(**opts)
-    return cfg if cfg.epochs > 0 else None
-
-
-def choose_recipe(model: nn.Module, train_data: Iterable, eval_data: Iterable | None, *,
-                  loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
-                  max_batches: int = 16, test_loss: float | None = None) -> dict[str, Any]:
-    """Which fine-tune recipe suits compressing `model` on this data: {"recipe": "polish" |
-    "learn", "train_loss", "test_loss", "ratio", "threshold"} (or a "reason" where it could
-    not measure).
-
-    "polish" (`caproj.FINETUNE`: peak lr 0.005, KD 0.5 from the original) keeps a start that
-    already fits the data; "learn" (`caproj.FINETUNE_LEARN`: peak lr 0.02, no KD) suits an
-    original that does not fit the training data yet (trained on other data or preprocessing),
-    whose predictions would cap the student. The test: the original's mean loss on up to
-    `max_batches` batches of `train_data` (unaugmented training images, as a calibration set
-    is) above `caproj.config.LEARN_RATIO` x its loss on `eval_data` means "learn". A heuristic
-    measured on four starts (RESULTS.md); pass the recipe explicitly to override it.
-    `test_loss`: the original's loss on `eval_data` when already measured (not re-measured)."""
-    if eval_data is None:
-        return {"recipe": "polish", "reason": "no eval_data to compare the training loss with"}
-    if not _peek(train_data, "train_data")[1]:
-        return {"recipe": "polish", "reason": "unlabelled training data (distillation needed)"}
-    kw: dict[str, Any] = {"loss_fn": loss_fn, "output_transform": output_transform,
-                          "progress_bar": False}
-    tr = _evaluate_impl(model, train_data, max_batches=max_batches, **kw)["loss"]
-    te = _evaluate_impl(model, eval_data, **kw)["loss"] if test_loss is None else test_loss
-    ratio = tr / te if te > 0 else math.inf
-    learn = dist.any_rank(ratio > LEARN_RATIO)  # under torchrun every rank takes one recipe
-    return {"recipe": "learn" if learn else "polish", "train_loss": tr,
-            "test_loss": te, "ratio": ratio, "threshold": LEARN_RATIO}
+    method: str
+    preset: dict[str, Any]  # name, reason, the measured row, the options that overrode it
+    budget: dict[str, Any]  # training images: total, CaP's steps', fine-tuning's
+    label_free: bool
+    data_free: dict[str, Any]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    acc_before: float  # top-1 % of the original on eval_data
+    acc_after_compress: float  # ... of the compressed network before fine-tuning
+    acc_after_finetune: float
+    allocation_seconds: float
+    compress_seconds: float
+    finetune_seconds: float
+    total_seconds: float
+    cap_config: dict[str, Any]  # CaP's settings as run (rates resolved)
+    cap_config_requested: dict[str, Any]
+    cap_history: list[dict[str, Any]]
+    finetune: list[dict[str, Any]]  # one record per fine-tune epoch
+    finetune_config: dict[str, Any]
+    match_scale: dict[str, float]  # each rescaled layer's size ratio before rescaling
+    latency: dict[str, Any]
+    fit: dict[str, Any]  # whether the original fits its training data (measure_fit)
 
 
 def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: float | None = None,
-             keep: float | None = None, method: str | Method = "cap",
+             keep: float | None = None, preset: str | Preset | None = "auto",
+             method: str | Method | None = None, finetune: int | Mapping[str, Any] | TrainConfig
+             | None = None, budget_images: int | None = None,
              example_inputs: torch.Tensor | None = None, calib_images: int | None = None,
              steps: int | None = None, loss_fn: LossFn | None = None,
-             teacher: nn.Module | None = None,
-             finetune: int | Mapping[str, Any] | TrainConfig | None = None, seed: int = 0,
-             progress: bool = True, calib_data: Iterable | None = None,
-             eval_data: Iterable | None = None,
-             output_transform: OutputTransform | None = None, stream_projection: bool = False,
-             allocation: str = "uniform", channel_multiple: int | None = None,
-             widths: list[int] | None = None, label_free: bool = False,
-             target_latency: float | None = None, runtime: str = "eager",
-             latency_batch: int = 1, latency_threads: int | None = None,
-             synthetic: int | None = None, synth_options: Mapping[str, Any] | None = None,
+             teacher: nn.Module | None = None, seed: int = 0, progress: bool = True,
+             calib_data: Iterable | None = None, eval_data: Iterable | None = None,
+             output_transform: OutputTransform | None = None,
+             stream_projection: bool | None = None, allocation: str | None = None,
+             channel_multiple: int | None = None, widths: list[int] | None = None,
+             label_free: bool = False, target_latency: float | None = None,
+             runtime: str = "eager", latency_batch: int = 1,
+             latency_threads: int | None = None, synthetic: int | None = None,
+             synth_options: Mapping[str, Any] | None = None,
              state_path: str | os.PathLike | None = None, resume: bool = False,
-             save_every: int = SAVE_EVERY, recipe: str = "auto", **options: Any) -> Result:
+             save_every: int = SAVE_EVERY, **options: Any) -> Result:
     """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5),
     `keep` (fraction of channels per site) or `target_latency` (fraction of its measured
-    latency) with `method` (a registered name, see `caproj.METHODS`, or a plug-in), optionally
-    fine-tune, and report.
+    latency), optionally fine-tune, and report.
 
-    data: iterable of batches (x, y) / (x,) / x: CaP's optimisation, Taylor scores, the
-        fine-tuning. calib_data: where calibration images come from (default: data).
-    synthetic: data-free: instead of `data`, synthesise this many images from the model's
-        BatchNorm statistics (`caproj.synthesize`; needs `example_inputs` for the shape;
-        `synth_options`: `caproj.SynthConfig` fields) and compress (and fine-tune) on them,
-        label-free. The set is cached in caproj's cache dir (keyed by the weights, settings
-        and N) for the next job; the report's "data_free" records the synthesis.
-    eval_data: labelled batches; if given the report holds top-1 before/after each stage.
-    label_free: ignore the labels `data` and `calib_data` may carry (distillation from the
-        original plus reconstruction only, in CaP and in the fine-tuning); data without labels
-        is label-free anyway. eval_data keeps its labels.
+    preset: "auto" (default: the measured configuration for this job, `caproj.PRESETS`, chosen
+        by `caproj.config.choose_preset` from the target's depth, the fine-tune budget, labels,
+        the number of images, whether the original fits the data, a latency target), a
+        preset's name, or None (caproj's plain defaults, epochs as given). Every option you
+        pass overrides the preset's; the report's "preset" says which was used and why.
+    method: a registered name (`caproj.METHODS`) or a plug-in; default: the preset's.
+    finetune: epochs (int), a dict of `caproj.TrainConfig` fields, or a TrainConfig (used as
+        given). budget_images: the training budget as a whole (CaP's steps x batch + the
+        fine-tuning's images); by default CaP's 600 x 128 plus the fine-tune epochs. A preset
+        without CaP steps spends CaP's share fine-tuning (distilling, without labels).
+    data: iterable of batches (x, y) / (x,) / x. calib_data: where calibration images come
+        from (default: data). eval_data: labelled batches; the report then holds top-1 before
+        and after each stage. label_free: ignore the labels data may carry.
+    synthetic: data-free: synthesise this many images from the model's BatchNorm statistics
+        instead of `data` (`caproj.synthesize`; needs `example_inputs`; `synth_options`:
+        `caproj.SynthConfig` fields), cached for the next job.
     example_inputs: for tracing and MACs (default: the first batch's inputs).
-    calib_images, steps, **options: CaP settings (`caproj.CapConfig` fields: lr, weight_lr,
-        kd, init, batch_size, relax, ...).
+    calib_images, steps, **options: CaP settings (`caproj.CapConfig` fields).
     loss_fn(outputs, targets): replaces cross-entropy; output_transform(model output) ->
-        logits for models returning a tuple/dict; teacher: distil from it (default: model).
-    finetune: epochs (int), a dict of recipe options (`caproj.TrainConfig` fields) or a
-        TrainConfig (used as given). A number or dict starts from `recipe`'s options.
-    recipe: "polish" (`caproj.FINETUNE`: SGD one-cycle peak lr 0.005, KD 0.5), "learn"
-        (`caproj.FINETUNE_LEARN`: peak lr 0.02, no KD, and CaP's `kd` 0 unless given) or
-        "auto" (default): `choose_recipe` on calib_data (else data) and eval_data, recorded
-        in the report's "recipe". Only read when fine-tuning.
+        logits; teacher: distil from it (default: model).
     stream_projection, allocation ("uniform" | "auto"), channel_multiple, widths: what is
-        narrowed and how the budget is spread.
+        narrowed and how the budget is spread (default: the preset's, else uniform).
     target_latency, runtime ("eager" | "inductor" | "onnxruntime"), latency_batch,
-        latency_threads: budget the latency the compressed model will have in that runtime at
-        that batch size and thread count (`caproj.latency`: per-layer times measured here and
-        cached on disk; the chosen widths are measured before compression and tightened if
-        they miss). The report's "latency" holds original and compressed measured
-        interleaved (3 runs) next to the prediction. On CPU (glibc) this fixes the process's
-        malloc thresholds (`caproj.utils.steady_allocator`) so that times are steady.
-    state_path: save resumable state to `<state_path>.cap-state.pt` / `.ft-state.pt` every
-        `save_every` steps and on SIGTERM/SIGINT; resume=True continues from it. The state
-        files are removed when the job finishes.
+        latency_threads: budget the latency the compressed model will have there
+        (`caproj.latency`); the report's "latency" holds it measured.
+    state_path / resume / save_every: resumable state, `<state_path>.cap-state.pt` and
+        `.ft-state.pt`, removed when the job finishes.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
                           param="model")
-    syn = None
-    if synthetic is not None:
-        if data is not None or calib_data is not None:
-            raise CaprojError("give data (real images) or synthetic=N (data-free), not both",
-                              param="synthetic")
-        if example_inputs is None:
-            raise CaprojError("synthetic=N needs example_inputs=... (an input batch of the "
-                              "model, for the image shape)", param="example_inputs")
-        dev = model_device(model)
-        syn = synthesize(model, synthetic, input_shape_of(example_inputs), seed=seed,
-                         progress=progress, state_path=state_path, resume=resume, cache=True,
-                         output_transform=output_transform, **dict(synth_options or {}))
-        size = CapConfig(batch_size=options.get("batch_size", CapConfig.batch_size)).batch_size
-        data = syn.batches(size, train=True, seed=seed, device=dev)
-        calib_data = syn.batches(250, device=dev)
-    elif data is None:
-        raise CaprojError("data is required: an iterable of batches (a DataLoader, ...), or "
-                          "synthetic=N to compress without data", param="data")
-    elif synth_options is not None:
-        raise CaprojError("synth_options apply only with synthetic=N", param="synth_options")
-    if label_free:
-        B.check_iterable(data, "data")
-        data = B.WithoutLabels(data)
-        if calib_data is not None:
-            B.check_iterable(calib_data, "calib_data")
-            calib_data = B.WithoutLabels(calib_data)
-    x0, labelled = _peek(data, "data")
-    if calib_data is not None:
-        _peek(calib_data, "calib_data")
-    m = get_method(method)
-    name = method_name(method)
+    inputs = S.prepare_inputs(model, data, calib_data, synthetic=synthetic,
+                              synth_options=synth_options, example_inputs=example_inputs,
+                              label_free=label_free, seed=seed, progress=progress,
+                              state_path=state_path, resume=resume,
+                              output_transform=output_transform,
+                              batch_size=options.get("batch_size", CapConfig.batch_size))
+    options = _cap_options(options, calib_images, steps, inputs)
     seed_everything(seed)
     device = model_device(model)
-    if example_inputs is None:
-        example_inputs = x0
-    example_inputs = example_inputs.to(device)
-    shape = input_shape_of(example_inputs)
-    if calib_images is not None:
-        options["calib_images"] = calib_images
-    if "train_images" not in options:  # how many distinct images CaP's steps re-use
-        options["train_images"] = _count_images(data)
-    if steps is not None:
-        options["steps"] = steps
-    config = CapConfig(seed=seed).replace(**options)
-    if recipe not in (*RECIPES, "auto"):
-        raise CaprojError(f"recipe must be one of {', '.join([*RECIPES, 'auto'])}, got "
-                          f"{recipe!r}", param="recipe")
-    ft = _finetune_config(finetune, seed, has_teacher=True)  # bad options fail before any work
-    by_recipe = ft is not None and not isinstance(finetune, TrainConfig)
+    example = (example_inputs if example_inputs is not None else inputs.first).to(device)
+    shape = input_shape_of(example)
+    where = S.Where(target_macs, keep, widths, target_latency, allocation, stream_projection,
+                    channel_multiple, None if target_latency is None else
+                    L.Spec(runtime, latency_batch, latency_threads, device.type).check())
+    S.finetune_epochs_of(finetune)  # bad options fail before any work
+    CapConfig(seed=seed).replace(**options)
     was_training = model.training
     model.eval()  # compression reads the trained network as deployed; mode restored below
-    uses_widths = getattr(m, "uses_widths", True)
-    spec = None
-    if target_latency is not None:
-        spec = L.Spec(runtime, latency_batch, latency_threads, device.type).check()
-    plan = Plan.of(model, shape, target_macs=target_macs, keep=keep, allocation=allocation,
-                   channel_multiple=channel_multiple or CHANNEL_MULTIPLE,
-                   stream_projection=stream_projection, widths=widths,
-                   target_latency=target_latency, latency_spec=spec)
-    t0 = time.perf_counter()
-    calib = B.take(calib_data if calib_data is not None else data, config.calib_images, device)
-    with torch.no_grad():  # a dict/tuple output without output_transform fails now, not later
-        outputs_of(model.eval(), calib[0][:1], output_transform)
-    if uses_widths:
-        plan.resolve(model, calib)
-    alloc_s = time.perf_counter() - t0
-    before = {"macs_before": plan.mm.total, "params_before": metrics.count_params(model)}
-    if uses_widths:
-        log.info("%d sites; widths %s; predicted MACs %.2f M (%.3f of %.2f M)", len(plan.sites),
-                 plan.widths, plan.predicted_macs() / 1e6, plan.predicted_macs() / plan.mm.total,
-                 plan.mm.total / 1e6)
-    original = None if eval_data is None else _evaluate_impl(
-        model, eval_data, loss_fn=loss_fn, output_transform=output_transform,
-        progress_bar=progress)  # once: accuracy before, and the recipe's test loss
-    chosen: dict[str, Any] = {"recipe": recipe}
-    if by_recipe and recipe == "auto":
-        chosen = choose_recipe(model, calib_data if calib_data is not None else data,
-                               eval_data, loss_fn=loss_fn, output_transform=output_transform,
-                               test_loss=None if original is None else original["loss"])
-        log.info("fine-tune recipe %s (%s)", chosen["recipe"], chosen.get("reason") or
-                 f"training loss {chosen['train_loss']:.3f} = {chosen['ratio']:.2f} x the "
-                 f"test loss; learn above {LEARN_RATIO}")
-    base = RECIPES.get(chosen["recipe"], FINETUNE)
-    if by_recipe and base is not FINETUNE:
-        ft = _finetune_config(finetune, seed, has_teacher=True, base=base)
-        if "kd" not in options:
-            config = config.replace(kd=base.kd_weight)  # the recipe's distillation in CaP too
-    cap_ck = ft_ck = None
-    if state_path is not None:
-        cap_ck = Checkpointer(f"{state_path}.cap-state.pt", {}, save_every, resume)
-        ft_ck = Checkpointer(f"{state_path}.ft-state.pt",
-                             {"plan": plan.describe(), "cap": config.as_dict(), "method": name,
-                              "finetune": ft.as_dict() if ft else None}, save_every, resume)
-    job = Job(model, plan, calib, data, config, loss_fn, output_transform, teacher, cap_ck,
-              progress)
-    rep: dict[str, Any] = {"method": name, **plan.describe(), "label_free": not labelled,
-                           "allocation_seconds": alloc_s, **before}
-    if by_recipe:
-        rep["recipe"] = chosen
-    if syn is not None:
-        rep["data_free"] = {k: v for k, v in syn.report.items() if k != "batches"}
-    if original is not None:
-        rep["acc_before"] = original["acc"]
+    eval_kw: dict[str, Any] = {"loss_fn": loss_fn, "output_transform": output_transform}
+    original = None if eval_data is None else _evaluate_impl(model, eval_data, **eval_kw,
+                                                             progress_bar=progress)
+    job, settings, rep, ft_ck = _plan_and_settle(
+        model, inputs, shape, where, preset=preset, method=method, options=options,
+        finetune=finetune, budget_images=budget_images, seed=seed, original=original,
+        eval_data=eval_data, eval_kw=eval_kw, teacher=teacher, progress=progress,
+        state=(state_path, resume, save_every))
     t1 = time.perf_counter()
-    small = m(job)
+    small = S.run_method(job, settings)
     rep.update(job.report)
-    rep["compress_seconds"] = (time.perf_counter() - t1 + alloc_s
+    rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
                                + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
-    if not isinstance(small, nn.Module):
-        raise CaprojError(f"method {name!r} returned {type(small).__name__}, not an nn.Module",
-                          param="method")
-    small.eval()
-    if config.match_scale:
-        ratios = match_weight_scale(small, model)
-        rep["match_scale"] = ratios
-        if ratios:
-            log.info("rescaled %d layers to the original weight size (ratios %.2f-%.2f)",
-                     len(ratios), min(ratios.values()), max(ratios.values()))
-    macs = metrics.count_macs(small, shape)
-    if uses_widths and macs != plan.predicted_macs():
-        raise CaprojError(f"internal error: MACs after surgery {macs} != predicted "
-                          f"{plan.predicted_macs()} (method {name})")
-    rep.update(macs_after=macs, params_after=metrics.count_params(small))
-    if plan.latency is not None:  # what the user will get; optional: never loses the result
-        try:
-            rep["latency"] = L.report(model, small, shape, plan.latency,
-                                      plan.widths)  # type: ignore[arg-type]
-            log.info("latency (%s, batch %d): %.3f -> %.3f ms, %.2fx measured; predicted "
-                     "%.3f ms (%+.1f %%)", runtime, latency_batch, rep["latency"]["original_ms"],
-                     rep["latency"]["compressed_ms"], rep["latency"]["speedup"],
-                     rep["latency"]["predicted_ms"], 100 * rep["latency"]["prediction_error"])
-        except Exception as e:  # noqa: BLE001
-            rep["latency_notes"] = [f"{runtime}: {str(e).strip()[:160] or type(e).__name__}"]
-            log.warning("latency measurement failed: %s", rep["latency_notes"][0])
-    log.info("%s: %.2f M -> %.2f M MACs (%.3f) in %.0f s", name, plan.mm.total / 1e6,
-             macs / 1e6, macs / plan.mm.total, rep["compress_seconds"])
-    if eval_data is not None:
-        rep["acc_after_compress"] = _evaluate_impl(small, eval_data, loss_fn=loss_fn,
-                                                   output_transform=output_transform,
-                                                   progress_bar=progress)["acc"]
-        log.info("after %s (no fine-tuning): %.2f %%", name, rep["acc_after_compress"])
-    if ft is not None:
-        t2 = time.perf_counter()
-        kd_teacher = teacher if teacher is not None else model
-        needs_teacher = ft.kd_weight > 0 or ft.feature_weight > 0 or not labelled
-        rep["finetune"] = fit(small, data, ft, teacher=kd_teacher if needs_teacher else None,
-                              eval_data=eval_data, loss_fn=loss_fn,
-                              output_transform=output_transform, checkpoint=ft_ck,
-                              progress_bar=progress)
-        rep["finetune_seconds"] = time.perf_counter() - t2
-        rep["finetune_config"] = ft.as_dict()
-        if rep["finetune"] and "test_acc" in rep["finetune"][-1]:
-            rep["acc_after_finetune"] = rep["finetune"][-1]["test_acc"]
-        small.eval()
-    for ck in (cap_ck, ft_ck):
+    rep.update(S.post_process(small, model, job.config))
+    rep.update(S.measure(model, small, job.plan, shape, eval_data, name=settings.method_name,
+                         uses_widths=getattr(settings.method, "uses_widths", True),
+                         progress=progress, **eval_kw))
+    if settings.finetune is not None:
+        rep.update(S.fine_tune(small, model, inputs, settings.finetune, teacher=teacher,
+                               eval_data=eval_data, checkpoint=ft_ck, progress=progress,
+                               **eval_kw))
+    for ck in (job.checkpoint, ft_ck):
         if ck is not None:
             ck.finish()
     model.train(was_training)
     rep["total_seconds"] = time.perf_counter() - t_start
-    rep.update(run_record(seed), cap_config_requested=config.as_dict())
-    return Result(small, list(plan.widths) if uses_widths and plan.widths else None, rep,
-                  plan.sites)
+    rep.update(run_record(seed), cap_config_requested=job.config.as_dict())
+    uses_widths = getattr(settings.method, "uses_widths", True)
+    return Result(small, list(job.plan.widths) if uses_widths and job.plan.widths else None,
+                  rep, job.plan.sites)
+
+
+def _cap_options(options: dict[str, Any], calib_images: int | None, steps: int | None,
+                 inputs: S.Inputs) -> dict[str, Any]:
+    """The CaP settings the user gave (compress's own arguments folded in), plus how many
+    distinct images CaP's steps re-use (the small-set rates read it)."""
+    options = dict(options)
+    if calib_images is not None:
+        options["calib_images"] = calib_images
+    if steps is not None:
+        options["steps"] = steps
+    options.setdefault("train_images", inputs.images)
+    return options
+
+
+def _plan_and_settle(model: nn.Module, inputs: S.Inputs, shape: tuple[int, ...],
+                     where: S.Where, *, preset: str | Preset | None, method: str | Method | None,
+                     options: dict[str, Any], finetune: Any, budget_images: int | None,
+                     seed: int, original: dict[str, float] | None, eval_data: Iterable | None,
+                     eval_kw: dict[str, Any], teacher: nn.Module | None, progress: bool,
+                     state: tuple[Any, bool, int]
+                     ) -> tuple[Job, S.Settings, dict[str, Any], Checkpointer | None]:
+    """Plan the sites, choose the preset (its rules read the plan's depth and, with labels
+    and a fine-tune budget, whether the original fits the data), resolve the settings and
+    the widths: the job the method runs."""
+    t0 = time.perf_counter()
+    facts = JobFacts(None, S.finetune_epochs_of(finetune), inputs.labelled, inputs.images,
+                     synthetic=inputs.synthetic is not None,
+                     target_latency=where.target_latency is not None)
+    first, _ = S.pick_preset(preset, facts, method)
+    where = where.with_preset(first) if first is not None else where
+    plan = S.plan_job(model, shape, where)
+    calib_cfg = CapConfig(seed=seed).replace(**options)
+    calib = B.take(inputs.calib_data if inputs.calib_data is not None else inputs.data,
+                   calib_cfg.calib_images, model_device(model))
+    S.check_forward(model, calib, eval_kw["output_transform"])
+    fit_report = None
+    if preset == "auto" and inputs.labelled and facts.finetune_epochs > 0:
+        fit_report = S.measure_fit(model, inputs.calib_data if inputs.calib_data is not None
+                                   else inputs.data, eval_data, **eval_kw,
+                                   test_loss=None if original is None else original["loss"])
+    facts = dataclasses.replace(facts, depth=S.depth_of(plan, where),
+                                fits=None if fit_report is None else fit_report["fits"])
+    settings = S.resolve_settings(preset=preset, facts=facts, method=method, options=options,
+                                  finetune=finetune, budget_images=budget_images,
+                                  inputs=inputs, seed=seed)
+    if settings.preset is not None and settings.preset.compress != getattr(first, "compress",
+                                                                           ()):
+        plan = S.plan_job(model, shape, where.with_preset(settings.preset))
+    if getattr(settings.method, "uses_widths", True):
+        plan.resolve(model, calib)
+        log.info("%d sites; widths %s; predicted MACs %.2f M (%.3f of %.2f M)",
+                 len(plan.sites), plan.widths, plan.predicted_macs() / 1e6,
+                 plan.predicted_macs() / plan.mm.total, plan.mm.total / 1e6)
+    log.info("preset %s (%s)", settings.preset.name if settings.preset else "none",
+             settings.reason)
+    cap_ck, ft_ck = _checkpoints(state, plan, settings)
+    job = Job(model, plan, calib, inputs.data, settings.cap, eval_kw["loss_fn"],
+              eval_kw["output_transform"], teacher, cap_ck, progress)
+    rep: dict[str, Any] = {"method": settings.method_name, "preset": settings.describe(),
+                           "budget": settings.budget, **plan.describe(),
+                           "label_free": not inputs.labelled,
+                           "allocation_seconds": time.perf_counter() - t0,
+                           "macs_before": plan.mm.total,
+                           "params_before": metrics.count_params(model)}
+    if fit_report is not None:
+        rep["fit"] = fit_report
+    if inputs.synthetic is not None:
+        rep["data_free"] = inputs.synthetic
+    if original is not None:
+        rep["acc_before"] = original["acc"]
+    return job, settings, rep, ft_ck
+
+
+def _checkpoints(state: tuple[Any, bool, int], plan: Any, settings: S.Settings
+                 ) -> tuple[Checkpointer | None, Checkpointer | None]:
+    """Resumable state of CaP's steps and of the fine-tuning (None without a state path)."""
+    state_path, resume, save_every = state
+    if state_path is None:
+        return None, None
+    ft = settings.finetune.as_dict() if settings.finetune else None
+    return (Checkpointer(f"{state_path}.cap-state.pt", {}, save_every, resume),
+            Checkpointer(f"{state_path}.ft-state.pt",
+                         {"plan": plan.describe(), "cap": settings.cap.as_dict(),
+                          "method": settings.method_name, "finetune": ft}, save_every, resume))
 
 
 def finetune(model: nn.Module, data: Iterable, *, epochs: int,
@@ -385,8 +301,11 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int,
     if not isinstance(model, nn.Module):
         raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
                           param="model")
-    cfg = _finetune_config({"epochs": epochs, **recipe}, seed, teacher is not None)
-    if cfg is None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise CaprojError(f"epochs must be an integer >= 0, got {epochs!r}", param="epochs")
+    cfg = FINETUNE.replace(**{"seed": seed, **({} if teacher is not None else
+                                               {"kd_weight": 0.0}), **recipe, "epochs": epochs})
+    if cfg.epochs == 0:
         return []
     if cfg.kd_weight > 0 and teacher is None:
         raise CaprojError("kd_weight > 0 needs a teacher model", param="teacher")

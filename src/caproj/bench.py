@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,26 +31,20 @@ from caproj.batches import steps_per_pass
 from caproj.config import CapConfig, TrainConfig
 from caproj.deploy import latency_report
 from caproj.errors import CaprojError
-from caproj.methods import METHODS, CaPMethod
+from caproj.methods import METHODS
+from caproj.stages import cap_steps_of, finetune_for
 from caproj.utils import atomic_write_text, run_record
 
 log = logging.getLogger(__name__)
 
 # A method in the bench may carry options, spelled as suffixes of its cell name (so the cells
-# of earlier runs keep their file names): cap+stream, cap+auto, cap+stream+auto,
-# cap+rescale, cap+ponly (the paper's optimisation: the projections only, no relaxed weights),
-# cp+prior (the refit's ridge pulls toward W P, lambda 0.1 of the mean Gram diagonal),
-# cp+wp (the same prior at lambda 1e4: the consumers stay W P, least squares has no say),
-# cap+bntrain (BN in training mode during CaP's steps), cap+mixft (CaP's reconstruction term,
-# weight 1, carried into fine-tuning), cap+prog (progressive: to sqrt(target) with half the
-# CaP steps, one fine-tune epoch, then to the target with the other half and the rest).
-# Options that are TrainConfig fields change the fine-tuning of that method only.
+# of earlier runs keep their file names): cap+stream (stream_projection), cap+auto (allocation
+# auto), +rescale (match_scale), +prior (the refit's ridge pulls toward W P, lambda 0.1 of the
+# mean Gram diagonal: the "deep" preset's refit). The research suffixes that measurement
+# rejected (+ponly, +wp, +bntrain, +mixft, +prog) keep their rows in RESULTS.md only.
 OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"},
-                   "rescale": {"match_scale": True}, "ponly": {"relax": "projection"},
-                   "prior": {"ridge_to": "projected", "ridge": 0.1},
-                   "wp": {"ridge_to": "projected", "ridge": 1e4},
-                   "bntrain": {"bn_train": True}, "mixft": {"feature_weight": 1.0},
-                   "prog": {"progressive": True}}
+                   "rescale": {"match_scale": True},
+                   "prior": {"ridge_to": "projected", "ridge": 0.1}}
 FINETUNE_FIELDS = frozenset(TrainConfig().as_dict())
 
 
@@ -80,18 +73,7 @@ def cell_path(out_dir: Path, method: str, target: float, seed: int | None = None
 
 def compress_images(method: str, cap_cfg: CapConfig) -> int:
     """Training images a method's compression consumes (CaP's optimisation steps x batch)."""
-    m = METHODS[parse_method(method)[0]]
-    if isinstance(m, CaPMethod):
-        return int(m.overrides.get("steps", cap_cfg.steps)) * cap_cfg.batch_size
-    return 0
-
-
-def finetune_for(images: int, ft: TrainConfig, epoch_images: int) -> TrainConfig:
-    """A fine-tune recipe consuming `images` training images: whole epochs, capped in steps."""
-    if images <= 0:
-        return ft.replace(epochs=0, max_steps=None)
-    steps = max(1, images // ft.batch_size)
-    return ft.replace(epochs=max(1, math.ceil(images / epoch_images)), max_steps=steps)
+    return cap_steps_of(METHODS[parse_method(method)[0]], cap_cfg) * cap_cfg.batch_size
 
 
 def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, method: str,
@@ -105,68 +87,29 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     base, opts = parse_method(method)
     ft = ft.replace(**{k: v for k, v in opts.items() if k in FINETUNE_FIELDS})
     opts = {k: v for k, v in opts.items() if k not in FINETUNE_FIELDS}
-    progressive = opts.pop("progressive", False)
     torch.manual_seed(ft.seed)
-
-    def stage(net: nn.Module, frac: float, ft_s: TrainConfig, tag: str = "",
-              **extra: Any) -> Any:
-        return compress(net, train, target_macs=frac, method=base, calib_data=calib,
-                        eval_data=test, finetune=ft_s if ft_s.epochs else None,
-                        seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
-                        state_path=None if state_path is None else f"{state_path}{tag}",
-                        resume=state_path is not None,
-                        **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"},
-                           **opts, **extra})
-
-    stages: list[dict[str, Any]] = []
-    if progressive:  # to sqrt(target) first (half the CaP steps, one fine-tune epoch)
-        spe = steps_per_pass(train)
-        if spe is None:
-            raise CaprojError("+prog needs training batches of known length", param="train")
-        total = min(ft.epochs * spe, ft.max_steps or ft.epochs * spe)
-        if total <= spe:
-            raise CaprojError("+prog needs more than one fine-tune epoch", param="method")
-        half = cap_cfg.steps // 2
-        first = stage(model, math.sqrt(target), ft.replace(epochs=1, max_steps=None),
-                      ".stage1", steps=half)
-        r1 = first.report
-        frac1 = r1["macs_after"] / r1["macs_before"]
-        stages.append({"target_macs": math.sqrt(target), "macs": r1["macs_after"],
-                       "widths": first.widths, "acc_before_finetune": r1["acc_after_compress"],
-                       "acc_after_finetune": r1.get("acc_after_finetune"),
-                       "compress_seconds": r1["compress_seconds"],
-                       "finetune_seconds": r1.get("finetune_seconds", 0.0),
-                       "finetune_history": r1.get("finetune", []),
-                       "cap_steps": len(r1.get("cap_history", []))})
-        log.info("  %s: stage 1 at %.3f MACs, %.2f %% -> %.2f %%", method, frac1,
-                 r1["acc_after_compress"], r1.get("acc_after_finetune", float("nan")))
-        rest = total - spe
-        res = stage(first.model, target / frac1,
-                    ft.replace(epochs=math.ceil(rest / spe), max_steps=rest),
-                    steps=cap_cfg.steps - half, teacher=model)
-        res.report["macs_before"] = r1["macs_before"]
-    else:
-        res = stage(model, target, ft)
+    res = compress(model, train, preset=None, target_macs=target, method=base,
+                   calib_data=calib, eval_data=test, finetune=ft if ft.epochs else None,
+                   seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
+                   state_path=None if state_path is None else str(state_path),
+                   resume=state_path is not None,
+                   **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"}, **opts})
     rep = res.report
     shape = tuple(rep["input_shape"])
     small = res.model.eval()
-    cap_steps = len(rep.get("cap_history", [])) + sum(s["cap_steps"] for s in stages)
+    cap_steps = len(rep.get("cap_history", []))
     rec: dict[str, Any] = {
         "method": method, "target_macs": target, "widths": res.widths,
-        "compress_seconds": rep["compress_seconds"] + sum(s["compress_seconds"]
-                                                          for s in stages),
+        "compress_seconds": rep["compress_seconds"],
         "acc_original": base_acc,
         "macs_original": rep["macs_before"], "macs": rep["macs_after"],
         "params_original": metrics.count_params(model), "params": rep["params_after"],
         "acc_before_finetune": rep["acc_after_compress"],
-        "finetune_seconds": rep.get("finetune_seconds", 0.0) + sum(s["finetune_seconds"]
-                                                                   for s in stages),
+        "finetune_seconds": rep.get("finetune_seconds", 0.0),
         "finetune_history": rep.get("finetune", []),
         "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
         "compress_images": cap_steps * cap_cfg.batch_size,
     }
-    if stages:  # stage 1's fine-tune epoch is part of the cell's fine-tuning steps
-        rec["stages"] = stages
     if ft.feature_weight:
         rec["finetune_feature_weight"] = ft.feature_weight
     if "match_scale" in rep:  # +rescale: each layer's size ratio before it was rescaled

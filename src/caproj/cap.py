@@ -81,17 +81,6 @@ def input_shape_of(example_inputs: torch.Tensor | tuple) -> tuple[int, ...]:
     return tuple(x.shape[1:])
 
 
-def mix_inputs(x: torch.Tensor, share: float, seed: int) -> torch.Tensor:
-    """Each image blended with another image of the batch, the other's share ~ U(0, share) per
-    image (mixup of the inputs only: without labels the original model defines every target,
-    so a small unlabeled set yields new inputs to match instead of the same ones again)."""
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.rand(len(x), generator=g) * share).to(x.device, x.dtype)
-    perm = torch.randperm(len(x), generator=g).to(x.device)
-    w = w.view(-1, *[1] * (x.dim() - 1))
-    return (1 - w) * x + w * x[perm]
-
-
 class CaP:
     """Compress `model` with Cascaded Projection. `model` itself is never modified.
 
@@ -172,7 +161,7 @@ class CaP:
     # ------------------------------------------------------------------ helpers
     def projections(self) -> list[torch.Tensor]:
         """Retracted proxies; square ones (sites kept whole) are the identity and stay fixed."""
-        return [projection.retract_site(a, s, self.cfg.retraction)
+        return [projection.retract_site(a, s)
                 for a, s in zip(self.proxies, self.sites, strict=True)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -410,7 +399,7 @@ class CaP:
         for i, (a, s) in enumerate(zip(self.proxies, self.sites, strict=True)):
             if a.shape[0] != a.shape[1] and not s.selection:
                 a.requires_grad_(True)
-                groups[i % 2 if cfg.alternate else 0].append(a)
+                groups[i % 2].append(a)
         wgroups: list[list[torch.Tensor]] = [[], []]
         if cfg.relax in ("consumer", "all"):
             ps0 = [p.detach() for p in self.projections()]
@@ -423,7 +412,7 @@ class CaP:
                         self.consumer_w[cons] = surgery.project_in(
                             self.base[f"{cons}.weight"], ps0[i], s, spatial).contiguous()
                     self.consumer_w[cons].requires_grad_(True)
-                    wgroups[i % 2 if cfg.alternate else 0].append(self.consumer_w[cons])
+                    wgroups[i % 2].append(self.consumer_w[cons])
         shared: list[torch.Tensor] = []
         if cfg.relax == "all":
             consumers = {f"{c}.weight" for c in self.consumer_w}
@@ -434,8 +423,6 @@ class CaP:
                     shared.append(v)
 
         def weight_optimiser(params: list[torch.Tensor]) -> torch.optim.Optimizer:
-            if cfg.weight_opt == "sgd":
-                return torch.optim.SGD(params, lr=cfg.weight_lr, momentum=0.9, nesterov=True)
             return torch.optim.Adam(params, lr=cfg.weight_lr)
 
         pairs = [(torch.optim.Adam(groups[g], lr=cfg.lr) if groups[g] else None,
@@ -503,8 +490,6 @@ class CaP:
                 lambda m, inp, out, i=i: got_o.__setitem__(i, out)))
             hooks.append(nmods[name].register_forward_hook(
                 lambda m, inp, out, i=i: got_n.__setitem__(i, out)))
-        if cfg.bn_train:
-            hooks += self._bn_train(nmods)
         sharded = getattr(batches, "sharded", False)
         it = B.endless(batches, cfg.batch_size, self.device, start)
         try:
@@ -513,8 +498,6 @@ class CaP:
                 if not sharded:  # torchrun: this rank's share
                     x = dist.shard(x)
                     y = dist.shard(y) if y is not None else None
-                if y is None and cfg.mix > 0:  # label-free: the teacher labels mixed images too
-                    x = mix_inputs(x, cfg.mix, cfg.seed * 1_000_003 + step)
                 with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
                                                      enabled=use_bf16):
                     if teacher is not self.orig:
@@ -597,41 +580,6 @@ class CaP:
         self.timings["optimise_s"] = time.perf_counter() - t0
         return self.history
 
-    def _bn_train(self, nmods: dict[str, nn.Module]) -> list[Any]:
-        """`bn_train`: every BN of the narrow network normalises by its batch's statistics, as
-        in fine-tuning (running statistics neither used nor updated), and each site's fresh BN
-        (identity + bias after folding) keeps its forward value: its output is scaled back by
-        the batch's detached std and mean, so only its gradients are those of a normalised
-        layer (invariant to the producer's scale). Returns handles that undo it on remove()."""
-        fresh = {bn for s in self.sites for _, bn in s.producers if bn}
-        handles: list[Any] = []
-
-        class _Undo:
-            def __init__(self, m: nn.Module) -> None:
-                self.m, self.state = m, (m.training, m.track_running_stats)
-
-            def remove(self) -> None:
-                self.m.training, self.m.track_running_stats = self.state
-
-        def keep_value(m: nn.Module, inp: tuple, out: torch.Tensor) -> torch.Tensor:
-            x = inp[0].detach().float()
-            dims = [d for d in range(x.dim()) if d != 1]
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            mean = x.mean(dims).view(shape)
-            std = torch.sqrt(x.var(dims, unbiased=False) + m.eps).view(shape)  # type: ignore
-            b = m.bias.view(shape)  # type: ignore[union-attr]
-            return ((out - b) * std + mean + b).to(out.dtype)
-
-        for name, m in nmods.items():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                handles.append(_Undo(m))
-                m.train()
-                m.track_running_stats = False
-                if name in fresh:
-                    # first, so that the reconstruction taps see the kept value
-                    handles.append(m.register_forward_hook(keep_value, prepend=True))
-        return handles
-
     def _rearm(self, every: list[torch.optim.Optimizer]) -> None:
         """Every tensor an optimiser holds trains (again, after a previous optimise call)."""
         for o in every:
@@ -649,8 +597,6 @@ class CaP:
         t = {k: v.detach() for k, v in self.tensors().items()}
         model = surgery.load_tensors(surgery.narrow_like(self.orig, t), t)
         surgery.reestimate_bn(model, self.sites, self.calib)
-        if self.cfg.bn_recalibrate and self.plan.compressed:
-            surgery.recalibrate_bn(model, self.calib)
         return model.eval()
 
     @torch.no_grad()
@@ -662,9 +608,8 @@ class CaP:
         for a, s in zip(self.proxies, self.sites, strict=True):
             if a.shape[0] == a.shape[1] or s.selection:
                 continue
-            method = self.cfg.retraction
-            if projection.orthonormality_error(projection.retract_site(a, s, method)) > tol:
-                a.copy_(projection.retract_site(a.double(), s, method).to(a.dtype))
+            if projection.orthonormality_error(projection.retract_site(a, s)) > tol:
+                a.copy_(projection.retract_site(a.double(), s).to(a.dtype))
                 n += 1
         self.timings["reorthonormalised"] = self.timings.get("reorthonormalised", 0) + n
         return n

@@ -25,9 +25,7 @@ from caproj.config import (
     CAP,
     CHANNEL_MULTIPLE,
     FINETUNE,
-    FINETUNE_LEARN,
-    LEARN_RATIO,
-    RECIPES,
+    PRESETS,
     SAVE_EVERY,
     SYNTH,
     TRAIN,
@@ -56,7 +54,11 @@ EXAMPLES = {
   caproj compress --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th \\
                   --data ../shared/data/cifar10-jpeg.tar.gz --target-macs 0.5 \\
                   --finetune-epochs 3 --out r56-cap.pt
-  caproj compress --weights digits.pt --data digits --keep 0.5 --out digits-cap.pt""",
+  caproj compress --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th \\
+                  --data ../shared/data/cifar10-jpeg.tar.gz --target-macs 0.25 \\
+                  --finetune-epochs 3 --out r56-deep.pt      # picks the "deep" preset
+  caproj compress --weights digits.pt --data digits --keep 0.5 --method l1 --preset none \\
+                  --out digits-l1.pt""",
     "bench": """examples:
   caproj bench --arch resnet20 --weights ../shared/models/resnet20-cifar10jpeg.th \\
                --data ../shared/data/cifar10-jpeg.tar.gz --out-dir bench-r20
@@ -70,6 +72,9 @@ EXAMPLES = {
                 --format pt2 --out r56.pt2     # torch.export program
   caproj export --weights r56-cap.pt --format safetensors --out r56-cap.safetensors
   caproj eval --weights r56-cap.safetensors --data cifar10   # rebuilt from its metadata""",
+    "presets": """examples:
+  caproj presets            # every preset, the job it is for and its measured row
+  caproj presets --json     # the same as JSON""",
     "demo": """examples:
   caproj demo              # train a small CNN on the bundled digits, then compress it
   caproj demo --out demo.pt""",
@@ -183,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("compress", "compress a model with Cascaded Projection, then fine-tune it")
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
+    p.add_argument("--preset", choices=("auto", *PRESETS, "none"), default="auto",
+                   help="measured configuration (caproj presets lists them): auto (default: "
+                   "chosen from the job: target depth, fine-tune budget, labels, images, "
+                   "whether the original fits the data, a latency target), a name, or none "
+                   "(caproj's plain defaults); flags you give override the preset's")
+    p.add_argument("--method", choices=tuple(METHODS),
+                   help="compression method (default: the preset's, CaP)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
     budget.add_argument("--target-macs", type=_fraction,
@@ -200,20 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE,
                    help="keep widths at multiples of this where a site is wide enough "
                    "(default %(default)s: fast CPU kernels; 1 = any width)")
-    p.add_argument("--stream-projection", action="store_true",
+    p.add_argument("--stream-projection", action=argparse.BooleanOptionalAction,
                    help="also project residual streams (block outputs, shortcuts, stem, "
-                   "classifier input), one shared P per tied group (beyond the paper)")
-    p.add_argument("--allocate", choices=("uniform", "auto"), default="uniform",
-                   help="per-site widths for --target-macs: uniform ratio (default) or auto "
-                   "(greedy by measured sensitivity x channel spectrum per MAC)")
+                   "classifier input), one shared P per tied group (beyond the paper; "
+                   "default: the preset's)")
+    p.add_argument("--allocate", choices=("uniform", "auto"),
+                   help="per-site widths for --target-macs: uniform ratio (default, unless "
+                   "the preset says otherwise) or auto (greedy by measured sensitivity x "
+                   "channel spectrum per MAC)")
     p.add_argument("--init", choices=("select", "pca"), default=CAP.init,
                    help="initial projection (default select: the best measured start)")
     p.add_argument("--calib-images", type=_positive_int, default=CAP.calib_images,
                    help="calibration images for statistics and least squares "
                    "(default %(default)s)")
-    p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps,
-                   help="projection optimisation steps (default %(default)s; 0 = closed form "
-                   "only)")
+    p.add_argument("--cap-steps", type=_nonneg_int,
+                   help=f"projection optimisation steps (default: the preset's, else "
+                   f"{CAP.steps}; 0 = closed form only)")
     p.add_argument("--cap-lr", type=float,
                    help="Adam lr of the projection proxies (default 1e-3; 2e-4 when residual "
                    "streams are compressed; at most a third when the steps re-use a small "
@@ -226,21 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ, weight of the reconstruction term (default %(default)s)")
     p.add_argument("--relax", choices=("projection", "consumer", "all"), default=CAP.relax,
                    help="what CaP optimises besides P: nothing, consumer weights, all weights")
-    p.add_argument("--match-scale", action="store_true",
+    p.add_argument("--match-scale", action=argparse.BooleanOptionalAction,
                    help="rescale each layer that feeds a BN to the original layer's weight "
                    "size (same outputs; fine-tuning then steps as the original's recipe "
-                   "expects)")
-    p.add_argument("--ridge-to", choices=("zero", "projected"), default=CAP.ridge_to,
+                   "expects; default: the preset's)")
+    p.add_argument("--ridge-to", choices=("zero", "projected"),
                    help="what the least-squares refit's ridge pulls toward: zero, or the "
-                   "original consumer read through P (W P; with --ridge 0.1 measured at "
-                   "deep targets in benchmarks/RESULTS.md)")
-    p.add_argument("--ridge", type=float, default=CAP.ridge,
-                   help="the refit's ridge, relative to the mean Gram diagonal "
-                   "(default %(default)s)")
+                   "original consumer read through P (W P; default: the preset's, else "
+                   f"{CAP.ridge_to})")
+    p.add_argument("--ridge", type=float,
+                   help="the refit's ridge, relative to the mean Gram diagonal (default: "
+                   f"the preset's, else {CAP.ridge:g})")
     p.add_argument("--feature-weight", type=float, default=FINETUNE.feature_weight,
                    help="fine-tune with CaP's reconstruction term too: this weight times the "
                    "consumers' output error against the original's (default 0: off)")
-    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0, by_recipe=True)
+    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0, by_preset=True)
+    p.add_argument("--budget-images", type=_nonneg_int,
+                   help="the training budget as a whole: CaP's steps x batch + fine-tuning "
+                   f"images (default {CAP.steps} x {CAP.batch_size} + --finetune-epochs of the "
+                   "data; a preset without CaP steps fine-tunes for CaP's share)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="also write the full report (JSON) here")
     p.add_argument("--label-free", action="store_true", help="compress and fine-tune without "
@@ -264,18 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_args(p)
     _add_common(p)
 
+    p = cmd("presets", "list the presets: the job each is for, its settings, its measured row")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+
     p = cmd("bench", "compare CaP with pruning, factorisation and Torch-Pruning side by side")
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated registered methods (default: all, %(default)s); a "
                    "method may carry options: cap+stream (stream_projection), cap+auto "
-                   "(allocation auto), +rescale (--match-scale), +ponly (--relax projection: "
-                   "the projections only, as in the paper), +prior (the refit pulls toward "
-                   "W P), +wp (the consumers stay W P), +bntrain (BN in training mode during "
-                   "CaP), +mixft (CaP's reconstruction "
-                   "term in fine-tuning), +prog (progressive: sqrt(target) first), "
-                   "e.g. cap+stream+auto")
+                   "(allocation auto), +rescale (--match-scale), +prior (the refit pulls "
+                   "toward W P, ridge 0.1), e.g. cp+prior+rescale. The bench runs every "
+                   "method with the same recipe, not the presets")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
     p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)
@@ -311,32 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, recipe: TrainConfig,
-                    default_epochs: int, by_recipe: bool = False) -> None:
+                    default_epochs: int, by_preset: bool = False) -> None:
     """Training flags, their defaults read from `recipe` (caproj.config: one source).
-    `by_recipe`: --lr and --kd default to the one --recipe picks (compress)."""
+    `by_preset`: --lr and --kd default to the preset's (compress)."""
     p.add_argument(epochs_flag, dest="epochs", type=int, default=default_epochs,
                    help=f"epochs (default {default_epochs})")
-    if by_recipe:
-        p.add_argument("--recipe", choices=(*RECIPES, "auto"), default="auto",
-                       help=f"fine-tune recipe behind --lr and --kd: polish (peak lr "
-                       f"{FINETUNE.lr:g}, KD {FINETUNE.kd_weight:g}), learn (lr "
-                       f"{FINETUNE_LEARN.lr:g}, KD {FINETUNE_LEARN.kd_weight:g}, in CaP too: for "
-                       f"an original trained on other data or preprocessing) or auto (default: "
-                       f"learn when the original's loss on training images exceeds "
-                       f"{LEARN_RATIO:g}x its test loss)")
-    p.add_argument("--lr", type=float, default=None if by_recipe else recipe.lr,
-                   help="peak learning rate (default " + ("from --recipe)" if by_recipe
+    p.add_argument("--lr", type=float, default=None if by_preset else recipe.lr,
+                   help="peak learning rate (default " + ("the preset's)" if by_preset
                                                           else "%(default)s)"))
     p.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
     p.add_argument("--schedule", choices=("onecycle", "cosine", "constant"),
                    default=recipe.schedule)
     p.add_argument("--label-smoothing", type=float, default=recipe.label_smoothing)
     p.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
-    p.add_argument("--kd", type=float, default=None if by_recipe else recipe.kd_weight,
+    p.add_argument("--kd", type=float, default=None if by_preset else recipe.kd_weight,
                    dest="kd_weight",
                    help="distillation weight (0..1) from the original model (compress, "
                    "bench: in CaP's optimisation and the fine-tuning) or from --teacher "
-                   "(train); default " + ("from --recipe" if by_recipe else "%(default)s"))
+                   "(train); default " + ("the preset's" if by_preset else "%(default)s"))
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=recipe.optimizer,
                    help="sgd (nesterov, default) or adam (AdamW)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "
@@ -376,8 +386,8 @@ def _add_resume_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
-    """The flags' recipe (compress: an unset --lr / --kd reads as polish's here; the library
-    replaces them with its --recipe's, see `_finetune_options`)."""
+    """The flags' recipe (compress: an unset --lr / --kd reads as FINETUNE's here; the library
+    takes the preset's instead, see `_finetune_options`)."""
     kd = getattr(a, "kd_weight", 0.0)
     return TrainConfig(epochs=a.epochs, lr=FINETUNE.lr if a.lr is None else a.lr,
                        batch_size=a.batch_size, schedule=a.schedule,
@@ -571,17 +581,19 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def _cap_options(a: argparse.Namespace) -> dict[str, Any]:
-    return {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
+    """CaP's settings from the flags; an unset flag is left out (the preset's, else the
+    default, applies)."""
+    opts = {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
             "batch_size": a.cap_batch_size, "recon_weight": a.recon_weight, "relax": a.relax,
             "bf16": False if a.no_bf16 else None, "match_scale": a.match_scale,
-            "ridge_to": a.ridge_to, "ridge": a.ridge,
-            **({} if a.kd_weight is None else {"kd": a.kd_weight})}  # unset: the recipe's
+            "ridge_to": a.ridge_to, "ridge": a.ridge, "kd": a.kd_weight, "steps": a.cap_steps}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _finetune_options(a: argparse.Namespace, ft: TrainConfig) -> dict[str, Any] | None:
     """compress's fine-tuning for the library: every flag's value, except an unset --lr / --kd
-    (the library takes those from --recipe)."""
-    if ft.epochs <= 0:
+    (the library takes those from the preset)."""
+    if ft.epochs <= 0 and a.budget_images is None:
         return None
     unset = {k for k, v in (("lr", a.lr), ("kd_weight", a.kd_weight)) if v is None}
     return {k: v for k, v in ft.as_dict().items() if k not in unset}
@@ -593,7 +605,7 @@ CAP_FLAGS = {"lr": "--cap-lr", "weight_lr": "--cap-weight-lr", "batch_size": "--
 
 
 def cmd_compress(a: argparse.Namespace) -> None:
-    from caproj.api import compress, evaluate
+    from caproj.api import compress
     from caproj.deploy import LATENCY_FORMS, latency_report
     from caproj.models import guess_num_classes, make_checkpoint
     from caproj.resume import stop_on_signal
@@ -603,7 +615,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
     if a.report:
         check_output_path(a.report)
     try:  # check CaP's settings now, naming compress's own flags for them
-        CapConfig(calib_images=a.calib_images, steps=a.cap_steps, **_cap_options(a))
+        CapConfig(calib_images=a.calib_images, **_cap_options(a))
     except CaprojError as e:
         flag = CAP_FLAGS.get(e.param or "")
         raise CaprojError(f"{flag}: {e}" if flag else str(e), e.param) from None
@@ -619,10 +631,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
     else:
         train_b, calib_b, _ = _batches(data, device, ft.batch_size, a.seed, a.calib_images,
                                        test=False)
-    acc0 = evaluate(model, test_b)["acc"] if test_b is not None else None
-    if acc0 is not None:
-        print(f"{meta['arch']}: {acc0:.2f} % on {eval_name} test")
-    else:
+    if test_b is None:
         print(f"{meta['arch']}: accuracy not measured: {data.name} has no labels (pass "
               f"--eval-data with labelled test images to measure it)")
     with stop_on_signal():
@@ -631,8 +640,9 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        latency_batch=a.latency_batch,
                        latency_threads=a.latency_threads or a.threads,
                        calib_data=calib_b, eval_data=test_b, calib_images=a.calib_images,
-                       steps=a.cap_steps, finetune=_finetune_options(a, ft),
-                       recipe=a.recipe, seed=a.seed,
+                       finetune=_finetune_options(a, ft), budget_images=a.budget_images,
+                       preset=None if a.preset == "none" else a.preset, method=a.method,
+                       seed=a.seed,
                        channel_multiple=a.channel_multiple, allocation=a.allocate,
                        stream_projection=a.stream_projection, label_free=a.label_free,
                        synthetic=data.n if synthetic else None,
@@ -643,8 +653,6 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        state_path=a.out,
                        resume=a.resume, save_every=a.save_every, **_cap_options(a))
     rep = res.report
-    rep["acc_before"] = acc0
-    rep["acc_after_cap"] = rep.get("acc_after_compress")
     if not dist.is_main():
         return  # torchrun: rank 0 writes and measures
     small = res.model.cpu()
@@ -680,11 +688,15 @@ def format_report(rep: dict[str, Any]) -> str:
         ratio = before / after if after else float("nan")
         return f"  {name:22s} {fmt(before):>12s} {fmt(after):>12s}   {ratio:5.2f}x"
 
-    acc_final = rep.get("acc_after_finetune", rep.get("acc_after_cap"))
-    lines = [f"  {'':22s} {'original':>12s} {'compressed':>12s}   ratio"]
+    acc_final = rep.get("acc_after_finetune", rep.get("acc_after_compress"))
+    pre = rep.get("preset") or {}
+    lines = [f"  preset {pre['name']}: {pre['reason']}"
+             + (f" (overridden: {', '.join(pre['overridden'])})" if pre.get("overridden") else "")
+             if pre.get("name") else "  no preset (caproj's plain defaults)"] if pre else []
+    lines.append(f"  {'':22s} {'original':>12s} {'compressed':>12s}   ratio")
     if rep.get("acc_before") is not None and acc_final is not None:
         lines.append(f"  {'top-1 accuracy':22s} {rep['acc_before']:11.2f}% {acc_final:11.2f}%"
-                     + (f"   (after CaP, before fine-tuning: {rep['acc_after_cap']:.2f} %)"
+                     + (f"   (before fine-tuning: {rep['acc_after_compress']:.2f} %)"
                         if "acc_after_finetune" in rep else ""))
     else:
         lines.append(f"  {'top-1 accuracy':22s} not measured (no labelled data: --eval-data)")
@@ -747,8 +759,6 @@ def cmd_demo(a: argparse.Namespace) -> None:
                    calib_images=1000, steps=60, batch_size=64, log_every=0, seed=a.seed,
                    finetune={"epochs": 5, "lr": 0.02, "batch_size": 64})
     rep = res.report
-    rep["acc_before"] = acc
-    rep["acc_after_cap"] = rep["acc_after_compress"]
     rep.update(latency_report(model.cpu(), res.model.cpu(), data.input_shape, a.threads,
                               forms=("eager",)))
     print(f"CaP to 50 % MACs ({len(res.sites)} sites, widths {res.widths}):")
@@ -758,6 +768,24 @@ def cmd_demo(a: argparse.Namespace) -> None:
              input_shape=[1, 8, 8], data=data.describe(),
              metrics={k: v for k, v in rep.items() if k != "cap_history"}, seed=a.seed)
         print(f"saved {a.out}")
+
+
+def cmd_presets(a: argparse.Namespace) -> None:
+    if a.json:
+        print(json.dumps({n: p.as_dict() for n, p in PRESETS.items()}, indent=2))
+        return
+    print("--preset auto (the default) tries these in order and takes the first whose job "
+          "fits (caproj.config.choose_preset):\n")
+    for name, p in PRESETS.items():
+        opts = {**dict(p.cap), **{f"finetune.{k}": v for k, v in p.finetune},
+                **dict(p.compress)}
+        print(f"{name}\n  for: {p.job}")
+        print(f"  method {p.method}; " + (", ".join(f"{k}={v}" for k, v in opts.items())
+                                         or "caproj's defaults"))
+        print(f"  measured: {p.measured.row()}" + (f"; {p.measured.note}"
+                                                   if p.measured.note else ""))
+        print(f"  command: {p.measured.command}")
+        print(f"  json: {', '.join(p.measured.json)}\n")
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -816,7 +844,8 @@ FLAGS = {"target_macs": "--target-macs", "keep": "--keep",
          "target_latency": "--target-latency", "latency_batch": "--latency-batch",
          "runtime": "--runtime", "latency_threads": "--latency-threads",
          "channel_multiple": "--channel-multiple", "calib_images": "--calib-images",
-         "allocation": "--allocate",
+         "allocation": "--allocate", "budget_images": "--budget-images",
+         "preset": "--preset", "method": "--method",
          "stream_projection=True": "--stream-projection",
          "stream_projection": "--stream-projection", "weight_lr": "--cap-weight-lr",
          "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":
@@ -853,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     handlers = {"info": cmd_info, "eval": cmd_eval, "train": cmd_train,
                 "compress": cmd_compress, "demo": cmd_demo, "bench": cmd_bench,
+                "presets": cmd_presets,
                 "export": cmd_export}
     t0 = time.perf_counter()
     try:

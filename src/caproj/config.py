@@ -47,25 +47,17 @@ class CapConfig:
     # `resolve` fills them in once; the optimisation reads only resolved values.
     lr: float | None = None
     weight_lr: float | None = None
-    weight_opt: str = "adam"  # adam | sgd (nesterov, momentum 0.9) for the relaxed weights
     batch_size: int = 128
     recon_weight: float = 1.0
     kd: float = 0.5  # share of distillation in the classification term (1 without labels)
     kd_temperature: float = 4.0
     relax: str = "all"  # projection | consumer | all
     refit: bool = True
-    alternate: bool = True
-    retraction: str = "qr"
     # the least-squares refit's ridge, relative to the mean diagonal of its Gram matrix, and
     # what it pulls toward: "zero" (plain ridge) or "projected", the original consumer read
     # through P (min ||X W' - Y||^2 + lambda ||W' - W P||^2: keeps the refit near the original)
     ridge: float = 1e-4
     ridge_to: str = "zero"
-    # BatchNorm as fine-tuning runs it, during the optimisation: batch statistics in every BN
-    # (running statistics untouched); each site's fresh BN normalises its batch too, with its
-    # forward value kept (scale-invariant gradients for the projected producers)
-    bn_train: bool = False
-    bn_recalibrate: bool = False  # re-estimate every BN's statistics on the compressed net
     # after any method: rescale each layer that feeds a BN to the original layer's weight size
     # (eval function unchanged; fine-tuning's effective step size restored), see
     # caproj.surgery.match_weight_scale
@@ -73,9 +65,6 @@ class CapConfig:
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None
-    # label-free steps only: blend each image with another of its batch, the other's share
-    # ~ U(0, mix) (0 = off; at most 0.5). The original model labels the blend.
-    mix: float = 0.0
     seed: int = 0
     bf16: bool | None = None
     log_every: int = 25
@@ -86,18 +75,12 @@ class CapConfig:
     def validate(self) -> None:
         if self.init not in ("select", "pca"):
             raise CaprojError(f"init must be select or pca, got {self.init!r}", param="init")
-        if self.weight_opt not in ("adam", "sgd"):
-            raise CaprojError(f"weight_opt must be adam or sgd, got {self.weight_opt!r}",
-                              param="weight_opt")
         if self.relax not in ("projection", "consumer", "all"):
             raise CaprojError(f"relax must be projection, consumer or all, got {self.relax!r}",
                               param="relax")
         if self.ridge_to not in ("zero", "projected"):
             raise CaprojError(f"ridge_to must be zero or projected, got {self.ridge_to!r}",
                               param="ridge_to")
-        if self.retraction not in ("qr", "polar"):
-            raise CaprojError(f"retraction must be qr or polar, got {self.retraction!r}",
-                              param="retraction")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise CaprojError(f"steps must be an integer >= 0, got {self.steps}", param="steps")
         if not isinstance(self.calib_images, int) or self.calib_images < 1:
@@ -113,8 +96,6 @@ class CapConfig:
             _finite_nonneg(name, v)
         if not 0 <= self.kd <= 1:
             raise CaprojError(f"kd must be in [0, 1], got {self.kd}", param="kd")
-        if not (isinstance(self.mix, (int, float)) and 0 <= self.mix <= 0.5):
-            raise CaprojError(f"mix must be in [0, 0.5], got {self.mix}", param="mix")
         if self.train_images is not None and (not isinstance(self.train_images, int)
                                               or self.train_images < 1):
             raise CaprojError(f"train_images must be an integer >= 1, got {self.train_images}",
@@ -267,14 +248,205 @@ TRAIN = TrainConfig()
 # KD 0.5 from the original keeps CaP's head start (89.05 % after 3 epochs) where lr 0.02 without
 # KD falls to 75 % first (87.63 %).
 FINETUNE = TrainConfig(epochs=3, lr=0.005, kd_weight=0.5)
-# ... and when the original does not fit the training data yet (a checkpoint trained on other
-# data or preprocessing: the PNG-trained ResNet-20/56 on JPEG CIFAR-10 gain 1.8-2.4 points over
-# FINETUNE with this, RESULTS.md issue 17 item 4): peak lr 0.02, no distillation (in CaP too).
-FINETUNE_LEARN = TrainConfig(epochs=3, lr=0.02, kd_weight=0.0)
-RECIPES = {"polish": FINETUNE, "learn": FINETUNE_LEARN}
-# recipe="auto": "learn" when the original's loss on unaugmented training images exceeds this
-# share of its test loss (0.20-0.35 for the two shared starts that fit their data, 0.54-0.64 for
-# the two that do not: benchmarks/recipe_probe.py), else "polish".
+# The "learn" preset is chosen when the original's loss on unaugmented training images exceeds
+# this share of its test loss: it does not fit its training data (0.20-0.35 for the two shared
+# starts that fit their data, 0.54-0.64 for the two that do not: benchmarks/recipe_probe.py).
 LEARN_RATIO = 0.45
 CAP = CapConfig()
 SYNTH = SynthConfig()
+
+
+# ----------------------------------------------------------------------------- presets
+# A preset is a measured configuration for one kind of job (torchvision's weights carry their
+# recipe and accuracy the same way): the method and CaP settings, what runs after the method
+# (match_scale, the refit prior), the fine-tune recipe, compress's own options, and
+# the row of benchmarks/RESULTS.md that measured it. A preset without CaP steps (steps=0)
+# spends CaP's share of the training budget fine-tuning. `compress(preset="auto")` picks one from
+# the job (`choose_preset`); options the user passes override the preset's fields.
+DEEP_BELOW = 0.4  # a MACs target under this is "deep" (RESULTS.md: 25 % and 12.5 % rows)
+SMALL_SET = 5000  # an unlabeled set of at most this many images is "small"
+LONG_EPOCHS = 10  # a fine-tune budget of at least this many epochs is "long"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a preset measured: its job, the result (mean ± std over `seeds`; top-1 %) against
+    the original's, and where it comes from (the command, the JSON files it wrote, relative to
+    the repository root)."""
+
+    arch: str
+    target_macs: float
+    finetune_epochs: float  # fine-tune epochs of the training set (0: none)
+    labels: bool
+    images: int  # distinct training images the job had
+    acc: float
+    std: float | None
+    seeds: tuple[int, ...]
+    original_acc: float
+    command: str
+    json: tuple[str, ...]
+    note: str = ""
+
+    def row(self) -> str:
+        spread = f" ± {self.std:.2f}" if self.std is not None else ""
+        return (f"{self.arch} at {self.target_macs:g} MACs, {self.finetune_epochs:g} FT epochs, "
+                f"{'labelled' if self.labels else 'unlabeled'} {self.images:,} images: "
+                f"{self.acc:.2f}{spread} % (original {self.original_acc:.2f} %, seeds "
+                f"{','.join(map(str, self.seeds))})")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named, frozen configuration. `cap`: `CapConfig` fields (match_scale, ridge_to, ...);
+    `finetune`: `TrainConfig` fields of the fine-tune recipe; `compress`: compress's own
+    options (allocation, stream_projection). A preset with `steps=0` spends CaP's share of the
+    training budget fine-tuning (distilling, without labels)."""
+
+    name: str
+    job: str  # one line: the job it is for
+    method: str
+    measured: Measured
+    cap: tuple[tuple[str, Any], ...] = ()
+    finetune: tuple[tuple[str, Any], ...] = ()
+    compress: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        CAP.replace(**dict(self.cap))  # a preset's fields are checked when it is declared
+        TRAIN.replace(**dict(self.finetune))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "job": self.job, "method": self.method,
+                "cap": dict(self.cap), "finetune": dict(self.finetune),
+                "compress": dict(self.compress),
+                "measured": dataclasses.asdict(self.measured)}
+
+
+_DEEP = "benchmarks/out/deep"
+_BENCH = ("caproj bench --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th "
+          "--data ../shared/data/cifar10-jpeg.tar.gz --finetune-epochs 3 --equal-compute ")
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("shallow", "labelled data, fine-tuning, target >= 40 % of the MACs: CaP's 600 "
+           "steps, then the polish recipe (lr 0.005, KD 0.5)", "cap",
+           Measured("resnet56", 0.5, 3, True, 50000, 88.84, 0.13, (0, 1, 2), 89.95,
+                    _BENCH + "--methods cap --targets 0.5 --lr 0.005 --seeds 0,1,2 "
+                    f"--out-dir {_DEEP}/r56-0.5-lr0.005",
+                    tuple(f"{_DEEP}/r56-0.5-lr0.005/cap-0.5-s{s}-eq.json" for s in range(3)),
+                    "Torch-Pruning at equal compute: 88.79 ± 0.13"),
+           finetune=(("lr", FINETUNE.lr), ("kd_weight", FINETUNE.kd_weight))),
+    Preset("deep", "labelled data, fine-tuning, target < 40 % of the MACs: selection + least "
+           "squares toward W P (no steps), rescaled; CaP's share of the budget fine-tunes at "
+           "lr 0.02, KD 0.5", "cap",
+           Measured("resnet56", 0.25, 3, True, 50000, 86.90, 0.19, (0, 1, 2), 89.95,
+                    _BENCH + "--methods cp+prior+rescale --targets 0.25 --lr 0.02 "
+                    f"--seeds 0,1,2 --out-dir {_DEEP}/r56-0.25-lr0.02",
+                    tuple(f"{_DEEP}/r56-0.25-lr0.02/cp+prior+rescale-0.25-s{s}-eq.json"
+                          for s in range(3)),
+                    "Torch-Pruning at equal compute: 87.16 ± 0.13; plain cap 85.12 ± 0.18"),
+           cap=(("steps", 0), ("match_scale", True), ("ridge_to", "projected"), ("ridge", 0.1)),
+           finetune=(("lr", 0.02), ("kd_weight", 0.5))),
+    Preset("long", "labelled data, >= 10 fine-tune epochs, target >= 40 % of the MACs: CaP's "
+           "600 steps, rescaled, then lr 0.02, KD 0.5", "cap",
+           Measured("resnet56", 0.5, 15, True, 50000, 89.86, None, (0,), 89.95,
+                    "caproj bench --arch resnet56 --weights ../shared/models/"
+                    "resnet56-cifar10jpeg.th --data ../shared/data/cifar10-jpeg.tar.gz "
+                    "--methods cap+rescale --finetune-epochs 15 --equal-compute "
+                    "--budget-images 825600 --targets 0.5 --lr 0.02 --seeds 0 --no-latency "
+                    f"--out-dir {_DEEP}/r56-15ep-lr0.02-cpu",
+                    (f"{_DEEP}/r56-15ep-lr0.02-cpu/cap+rescale-0.5-s0-eq.json",),
+                    "plain cap 89.75 (H100), Torch-Pruning 89.68 on the same CPU"),
+           cap=(("match_scale", True),), finetune=(("lr", 0.02), ("kd_weight", 0.5))),
+    Preset("learn", "labelled data, fine-tuning, an original that does not fit the training "
+           "data (trained on other data or preprocessing): CaP without KD, then lr 0.02, no "
+           "KD", "cap",
+           Measured("resnet56 (PNG-trained)", 0.5, 3, True, 50000, 87.27, None, (0,), 83.20,
+                    "caproj bench --arch resnet56 --weights ../shared/models/"
+                    "resnet56-4bfd9763.th --data ../shared/data/cifar10-jpeg.tar.gz "
+                    "--methods cap,tp-l2 --finetune-epochs 3 --targets 0.5 --seeds 0 "
+                    "--no-latency --device cuda --threads 1 --lr 0.02 --kd 0 "
+                    f"--out-dir {_DEEP}/recipe/r56png-tpref-e3",
+                    (f"{_DEEP}/recipe/r56png-tpref-e3/cap-0.5-s0.json",),
+                    "polish recipe on the same start: 85.51"),
+           cap=(("kd", 0.0),), finetune=(("lr", 0.02), ("kd_weight", 0.0))),
+    Preset("post-training", "no fine-tuning: CaP's 600 steps (the paper's method)", "cap",
+           Measured("resnet56", 0.5, 0, True, 50000, 87.23, 0.14, (0, 1, 2), 89.95,
+                    "python benchmarks/label_free.py run --arch resnet56 --targets 0.5 "
+                    "--seed S --cells labelled:50000 --out-dir benchmarks/out/label-free",
+                    ("benchmarks/out/cap-r56-50-noft-api.json",
+                     "benchmarks/out/label-free/resnet56-0.5-labelled-50000-seed1.json",
+                     "benchmarks/out/label-free/resnet56-0.5-labelled-50000-seed2.json"),
+                    "Torch-Pruning as pruned: 43.86")),
+    Preset("label-free", f"unlabeled data, at most {SMALL_SET:,} images: calibration "
+           "(no steps), rescaled, then CaP's share of the budget distils from the original "
+           "(lr 0.005, KD only)", "cap",
+           Measured("resnet56", 0.5, 0, False, 1000, 86.82, 0.29, (0, 1, 2), 89.95,
+                    "python benchmarks/label_free.py run --arch resnet56 --targets 0.5 "
+                    "--seed S --cells unlabeled:1000:steps=0:match_scale=1:kd_steps=600 "
+                    "--out-dir benchmarks/out/label-free",
+                    tuple("benchmarks/out/label-free/resnet56-0.5-unlabeled-1000-steps=0-"
+                          f"match_scale=1-kd_steps=600{t}.json" for t in ("", "-seed1",
+                                                                          "-seed2")),
+                    "CaP's 600 steps on the same images: 86.13"),
+           cap=(("steps", 0), ("match_scale", True)), finetune=(("kd_weight", 1.0),)),
+    Preset("data-free", "no data (synthetic=N): CaP's 600 steps on the synthesised images "
+           "at lr 3e-4 / 1e-4", "cap",
+           Measured("resnet56", 0.5, 0, False, 5000, 85.17, None, (0,), 89.95,
+                    "python benchmarks/label_free.py run --arch resnet56 --targets 0.5 "
+                    "--cells synthetic:5000:lr=0.0003:weight_lr=0.0001 --synth-steps 100 "
+                    "--out-dir benchmarks/out/label-free",
+                    ("benchmarks/out/label-free/resnet56-0.5-synthetic-5000-lr=0.0003-"
+                     "weight_lr=0.0001.json",)),
+           cap=(("lr", 3e-4), ("weight_lr", 1e-4))),
+    Preset("latency", "a latency target: CaP with stream projection and widths allocated by "
+           "output damage per measured ms, rescaled, then the polish recipe", "cap",
+           Measured("resnet56", 0.216, 3, True, 50000, 84.79, None, (0,), 89.95,
+                    "python benchmarks/latency_budget.py run --runtime inductor --batch 64 "
+                    "--threads 2 --train-threads 2 --stream --rescale --tp-from benchmarks/"
+                    "out/latency/r56-inductor-b64-steady.json --out benchmarks/out/latency/"
+                    "r56-inductor-b64-rescale.json",
+                    ("benchmarks/out/latency/r56-inductor-b64-rescale.json",),
+                    "--target-latency 0.5, inductor batch 64: 2.11x measured; Torch-Pruning "
+                    "1.94x at 82.47 %"),
+           cap=(("match_scale", True),),
+           finetune=(("lr", FINETUNE.lr), ("kd_weight", FINETUNE.kd_weight)),
+           compress=(("allocation", "auto"), ("stream_projection", True))),
+)}
+
+
+# `choose_preset`'s rules, in the order they are tried; PRESETS lists the presets so too
+RULE_ORDER = ("data-free", "latency", "label-free", "post-training", "learn", "deep", "long",
+              "shallow")
+PRESETS = {name: PRESETS[name] for name in RULE_ORDER}
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What `choose_preset` reads from a job."""
+
+    depth: float | None  # predicted MACs after / before (None: not known)
+    finetune_epochs: float  # 0: no fine-tuning budget
+    labels: bool
+    images: int | None  # distinct training images (None: cannot tell)
+    synthetic: bool = False
+    target_latency: bool = False
+    fits: bool | None = None  # the original fits the training data (None: not measured)
+
+
+def choose_preset(job: JobFacts) -> tuple[str, str]:
+    """The preset for a job and why: the first rule that holds, in this order."""
+    if job.synthetic:
+        return "data-free", "no data: images synthesised from the model"
+    if job.target_latency:
+        return "latency", "a latency target"
+    if not job.labels and job.images is not None and job.images <= SMALL_SET:
+        return "label-free", f"{job.images:,} unlabeled images (at most {SMALL_SET:,})"
+    if job.finetune_epochs <= 0:
+        return "post-training", "no fine-tuning budget"
+    if job.fits is False:
+        return "learn", "the original does not fit the training data (LEARN_RATIO)"
+    if job.depth is not None and job.depth < DEEP_BELOW:
+        return "deep", f"target {job.depth:.3f} of the MACs (below {DEEP_BELOW:g})"
+    if job.finetune_epochs >= LONG_EPOCHS:
+        return "long", f"{job.finetune_epochs:g} fine-tune epochs (at least {LONG_EPOCHS})"
+    depth = "an unknown share" if job.depth is None else f"{job.depth:.3f}"
+    return "shallow", (f"target {depth} of the MACs (at least {DEEP_BELOW:g}), "
+                       f"{job.finetune_epochs:g} fine-tune epochs")

@@ -100,7 +100,7 @@ def _run(arch: str, size: int, target: float, steps: int, seed: int, t0: float,
                       batch_size=4)
     x = torch.randn(2, 3, size, size, generator=g).to(device)
     try:
-        same = compress(model, data, keep=1.0, steps=0, calib_images=8, progress=False)
+        same = compress(model, data, preset=None, keep=1.0, steps=0, calib_images=8, progress=False)
     except CaprojError as e:
         return RealRun(arch, size, 0, producers, None, None, None, None,
                        time.perf_counter() - t0, str(e))
@@ -117,7 +117,7 @@ def _run(arch: str, size: int, target: float, steps: int, seed: int, t0: float,
     if n_skipped:
         reason = f"{n_skipped} producers are not sites"
     try:
-        res = compress(model, data, target_macs=target, steps=steps, calib_images=8,
+        res = compress(model, data, preset=None, target_macs=target, steps=steps, calib_images=8,
                        batch_size=4, progress=False)
     except CaprojError as e:
         return RealRun(arch, size, n_sites, producers, diff <= 1e-4, diff, None, None,

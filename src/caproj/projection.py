@@ -15,23 +15,17 @@ import torch
 from torch import nn
 
 from caproj import dist
-from caproj.errors import CaprojError
 from caproj.sites import Site
 from caproj.utils import run_with_hooks
 
 
-def retract(a: torch.Tensor, method: str = "qr") -> torch.Tensor:
-    """Map a c x c' proxy (or a batch of them) to the nearest-ish matrix with orthonormal
-    columns, differentiably."""
-    if method == "qr":
-        q, r = torch.linalg.qr(a)
-        d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-        d = torch.where(d == 0, torch.ones_like(d), d)
-        return q * d.unsqueeze(-2)  # sign fix: QR is then unique and continuous in a
-    if method == "polar":
-        u, _, vh = torch.linalg.svd(a, full_matrices=False)
-        return u @ vh
-    raise CaprojError(f"unknown retraction {method!r} (qr or polar)")
+def retract(a: torch.Tensor) -> torch.Tensor:
+    """Map a c x c' proxy (or a batch of them) to a matrix with orthonormal columns,
+    differentiably: QR with the sign fixed, so it is unique and continuous in `a`."""
+    q, r = torch.linalg.qr(a)
+    d = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return q * d.unsqueeze(-2)
 
 
 def blocks(p: torch.Tensor, groups: int) -> torch.Tensor:
@@ -44,14 +38,14 @@ def blocks(p: torch.Tensor, groups: int) -> torch.Tensor:
     return p[rows, cols]
 
 
-def retract_site(a: torch.Tensor, site: Site, method: str = "qr") -> torch.Tensor:
+def retract_site(a: torch.Tensor, site: Site) -> torch.Tensor:
     """A site's P from its proxy: kept whole (square) is the identity, a selection site's P is
     fixed, a grouped site's is block-diagonal (each block retracted), others `retract`."""
     if a.shape[0] == a.shape[1] or site.selection:
         return a
     if site.groups > 1:
-        return torch.block_diag(*retract(blocks(a, site.groups), method).unbind(0))
-    return retract(a, method)
+        return torch.block_diag(*retract(blocks(a, site.groups)).unbind(0))
+    return retract(a)
 
 
 def orthonormality_error(p: torch.Tensor) -> float:

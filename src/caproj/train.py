@@ -182,9 +182,10 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
         eval_data: Iterable | None = None, loss_fn: LossFn | None = None,
         output_transform: OutputTransform | None = None,
         checkpoint: Checkpointer | None = None, progress_bar: bool = True,
-        feature_layers: list[str] | None = None) -> list[dict]:
+        feature_layers: list[str] | None = None, eval_every: int = 1) -> list[dict]:
     """Train `model` in place on the batches of `data`, `cfg.epochs` passes. Returns one
-    record per epoch (train loss/accuracy, time, and test accuracy/loss when `eval_data`).
+    record per epoch (train loss/accuracy, time, and test accuracy/loss when `eval_data`: after
+    every `eval_every`-th epoch and the last).
 
     The loss is cross-entropy (or `loss_fn(outputs, y)`), mixed with distillation from
     `teacher` by `cfg.kd_weight`; batches without labels are distilled only (label-free).
@@ -214,7 +215,8 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
                  cfg.feature_weight)
     try:
         return _fit(model, data, cfg, teacher, eval_data, loss_fn, output_transform,
-                    checkpoint, progress_bar, (got_s, got_t) if feat_hooks else None)
+                    checkpoint, progress_bar, (got_s, got_t) if feat_hooks else None,
+                    max(1, int(eval_every)))
     finally:
         for h in feat_hooks:
             h.remove()
@@ -224,7 +226,8 @@ def _fit(model: nn.Module, data: Iterable, cfg: TrainConfig, teacher: nn.Module 
          eval_data: Iterable | None, loss_fn: LossFn | None,
          output_transform: OutputTransform | None, checkpoint: Checkpointer | None,
          progress_bar: bool,
-         feats: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None) -> list[dict]:
+         feats: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+         eval_every: int = 1) -> list[dict]:
     seed_everything(cfg.seed)
     device = model_device(model)
     if device.type == "cpu":
@@ -352,7 +355,8 @@ def _fit(model: nn.Module, data: Iterable, cfg: TrainConfig, teacher: nn.Module 
                "train_acc": 100.0 * correct / labelled if labelled else None,
                "seconds": time.perf_counter() - t0,
                "images_per_s": seen / (time.perf_counter() - t0)}
-        if eval_data is not None:
+        if eval_data is not None and ((epoch + 1) % eval_every == 0 or step >= total
+                                      or epoch + 1 == cfg.epochs):
             if ema is not None:  # the raw weights' accuracy too, to show what averaging adds
                 rec["test_acc_raw"] = evaluate(model, eval_data, loss_fn=loss_fn,
                                                output_transform=output_transform,

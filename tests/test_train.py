@@ -136,3 +136,18 @@ def test_feature_weight_adds_caps_reconstruction_term_to_the_loss(digits):
     with pytest.raises(CaprojError, match="no feature layers"):
         fit(copy.deepcopy(teacher), train, TrainConfig(epochs=1, max_steps=1,
                                                        feature_weight=1.0), teacher=teacher)
+
+
+def test_dense_distillation_is_the_per_pixel_distillation():
+    """On (N, C, H, W) logits the distillation term is the classification one over the
+    (N*H*W, C) predictions: averaged per pixel, like the per-pixel cross-entropy."""
+    from caproj.train import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)
+    flat = kd_loss(s.permute(0, 2, 3, 1).reshape(-1, 5), t.permute(0, 2, 3, 1).reshape(-1, 5), 4.0)
+    torch.testing.assert_close(kd_loss(s, t, 4.0), flat)
+    # the mean of the pixels' own distillation terms, not H*W times it
+    per_pixel = torch.stack([kd_loss(s[:, :, h, w], t[:, :, h, w], 4.0)
+                             for h in range(3) for w in range(4)])
+    torch.testing.assert_close(kd_loss(s, t, 4.0), per_pixel.mean())

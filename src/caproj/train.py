@@ -105,6 +105,12 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """Distillation at temperature `t`: KL(teacher || student) over the class dimension (1),
+    averaged over every prediction (each image; each pixel of a dense (N, C, H, W) output, as
+    the per-pixel cross-entropy it is mixed with is), times t^2."""
+    if student.dim() > 2:  # dense outputs: one prediction per position
+        student = student.movedim(1, -1).reshape(-1, student.shape[1])
+        teacher = teacher.movedim(1, -1).reshape(-1, teacher.shape[1])
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1),
                     reduction="batchmean", log_target=True) * t * t
 

@@ -1,5 +1,6 @@
-"""Which fine-tune recipe `caproj.choose_recipe` picks for each start, as `caproj compress`
-measures it (its 2,000 unaugmented calibration images against the test split).
+"""Whether each start fits its training data (`caproj.measure_fit`: the `learn` preset's
+rule), as `caproj compress` measures it (its 2,000 unaugmented calibration images against the
+test split). Before issue 31 the same rule picked the "learn" or "polish" fine-tune recipe.
 
     python benchmarks/recipe_probe.py --out benchmarks/out/deep/recipe/probe.json
 
@@ -40,11 +41,13 @@ def main() -> None:
     rows = []
     for name in STARTS:
         model, _ = load_model(Path(a.models) / f"{name}.th", name.split("-")[0], 10)
-        pick = caproj.choose_recipe(model, calib, test)
+        pick = caproj.measure_fit(model, calib, test)
+        pick["recipe"] = "polish" if pick["fits"] else "learn"  # the name the JSON keeps
         rows.append({"start": name, **pick,
                      "test_acc": caproj.evaluate(model, test, progress=False)["acc"]})
-        print(f"{name}: {pick['recipe']} (training loss {pick['train_loss']:.3f}, test loss "
-              f"{pick['test_loss']:.3f}, ratio {pick['ratio']:.2f})")
+        print(f"{name}: {'fits' if pick['fits'] else 'does not fit: learn'} (training loss "
+              f"{pick['train_loss']:.3f}, test loss {pick['test_loss']:.3f}, ratio "
+              f"{pick['ratio']:.2f})")
     atomic_write_text(json.dumps({"rows": rows, **run_record(a.seed)}, indent=2), Path(a.out))
 
 

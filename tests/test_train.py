@@ -151,3 +151,38 @@ def test_dense_distillation_is_the_per_pixel_distillation():
     per_pixel = torch.stack([kd_loss(s[:, :, h, w], t[:, :, h, w], 4.0)
                              for h in range(3) for w in range(4)])
     torch.testing.assert_close(kd_loss(s, t, 4.0), per_pixel.mean())
+
+
+def test_label_free_augmentation_is_seeded_and_leaves_labelled_batches_alone():
+    """augment=True shifts and flips label-free batches (the teacher labels what the student
+    sees), the same way on every run; labelled batches are never augmented."""
+    from torch import nn
+
+    from caproj.train import augment_images
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    a, b = augment_images(x, 3), augment_images(x, 3)
+    assert torch.equal(a, b) and not torch.equal(a, x) and a.shape == x.shape
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    teacher = net().eval()
+    unlabelled = [x[:4], x[4:]]
+    labelled = [(x[:4], torch.tensor([0, 1, 2, 3])), (x[4:], torch.tensor([3, 2, 1, 0]))]
+    cfg = TrainConfig(epochs=2, lr=0.1, batch_size=4, bf16=False, channels_last=False)
+
+    def trained(data, **kw):
+        m = net()
+        fit(m, data, cfg.replace(**kw), teacher=teacher, progress_bar=False)
+        return m.state_dict()
+
+    plain, aug, again = (trained(unlabelled), trained(unlabelled, augment=True),
+                         trained(unlabelled, augment=True))
+    assert all(torch.equal(v, again[k]) for k, v in aug.items())
+    assert any(not torch.equal(v, plain[k]) for k, v in aug.items())
+    with_labels, with_labels_aug = trained(labelled), trained(labelled, augment=True)
+    assert all(torch.equal(v, with_labels_aug[k]) for k, v in with_labels.items())

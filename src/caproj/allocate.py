@@ -84,13 +84,15 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
 def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: list[float],
              target: float, multiple: int = 8,
              cost: Callable[[list[int]], float] | None = None,
-             what: str = "target_macs", steps: list[int] | None = None) -> list[int]:
+             what: str = "target_macs", steps: list[int] | None = None,
+             shown: float | None = None) -> list[int]:
     """Greedy widths meeting `target` to within 1 % (`solve`, from each site's narrowest step,
     by sensitivity x drop in e_s per unit of cost added). The cost is the MACs (`target`: a
     fraction of mm.total) unless `cost` is given (e.g. predicted latency; `target`: a fraction
     of the full widths' cost). A step that costs nothing or saves time is taken first, so
     widths snap to the top of a plateau of the cost. `steps` (with a custom cost): the only
-    width changes allowed per site (a latency table's grid spacing), not channel steps."""
+    width changes allowed per site (a latency table's grid spacing), not channel steps.
+    `shown`: the target as the user gave it, for messages (`target` may include a margin)."""
     if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
         raise CaprojError(f"{what} must be in (0, 1], got {target}", param=what)
     units = site_units(sites)
@@ -110,7 +112,8 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
         return gain / max(new - cur, eps) if new - cur > 0 else 1e30 + gain
 
     widths = solve(full, cost, target * total, steps=steps, start=list(steps), value=value,
-                   trades=True, what=f"{what} {target:g}", units=units)
+                   trades=True, what=f"{what} {target if shown is None else shown:g}",
+                   units=units)
     log.info("automatic allocation: widths %s (%.3f of the %s)", widths, cost(widths) / total,
              "MACs" if what == "target_macs" else "cost")
     return widths

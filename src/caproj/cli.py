@@ -354,6 +354,9 @@ def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, recipe: TrainC
     p.add_argument("--ema", type=float, default=recipe.ema, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay per "
                    "step (e.g. 0.998) and return it; default 0 = off")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="label-free batches only: random shifts and flips, labelled by the "
+                   "teacher (default: the preset's; off)")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
                    "autocast where the hardware supports it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -397,6 +400,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
                        max_steps=a.max_steps,
                        freeze_bn=getattr(a, "freeze_bn", False),
                        optimizer=getattr(a, "optimizer", "sgd"), ema=a.ema,
+                       augment=bool(a.augment),
                        feature_weight=getattr(a, "feature_weight", 0.0))
 
 
@@ -595,7 +599,8 @@ def _finetune_options(a: argparse.Namespace, ft: TrainConfig) -> dict[str, Any] 
     (the library takes those from the preset)."""
     if ft.epochs <= 0 and a.budget_images is None:
         return None
-    unset = {k for k, v in (("lr", a.lr), ("kd_weight", a.kd_weight)) if v is None}
+    unset = {k for k, v in (("lr", a.lr), ("kd_weight", a.kd_weight),
+                            ("augment", a.augment)) if v is None}
     return {k: v for k, v in ft.as_dict().items() if k not in unset}
 
 
@@ -845,7 +850,6 @@ FLAGS = {"target_macs": "--target-macs", "keep": "--keep",
          "runtime": "--runtime", "latency_threads": "--latency-threads",
          "channel_multiple": "--channel-multiple", "calib_images": "--calib-images",
          "allocation": "--allocate", "budget_images": "--budget-images",
-         "preset": "--preset", "method": "--method",
          "stream_projection=True": "--stream-projection",
          "stream_projection": "--stream-projection", "weight_lr": "--cap-weight-lr",
          "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":

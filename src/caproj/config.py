@@ -155,6 +155,10 @@ class TrainConfig:
     # exponential moving average of the weights (and BN statistics), decay per step; 0 = off.
     # The averaged network is what is evaluated and returned.
     ema: float = 0.0
+    # label-free batches of images only: each is shifted at random (up to 1/8 of its side, zero
+    # padding) and flipped left-right, and the teacher labels what the student sees. caproj
+    # adds no augmentation to labelled data (it cannot know what keeps a label).
+    augment: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

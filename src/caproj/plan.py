@@ -148,7 +148,8 @@ class Plan:
         what = f"target_latency {self.target_latency:g}"
         if self._profiles is not None:
             return allocate(self.mm, self.sites, *self._profiles, goal, self.channel_multiple,
-                            cost=lm.predict, what="target_latency", steps=lm.steps)
+                            cost=lm.predict, what="target_latency", steps=lm.steps,
+                            shown=self.target_latency)
         return solve([s.channels for s in self.sites], lm.predict, goal * lm.full_ms,
                      steps=lm.steps, units=lm.steps, what=what, trades=True)
 

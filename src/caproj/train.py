@@ -24,6 +24,7 @@ from tqdm import tqdm
 from caproj import batches as B
 from caproj import dist
 from caproj.config import TrainConfig
+from caproj.data import random_crop, random_flip
 from caproj.errors import CaprojError
 from caproj.resume import Checkpointer, rng_state, set_rng_state
 from caproj.utils import seed_everything, steady_allocator
@@ -113,6 +114,13 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Ten
         teacher = teacher.movedim(1, -1).reshape(-1, teacher.shape[1])
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1),
                     reduction="batchmean", log_target=True) * t * t
+
+
+def augment_images(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A batch of images (N, C, H, W), each shifted by up to 1/8 of its side (zero padding)
+    and flipped left-right at random; seeded, so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(seed)
+    return random_flip(random_crop(x, max(1, min(x.shape[-2:]) // 8), g), g)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -301,6 +309,8 @@ def _fit(model: nn.Module, data: Iterable, cfg: TrainConfig, teacher: nn.Module 
             if not sharded:  # torchrun: each rank takes its share of the global batch
                 x = dist.shard(x)
                 y = dist.shard(y) if y is not None else None
+            if cfg.augment and y is None and x.dim() == 4:
+                x = augment_images(x, cfg.seed * 1_000_003 + step)
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -37,8 +37,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="the subset and compress's seed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a compress option on top of the defaults (a probe, recorded), e.g. "
+                    "--set 'finetune={\"epochs\": 0, \"augment\": true}'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in a.set)}
     torch.set_num_threads(a.threads)
     data = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
     test = Batches.test_of(data, 500)
@@ -48,9 +52,10 @@ def main() -> None:
     images = list(Batches(data.train_x[idx], None, 128, data.mean, data.std))  # bare tensors
     t0 = time.perf_counter()
     res = caproj.compress(model, images, target_macs=a.target, eval_data=test, seed=a.seed,
-                          progress=False)
+                          progress=False, **extra)
     rep = res.report
     out = {"arch": a.arch, "target_macs": a.target, "images": a.images, "labels": False,
+           "options": extra,
            "acc_original": rep["acc_before"], "acc_after_compress": rep["acc_after_compress"],
            "acc_final": caproj.evaluate(res.model, test, progress=False)["acc"],
            "preset": rep["preset"], "budget": rep["budget"], "widths": res.widths,

@@ -386,11 +386,11 @@ def measure(model: nn.Module, small: nn.Module, plan: Plan, shape: tuple[int, ..
                                       plan.widths)  # type: ignore[arg-type]
             lat = rep["latency"]
             log.info("latency (%s, batch %d): %.3f -> %.3f ms, %.2fx measured; predicted "
-                     "%.3f ms (%+.1f %%)", plan.latency.runtime, plan.latency.batch,
+                     "%.3f ms (%+.1f %%)", plan.latency.spec.runtime, plan.latency.spec.batch,
                      lat["original_ms"], lat["compressed_ms"], lat["speedup"],
                      lat["predicted_ms"], 100 * lat["prediction_error"])
         except Exception as e:  # noqa: BLE001
-            rep["latency_notes"] = [f"{plan.latency.runtime}: "
+            rep["latency_notes"] = [f"{plan.latency.spec.runtime}: "
                                     f"{str(e).strip()[:160] or type(e).__name__}"]
             log.warning("latency measurement failed: %s", rep["latency_notes"][0])
     log.info("%s: %.2f M -> %.2f M MACs (%.3f)", name, plan.mm.total / 1e6, macs / 1e6,

@@ -132,7 +132,7 @@ def test_the_users_options_override_the_preset():
 
 
 def _final_acc(d: dict) -> float:
-    for k in ("acc_after_ft", "acc_after_finetune"):
+    for k in ("acc_final", "acc_after_ft", "acc_after_finetune"):
         if k in d:
             return d[k]
     if "cap" in d and isinstance(d["cap"], dict):

@@ -43,7 +43,14 @@ from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.surgery import match_weight_scale
 from caproj.synth import synthesize
-from caproj.train import LossFn, OutputTransform, fit, model_device, outputs_of
+from caproj.train import (
+    LossFn,
+    OutputTransform,
+    feature_layers_of,
+    fit,
+    model_device,
+    outputs_of,
+)
 from caproj.train import evaluate as evaluate_model
 
 log = logging.getLogger(__name__)
@@ -411,10 +418,14 @@ def fine_tune(small: nn.Module, model: nn.Module, inputs: Inputs, ft: TrainConfi
     """Fine-tune the compressed network in place (distilling from `teacher`, default the
     original, where the recipe or missing labels ask for it)."""
     t0 = time.perf_counter()
+    kd_teacher = teacher if teacher is not None else model
+    if ft.feature_weight > 0 and not feature_layers_of(small, kd_teacher):
+        log.warning("feature_weight %g: no layer kept its output and changed its input; "
+                    "fine-tuning without the reconstruction term", ft.feature_weight)
+        ft = ft.replace(feature_weight=0.0)
     needs_teacher = ft.kd_weight > 0 or ft.feature_weight > 0 or not inputs.labelled
-    hist = fit(small, inputs.data, ft, teacher=(teacher if teacher is not None else model)
-               if needs_teacher else None, eval_data=eval_data, loss_fn=loss_fn,
-               output_transform=output_transform, checkpoint=checkpoint,
+    hist = fit(small, inputs.data, ft, teacher=kd_teacher if needs_teacher else None,
+               eval_data=eval_data, loss_fn=loss_fn, output_transform=output_transform, checkpoint=checkpoint,
                progress_bar=progress, eval_every=max(1, ft.epochs // EVALUATIONS))
     small.eval()
     rep: dict[str, Any] = {"finetune": hist, "finetune_seconds": time.perf_counter() - t0,

@@ -425,8 +425,9 @@ def fine_tune(small: nn.Module, model: nn.Module, inputs: Inputs, ft: TrainConfi
         ft = ft.replace(feature_weight=0.0)
     needs_teacher = ft.kd_weight > 0 or ft.feature_weight > 0 or not inputs.labelled
     hist = fit(small, inputs.data, ft, teacher=kd_teacher if needs_teacher else None,
-               eval_data=eval_data, loss_fn=loss_fn, output_transform=output_transform, checkpoint=checkpoint,
-               progress_bar=progress, eval_every=max(1, ft.epochs // EVALUATIONS))
+               eval_data=eval_data, loss_fn=loss_fn, output_transform=output_transform,
+               checkpoint=checkpoint, progress_bar=progress,
+               eval_every=max(1, ft.epochs // EVALUATIONS))
     small.eval()
     rep: dict[str, Any] = {"finetune": hist, "finetune_seconds": time.perf_counter() - t0,
                            "finetune_config": ft.as_dict()}

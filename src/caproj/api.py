@@ -242,7 +242,7 @@ def _plan_and_settle(model: nn.Module, inputs: S.Inputs, shape: tuple[int, ...],
         fit_report = S.measure_fit(model, inputs.calib_data if inputs.calib_data is not None
                                    else inputs.data, eval_data, **eval_kw,
                                    test_loss=None if original is None else original["loss"])
-    facts = dataclasses.replace(facts, depth=S.depth_of(plan, where),
+    facts = dataclasses.replace(facts, depth=S.depth_of(plan),
                                 fits=None if fit_report is None else fit_report["fits"])
     settings = S.resolve_settings(preset=preset, facts=facts, method=method, options=options,
                                   finetune=finetune, budget_images=budget_images,

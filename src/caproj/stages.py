@@ -200,7 +200,7 @@ def plan_job(model: nn.Module, shape: tuple[int, ...], where: Where) -> Plan:
                    target_latency=where.target_latency, latency_spec=where.latency_spec)
 
 
-def depth_of(plan: Plan, where: Where) -> float | None:
+def depth_of(plan: Plan) -> float | None:
     """The fraction of the MACs the job keeps, as far as known before widths are chosen."""
     if plan.target_macs is not None:
         return plan.target_macs

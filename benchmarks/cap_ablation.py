@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from caproj.cap import CaP  # noqa: E402
+from caproj.cap import CaP, with_config  # noqa: E402
 from caproj.config import CapConfig  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.models import load_model  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
             continue
         # a copy of the refit state whose settings are resolved anew: the rates asked for are
         # the rates used (before the frozen config, variants silently ran at the defaults)
-        cap = refit_state[0].with_config(**VARIANTS[name])
+        cap = with_config(refit_state[0], **VARIANTS[name])
         t0 = time.perf_counter()
         try:
             cap.optimise(train, a.steps)
@@ -122,7 +122,7 @@ def main() -> None:
         h = cap.history
         secs = refit_state[1] + time.perf_counter() - t0
         extra = dict(steps=a.steps, recon_first=h[0]["recon"],
-                     recon_last=sum(r["recon"] for r in h[-10:]) / 10, config=cap.config())
+                     recon_last=sum(r["recon"] for r in h[-10:]) / 10, config=cap.cfg.as_dict())
         record(f"select + refit + {name}", cap.finalize(), secs, **extra)
         record(f"select + refit + {name} + BN recal", recalibrated(cap), secs, **extra)
 

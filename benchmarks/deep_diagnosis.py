@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import caproj  # noqa: E402
 from caproj.config import FINETUNE  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
+from caproj.losses import kd_loss  # noqa: E402
 from caproj.models import load_model  # noqa: E402
 from caproj.sites import find_sites  # noqa: E402
 from caproj.surgery import match_weight_scale  # noqa: E402
-from caproj.train import kd_loss, make_optimizer, make_scheduler  # noqa: E402
+from caproj.train import make_optimizer, make_scheduler  # noqa: E402
 from caproj.utils import atomic_write_bytes, run_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

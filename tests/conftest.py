@@ -24,11 +24,22 @@ needs_models = pytest.mark.skipif(not MODELS.is_dir(),
                                   reason=f"needs the pretrained CIFAR ResNets in {MODELS}")
 
 
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest -n N
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
-    # One cache for the session (so CIFAR is decoded once), never the user's home cache.
-    os.environ.setdefault("CAPROJ_CACHE", str(tmp_path_factory.mktemp("caproj-cache")))
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # One cache for the run (so CIFAR is decoded once, also across pytest -n workers), never
+    # the user's home cache. The cores are shared out: N workers, cores / N threads each (the
+    # CLI subprocesses too), so no worker's OpenMP threads spin against another's.
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if WORKERS > 1 else root
+    (root / "caproj-cache").mkdir(exist_ok=True)
+    os.environ.setdefault("CAPROJ_CACHE", str(root / "caproj-cache"))
+    threads = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+    torch.set_num_threads(threads)
+    if WORKERS > 1:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 6,

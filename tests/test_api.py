@@ -192,9 +192,9 @@ def test_config_is_resolved_once_and_cannot_drift():
         cap.cfg.lr = 1e-2  # type: ignore[misc]
     cap.calibrate(loader())
     cap.optimise(loader())
-    rates = {g["base_lr"] for o in cap._opt["all"] for g in o.param_groups}
+    rates = {g["base_lr"] for o in cap._opt.all for g in o.param_groups}
     assert rates == {5e-4, 2e-5}
-    assert cap.config()["lr"] == 5e-4 and cap.config()["weight_lr"] == 2e-5
+    assert cap.cfg.lr == 5e-4 and cap.cfg.weight_lr == 2e-5
     with pytest.raises(caproj.CaprojError, match="unknown CapConfig option 'lrate'"):
         caproj.CaP(model, torch.zeros(1, 3, 8, 8), lrate=1.0)
 
@@ -404,3 +404,28 @@ def test_compress_takes_the_preset_it_chose_and_the_options_given():
     with pytest.raises(caproj.CaprojError, match="unknown preset 'fast'") as e:
         caproj.compress(net, _labelled_by(None, 2), finetune=1, preset="fast", **common)
     assert e.value.param == "preset"
+
+
+def test_wrapped_models_and_dict_batches_as_users_hold_them():
+    """torch.compile / DataParallel wrappers are unwrapped; Hugging Face style dict batches are
+    read by their default keys or the keys given; the result equals the plain run's."""
+    model = model_of()
+    plain = caproj.compress(model, loader(), keep=0.5, steps=2, calib_images=32, batch_size=16,
+                            log_every=0, progress=False, preset=None)
+    x = torch.randn(4, 3, 8, 8)
+    dicts = [{"pixel_values": a, "labels": b} for a, b in loader()]
+    for wrapped, data, keys in (
+            (torch.compile(model), loader(), {}),
+            (nn.DataParallel(model), dicts, {}),
+            (model, [{"img": a, "cls": b} for a, b in loader()],
+             {"input_key": "img", "target_key": "cls"})):
+        res = caproj.compress(wrapped, data, keep=0.5, steps=2, calib_images=32, batch_size=16,
+                              log_every=0, progress=False, preset=None, **keys)
+        assert res.widths == plain.widths
+        with torch.no_grad():
+            torch.testing.assert_close(res.model(x), plain.model(x))
+    acc = caproj.evaluate(nn.DataParallel(model), (b for b in dicts), progress=False)
+    assert acc == caproj.evaluate(model, loader(), progress=False)  # one pass: a generator will do
+    hist = caproj.finetune(plain.model, [{"image": a, "label": b} for a, b in loader()],
+                           epochs=1, progress=False)
+    assert hist[0]["train_acc"] is not None  # the labels were read

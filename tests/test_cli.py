@@ -84,14 +84,14 @@ def test_compress_picks_its_preset_and_flags_override_it(trained, tmp_path):
     want = dict(PRESETS[chosen["name"]].finetune)
     assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == \
         (want["lr"], want["kd_weight"])
-    r = caproj(*base, "--preset", "learn", "--kd", "0.3", "--method", "cap",
+    r = caproj(*base, "--preset", "learn", "--kd", "0.3", "--cap-kd", "0.2", "--method", "cap",
                "--out", tmp_path / "learn.pt")
     assert r.returncode == 0, r.stderr
     ck = torch.load(tmp_path / "learn.pt", weights_only=True)
     assert ck["metrics"]["preset"]["name"] == "learn"
     assert (ck["train_config"]["lr"], ck["train_config"]["kd_weight"]) == \
         (dict(PRESETS["learn"].finetune)["lr"], 0.3)
-    assert ck["metrics"]["cap_config"]["kd"] == 0.3  # --kd: CaP and fine-tuning alike
+    assert ck["metrics"]["cap_config"]["kd"] == 0.2  # --cap-kd: CaP's, --kd: fine-tuning's
     r = caproj(*base, "--preset", "fast", "--out", tmp_path / "bad.pt")
     assert r.returncode == 2 and "--preset" in r.stderr and not (tmp_path / "bad.pt").exists()
     # --method runs another method under the same preset; --preset none: plain defaults
@@ -253,28 +253,37 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
 
 
 def test_bench_method_options_and_a_folders_budget(trained, tmp_path):
-    """A preset's options as method suffixes (+prior: the refit toward W P, +rescale), at equal
-    compute; a later run with other methods keeps the folder's budget; the research suffixes
-    measurement rejected are gone."""
+    """A preset's options as method options spelled as compress's flags (the refit toward
+    W P, match-scale), at equal compute; a later run with other methods keeps the folder's
+    budget; unknown options and bad values fail before any work."""
     import json
 
     from caproj.bench import parse_method
 
-    assert parse_method("cp+prior+rescale") == ("cp", {"ridge_to": "projected", "ridge": 0.1,
-                                                       "match_scale": True})
-    with pytest.raises(CaprojError, match=r"unknown option \+prog"):
-        parse_method("cap+prog")
+    spec = parse_method("cp:ridge-to=projected:ridge=0.1:match-scale:lr=0.02:cap-lr=0.001"
+                        ":allocation=auto")
+    assert (spec.name, spec.cap, spec.finetune, spec.compress) == (
+        "cp", {"ridge_to": "projected", "ridge": 0.1, "match_scale": True, "lr": 0.001},
+        {"lr": 0.02}, {"allocation": "auto"})
+    with pytest.raises(CaprojError, match=r"unknown option 'prog'"):
+        parse_method("cap:prog")
+    with pytest.raises(CaprojError, match="ridge_to must be"):
+        parse_method("cap:ridge-to=far")
+    r = caproj("bench", "--methods", "cap:ridge=-1", "--weights", trained, "--data", "digits",
+               "--out-dir", tmp_path / "bad")
+    assert r.returncode == 2 and "ridge" in r.stderr and not (tmp_path / "bad").exists()
+    cp = "cp:ridge-to=projected:ridge=0.1:match-scale"
+    name = cp.replace(":", "+")
     out = tmp_path / "options"
     common = ["--weights", trained, "--data", "digits", "--targets", "0.25", "--cap-steps",
               "4", "--finetune-epochs", "2", "--batch-size", "64", "--seeds", "0",
               "--equal-compute", "--out-dir", out]
-    r = caproj("bench", "--methods", "cap,cp+prior+rescale", *common)
+    r = caproj("bench", "--methods", f"cap,{cp}", *common)
     assert r.returncode == 0, r.stderr
-    cells = {m: json.loads((out / f"{m}-0.25-s0-eq.json").read_text())
-             for m in ("cap", "cp+prior+rescale")}
+    cells = {m: json.loads((out / f"{m}-0.25-s0-eq.json").read_text()) for m in ("cap", name)}
     assert cells["cap"]["compress_images"] == 4 * 128
-    assert cells["cp+prior+rescale"]["compress_images"] == 0
-    assert cells["cp+prior+rescale"]["match_scale"]
+    assert cells[name]["compress_images"] == 0
+    assert cells[name]["match_scale"]
     budget = {c["train_images"] for c in cells.values()}
     assert len(budget) == 1  # the same images for every row
     # a later run without a CaP method keeps the folder's budget (CaP's steps included)

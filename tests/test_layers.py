@@ -15,11 +15,11 @@ LAYERS = {
     "runtime": ["errors", "version", "utils", "dist", "resume", "config", "batches", "stream",
                 "data"],
     "core": ["sites", "metrics", "budget", "projection", "surgery", "allocate", "latency", "plan",
-             "models",
+             "models", "losses", "refit",
              "deploy", "train", "synth"],
-    "methods": ["cap", "methods"],
+    "methods": ["cap", "capopt", "methods"],
     "api": ["api", "stages", "__init__"],
-    "bench": ["bench", "coverage"],
+    "bench": ["bench", "coverage", "fuzz"],
     "cli": ["cli"],
 }
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}

@@ -141,7 +141,7 @@ def test_feature_weight_adds_caps_reconstruction_term_to_the_loss(digits):
 def test_dense_distillation_is_the_per_pixel_distillation():
     """On (N, C, H, W) logits the distillation term is the classification one over the
     (N*H*W, C) predictions: averaged per pixel, like the per-pixel cross-entropy."""
-    from caproj.train import kd_loss
+    from caproj.losses import kd_loss
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)

@@ -36,6 +36,7 @@ from caproj import stages as S
 from caproj.cap import input_shape_of
 from caproj.config import FINETUNE, SAVE_EVERY, CapConfig, JobFacts, Preset, TrainConfig
 from caproj.errors import CaprojError
+from caproj.losses import LossFn, OutputTransform
 from caproj.methods import Job, Method
 from caproj.models import (
     check_finite,
@@ -49,9 +50,9 @@ from caproj.resume import Checkpointer
 from caproj.stages import measure_fit
 from caproj.surgery import resize_to_state_dict
 from caproj.synth import synthesize
-from caproj.train import LossFn, OutputTransform, fit, model_device
 from caproj.train import evaluate as _evaluate_impl
-from caproj.utils import atomic_path, atomic_save, run_record, seed_everything
+from caproj.train import fit, model_device
+from caproj.utils import atomic_path, atomic_save, run_record, seed_everything, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
              latency_threads: int | None = None, synthetic: int | None = None,
              synth_options: Mapping[str, Any] | None = None,
              state_path: str | os.PathLike | None = None, resume: bool = False,
-             save_every: int = SAVE_EVERY, **options: Any) -> Result:
+             save_every: int = SAVE_EVERY, input_key: str | None = None,
+             target_key: str | None = None, **options: Any) -> Result:
     """Compress `model` (left untouched) to `target_macs` (fraction of its MACs; default 0.5),
     `keep` (fraction of channels per site) or `target_latency` (fraction of its measured
     latency), optionally fine-tune, and report.
@@ -131,7 +133,9 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         given). budget_images: the training budget as a whole (CaP's steps x batch + the
         fine-tuning's images); by default CaP's 600 x 128 plus the fine-tune epochs. A preset
         without CaP steps spends CaP's share fine-tuning (distilling, without labels).
-    data: iterable of batches (x, y) / (x,) / x. calib_data: where calibration images come
+    model: an nn.Module, also inside torch.compile / DataParallel / DDP (unwrapped).
+    data: re-iterable batches (x, y) / (x,) / x / dicts ("pixel_values"/"labels", "image"/
+        "label", or `input_key` / `target_key`). calib_data: where calibration images come
         from (default: data). eval_data: labelled batches; the report then holds top-1 before
         and after each stage. label_free: ignore the labels data may carry.
     synthetic: data-free: synthesise this many images from the model's BatchNorm statistics
@@ -150,9 +154,9 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         `.ft-state.pt`, removed when the job finishes.
     """
     t_start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
-                          param="model")
+    model = _module(model)
+    data, calib_data, eval_data = (B.keyed(d, input_key, target_key)
+                                   for d in (data, calib_data, eval_data))
     inputs = S.prepare_inputs(model, data, calib_data, synthetic=synthetic,
                               synth_options=synth_options, example_inputs=example_inputs,
                               label_free=label_free, seed=seed, progress=progress,
@@ -292,15 +296,16 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int,
              teacher: nn.Module | None = None, eval_data: Iterable | None = None,
              loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
              seed: int = 0, progress: bool = True, state_path: str | os.PathLike | None = None,
-             resume: bool = False, save_every: int = SAVE_EVERY, **recipe: Any) -> list[dict]:
+             resume: bool = False, save_every: int = SAVE_EVERY, input_key: str | None = None,
+             target_key: str | None = None, **recipe: Any) -> list[dict]:
     """Fine-tune `model` in place on `data` for `epochs` passes with the measured recipe
     (`caproj.FINETUNE`: SGD nesterov, one-cycle peak lr 0.005, KD 0.5 from `teacher`; without a
     teacher plain cross-entropy), `**recipe` overriding any `caproj.TrainConfig` field.
     Returns one record per epoch (test accuracy too when `eval_data` is given); the model is
-    left in eval mode."""
-    if not isinstance(model, nn.Module):
-        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
-                          param="model")
+    left in eval mode. Models, data and keys as `compress` takes them."""
+    model = _module(model)
+    data, eval_data = B.keyed(data, input_key, target_key), \
+        B.keyed(eval_data, input_key, target_key)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise CaprojError(f"epochs must be an integer >= 0, got {epochs!r}", param="epochs")
     cfg = FINETUNE.replace(**{"seed": seed, **({} if teacher is not None else
@@ -323,10 +328,22 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int,
 
 def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
              output_transform: OutputTransform | None = None, max_batches: int | None = None,
-             progress: bool = True) -> dict[str, float]:
-    """{"acc": top-1 %, "loss": mean loss, "n": images} over labelled batches (x, y)."""
-    return _evaluate_impl(model, data, loss_fn=loss_fn, output_transform=output_transform,
+             progress: bool = True, input_key: str | None = None,
+             target_key: str | None = None) -> dict[str, float]:
+    """{"acc": top-1 %, "loss": mean loss, "n": images} over labelled batches (x, y), or dicts
+    (`input_key` / `target_key`); one pass, so a generator will do."""
+    return _evaluate_impl(_module(model), B.keyed(data, input_key, target_key),
+                          loss_fn=loss_fn, output_transform=output_transform,
                           max_batches=max_batches, progress_bar=progress)
+
+
+def _module(model: Any) -> nn.Module:
+    """The user's model as a plain module (torch.compile / DataParallel / DDP unwrapped)."""
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                          param="model")
+    return model
 
 
 def save(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
@@ -334,9 +351,7 @@ def save(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
     atomically: a caproj checkpoint (.pt; loads with weights_only=True), or safetensors when
     `path` ends in .safetensors. No pickled modules: reload with `load(path, model=YourNet())`,
     or without `model` for caproj's zoo / tv: / timm: architectures named by `arch`."""
-    if not isinstance(model, nn.Module):
-        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
-                          param="model")
+    model = _module(model)
     meta.setdefault("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
     meta.setdefault("compressed", True)
     ck = make_checkpoint(model, meta.pop("arch", None), **meta)

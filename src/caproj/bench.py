@@ -15,10 +15,12 @@ largest any method's recipe consumes; the others' fine-tuning is extended by the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,43 +39,66 @@ from caproj.utils import atomic_write_text, run_record
 
 log = logging.getLogger(__name__)
 
-# A method in the bench may carry options, spelled as suffixes of its cell name (so the cells
-# of earlier runs keep their file names): cap+stream (stream_projection), cap+auto (allocation
-# auto), +rescale (match_scale), +prior (the refit's ridge pulls toward W P, lambda 0.1 of the
-# mean Gram diagonal: the "deep" preset's refit). The research suffixes that measurement
-# rejected (+ponly, +wp, +bntrain, +mixft, +prog) keep their rows in RESULTS.md only.
-OPTION_SUFFIXES = {"stream": {"stream_projection": True}, "auto": {"allocation": "auto"},
-                   "rescale": {"match_scale": True},
-                   "prior": {"ridge_to": "projected", "ridge": 0.1}}
-FINETUNE_FIELDS = frozenset(TrainConfig().as_dict())
+# A method in the bench may carry options, spelled as its compress flags without "--":
+# method:flag=value:flag (a flag alone is true; values read as JSON, else as strings), e.g.
+# cp:match-scale:ridge-to=projected:ridge=0.1 (the "deep" preset's start) or
+# cap:stream-projection:allocation=auto. CaP's flags set CapConfig fields, training flags this
+# method's fine-tuning (TrainConfig), and stream-projection / allocation compress's own.
+COMPRESS_OPTIONS = {"stream-projection": "stream_projection", "allocation": "allocation"}
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """A bench method spec -> (registered method, options: compress's, TrainConfig fields for
-    this method's fine-tuning, and `progressive`)."""
-    base, *flags = spec.split("+")
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    cap: dict[str, Any]
+    finetune: dict[str, Any]
+    compress: dict[str, Any]
+
+
+def _option_keys() -> dict[str, tuple[str, str]]:
+    keys = {k: ("compress", v) for k, v in COMPRESS_OPTIONS.items()}
+    for part, cls in (("cap", CapConfig), ("finetune", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            if "flag" in f.metadata:
+                keys[f.metadata["flag"].removeprefix("--")] = (part, f.name)
+    return keys
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """A bench method spec "name:flag=value:flag..." -> its method and options, checked."""
+    base, *pairs = spec.split(":")
     if base not in METHODS:
         raise CaprojError(f"unknown method {base!r}; choose from {', '.join(METHODS)}",
                           param="method")
-    opts: dict[str, Any] = {}
-    for f in flags:
-        if f not in OPTION_SUFFIXES:
-            raise CaprojError(f"unknown option +{f} in method {spec!r}; known: "
-                              f"{', '.join('+' + k for k in OPTION_SUFFIXES)}", param="method")
-        opts.update(OPTION_SUFFIXES[f])
-    return base, opts
+    keys = _option_keys()
+    parts: dict[str, dict[str, Any]] = {"cap": {}, "finetune": {}, "compress": {}}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if k not in keys:
+            raise CaprojError(f"unknown option {k!r} in method {spec!r}: use compress's flag "
+                              f"names without '--' ({', '.join(sorted(keys))})", param="method")
+        try:
+            value = json.loads(v) if sep else True
+        except ValueError:
+            value = v
+        part, name = keys[k]
+        parts[part][name] = value
+    CapConfig().replace(**parts["cap"])  # bad values fail before any work
+    TrainConfig().replace(**parts["finetune"])
+    return MethodSpec(base, **parts)
 
 
 def cell_path(out_dir: Path, method: str, target: float, seed: int | None = None,
               equal_compute: bool = False) -> Path:
     """A cell's file; single-seed runs of earlier versions keep their names."""
     tag = (f"-s{seed}" if seed is not None else "") + ("-eq" if equal_compute else "")
-    return out_dir / f"{method}-{target:g}{tag}.json"
+    return out_dir / f"{method.replace(':', '+')}-{target:g}{tag}.json"
 
 
 def compress_images(method: str, cap_cfg: CapConfig) -> int:
     """Training images a method's compression consumes (CaP's optimisation steps x batch)."""
-    return cap_steps_of(METHODS[parse_method(method)[0]], cap_cfg) * cap_cfg.batch_size
+    spec = parse_method(method)
+    return cap_steps_of(METHODS[spec.name], cap_cfg.replace(**spec.cap)) * cap_cfg.batch_size
 
 
 def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable, method: str,
@@ -84,16 +109,17 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     fine-tune recipe and teacher for every method. `latency=False` skips the CPU latency
     report (its fields are then absent, not guessed). `state_path`: resumable CaP and
     fine-tune state (`caproj.compress`'s), so a stopped cell continues where it stopped."""
-    base, opts = parse_method(method)
-    ft = ft.replace(**{k: v for k, v in opts.items() if k in FINETUNE_FIELDS})
-    opts = {k: v for k, v in opts.items() if k not in FINETUNE_FIELDS}
+    spec = parse_method(method)
+    ft = ft.replace(**spec.finetune)
     torch.manual_seed(ft.seed)
-    res = compress(model, train, preset=None, target_macs=target, method=base,
+    res = compress(model, train, preset=None, target_macs=target, method=spec.name,
                    calib_data=calib, eval_data=test, finetune=ft if ft.epochs else None,
                    seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
                    state_path=None if state_path is None else str(state_path),
                    resume=state_path is not None,
-                   **{**{k: v for k, v in cap_cfg.as_dict().items() if k != "seed"}, **opts})
+                   **spec.compress,
+                   **{k: v for k, v in cap_cfg.replace(**spec.cap).as_dict().items()
+                      if k != "seed"})
     rep = res.report
     shape = tuple(rep["input_shape"])
     small = res.model.eval()
@@ -112,7 +138,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     }
     if ft.feature_weight:
         rec["finetune_feature_weight"] = ft.feature_weight
-    if "match_scale" in rep:  # +rescale: each layer's size ratio before it was rescaled
+    if "match_scale" in rep:  # match-scale: each layer's size ratio before it was rescaled
         rec["match_scale"] = rep["match_scale"]
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,
              rec["acc_before_finetune"], rec["compress_seconds"])

@@ -8,12 +8,14 @@ flag for the parameter at fault) and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import re
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("train", "train or fine-tune a model; writes a caproj checkpoint")
     _add_model_args(p)
     _add_data_args(p)
-    _add_train_args(p, "--epochs", TRAIN, default_epochs=TRAIN.epochs)
+    add_config_flags(p, TrainConfig, TRAIN)
     p.add_argument("--teacher", help="checkpoint to distil from (with --kd W), e.g. the "
                    "original model when fine-tuning a compressed one")
     p.add_argument("--out", required=True, help="output checkpoint path (written atomically)")
@@ -216,45 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also project residual streams (block outputs, shortcuts, stem, "
                    "classifier input), one shared P per tied group (beyond the paper; "
                    "default: the preset's)")
-    p.add_argument("--allocate", choices=("uniform", "auto"),
+    p.add_argument("--allocate", choices=("uniform", "auto"), dest="allocation",
                    help="per-site widths for --target-macs: uniform ratio (default, unless "
                    "the preset says otherwise) or auto (greedy by measured sensitivity x "
                    "channel spectrum per MAC)")
-    p.add_argument("--init", choices=("select", "pca"), default=CAP.init,
-                   help="initial projection (default select: the best measured start)")
-    p.add_argument("--calib-images", type=_positive_int, default=CAP.calib_images,
-                   help="calibration images for statistics and least squares "
-                   "(default %(default)s)")
-    p.add_argument("--cap-steps", type=_nonneg_int,
-                   help=f"projection optimisation steps (default: the preset's, else "
-                   f"{CAP.steps}; 0 = closed form only)")
-    p.add_argument("--cap-lr", type=float,
-                   help="Adam lr of the projection proxies (default 1e-3; 2e-4 when residual "
-                   "streams are compressed; at most a third when the steps re-use a small "
-                   "training set more than twice)")
-    p.add_argument("--cap-weight-lr", type=float,
-                   help="Adam lr of the relaxed weights during CaP (default 3e-4; 1e-4 when "
-                   "residual streams are compressed; scaled like --cap-lr for small sets)")
-    p.add_argument("--cap-batch-size", type=_positive_int, default=CAP.batch_size)
-    p.add_argument("--recon-weight", type=float, default=CAP.recon_weight,
-                   help="λ, weight of the reconstruction term (default %(default)s)")
-    p.add_argument("--relax", choices=("projection", "consumer", "all"), default=CAP.relax,
-                   help="what CaP optimises besides P: nothing, consumer weights, all weights")
-    p.add_argument("--match-scale", action=argparse.BooleanOptionalAction,
-                   help="rescale each layer that feeds a BN to the original layer's weight "
-                   "size (same outputs; fine-tuning then steps as the original's recipe "
-                   "expects; default: the preset's)")
-    p.add_argument("--ridge-to", choices=("zero", "projected"),
-                   help="what the least-squares refit's ridge pulls toward: zero, or the "
-                   "original consumer read through P (W P; default: the preset's, else "
-                   f"{CAP.ridge_to})")
-    p.add_argument("--ridge", type=float,
-                   help="the refit's ridge, relative to the mean Gram diagonal (default: "
-                   f"the preset's, else {CAP.ridge:g})")
-    p.add_argument("--feature-weight", type=float, default=FINETUNE.feature_weight,
-                   help="fine-tune with CaP's reconstruction term too: this weight times the "
-                   "consumers' output error against the original's (default 0: off)")
-    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=0, by_preset=True)
+    add_config_flags(p, CapConfig, CAP, presets=True)
+    add_config_flags(p, TrainConfig, FINETUNE, rename={"epochs": "--finetune-epochs"},
+                     presets=True, epochs_default=0)
     p.add_argument("--budget-images", type=_nonneg_int,
                    help="the training budget as a whole: CaP's steps x batch + fine-tuning "
                    f"images (default {CAP.steps} x {CAP.batch_size} + --finetune-epochs of the "
@@ -290,15 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated registered methods (default: all, %(default)s); a "
-                   "method may carry options: cap+stream (stream_projection), cap+auto "
-                   "(allocation auto), +rescale (--match-scale), +prior (the refit pulls "
-                   "toward W P, ridge 0.1), e.g. cp+prior+rescale. The bench runs every "
+                   "method may carry options, spelled as compress's flags without '--': "
+                   "cap:stream-projection:allocation=auto, cp:match-scale:ridge-to=projected:"
+                   "ridge=0.1 (cells are named with '+' for ':'). The bench runs every "
                    "method with the same recipe, not the presets")
     p.add_argument("--targets", default="0.5,0.25", help="MACs fractions (default 0.5,0.25)")
-    p.add_argument("--cap-steps", type=_nonneg_int, default=CAP.steps)
     p.add_argument("--channel-multiple", type=_positive_int, default=CHANNEL_MULTIPLE)
-    # the same fine-tune recipe as compress, for every method
-    _add_train_args(p, "--finetune-epochs", FINETUNE, default_epochs=1)
+    # the same CaP settings and fine-tune recipe for every method
+    add_config_flags(p, CapConfig, CAP)
+    add_config_flags(p, TrainConfig, FINETUNE, rename={"epochs": "--finetune-epochs"},
+                     epochs_default=1)
     p.add_argument("--out-dir", required=True, help="one JSON per cell, results.md, plot.png")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds: one cell per seed "
                    "(CaP, data order and fine-tuning), the table gives mean ± std")
@@ -328,39 +299,64 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _add_train_args(p: argparse.ArgumentParser, epochs_flag: str, recipe: TrainConfig,
-                    default_epochs: int, by_preset: bool = False) -> None:
-    """Training flags, their defaults read from `recipe` (caproj.config: one source).
-    `by_preset`: --lr and --kd default to the preset's (compress)."""
-    p.add_argument(epochs_flag, dest="epochs", type=int, default=default_epochs,
-                   help=f"epochs (default {default_epochs})")
-    p.add_argument("--lr", type=float, default=None if by_preset else recipe.lr,
-                   help="peak learning rate (default " + ("the preset's)" if by_preset
-                                                          else "%(default)s)"))
-    p.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
-    p.add_argument("--schedule", choices=("onecycle", "cosine", "constant"),
-                   default=recipe.schedule)
-    p.add_argument("--label-smoothing", type=float, default=recipe.label_smoothing)
-    p.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
-    p.add_argument("--kd", type=float, default=None if by_preset else recipe.kd_weight,
-                   dest="kd_weight",
-                   help="distillation weight (0..1) from the original model (compress, "
-                   "bench: in CaP's optimisation and the fine-tuning) or from --teacher "
-                   "(train); default " + ("the preset's" if by_preset else "%(default)s"))
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=recipe.optimizer,
-                   help="sgd (nesterov, default) or adam (AdamW)")
-    p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm running statistics "
-                   "fixed while training (affine parameters still learn)")
-    p.add_argument("--ema", type=float, default=recipe.ema, metavar="DECAY",
-                   help="keep an exponential moving average of the weights with this decay per "
-                   "step (e.g. 0.998) and return it; default 0 = off")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="label-free batches only: random shifts and flips, labelled by the "
-                   "teacher (default: the preset's; off)")
-    p.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 "
-                   "autocast where the hardware supports it)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
+def _default_text(cls: type, name: str, default: Any, presets: bool) -> str:
+    shown = "unset" if default is None else f"{default:g}" if isinstance(default, float) \
+        else str(default)
+    if presets and any(name in dict(getattr(p, "cap" if cls is CapConfig else "finetune"))
+                       for p in PRESETS.values()):
+        return f"default: the preset's, else {shown}"
+    return f"default: {shown}"
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, defaults: Any, *,
+                     rename: dict[str, str] | None = None, presets: bool = False,
+                     epochs_default: int | None = None) -> None:
+    """One flag per `cls` field that declares one (`caproj.config.flag`: name, help, section),
+    its default read from `defaults`. Every flag is unset (None) unless given: the library
+    then applies the preset's value (`presets`: the help says so) or its own default; only
+    the epochs take `epochs_default` (compress 0, bench 1) when it is given."""
+    groups: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "flag" not in f.metadata:
+            continue
+        m, t = f.metadata, hints[f.name]
+        default = getattr(defaults, f.name)
+        if f.name == "epochs" and epochs_default is not None:
+            default = epochs_default
+        g = groups.setdefault(m["group"], p.add_argument_group(m["group"]))
+        shown = _default_text(cls, f.name, default, presets)
+        kw: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "help": f"{m['help']} ({shown})",
+                              "default": epochs_default if f.name == "epochs" else None}
+        if bool in (t, *typing.get_args(t)):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = next(a for a in (int, float, str) if a in (t, *typing.get_args(t)))
+            kw["choices"] = m["choices"]
+            kw["metavar"] = None if m["choices"] else f.name.split("_")[-1].upper()
+        g.add_argument((rename or {}).get(f.name, m["flag"]), **kw)
+
+
+def config_flags(parser: argparse.ArgumentParser) -> dict[tuple[str, str], str]:
+    """(config class name, field) -> the flag that sets it, for one command's parser."""
+    return {tuple(a.dest.split(".")): a.option_strings[0]  # type: ignore[misc]
+            for a in parser._actions if "." in a.dest}
+
+
+def config_options(a: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The `cls` fields whose flags were given."""
+    return {f.name: v for f in dataclasses.fields(cls)
+            if (v := getattr(a, f"{cls.__name__}.{f.name}", None)) is not None}
+
+
+def config_from(a: argparse.Namespace, cls: type, base: Any, **fixed: Any) -> Any:
+    """`base` with the given flags (and `fixed`) applied; a bad value names its flag."""
+    try:
+        return base.replace(**{**config_options(a, cls), **fixed})
+    except CaprojError as e:
+        flag = getattr(a, "_flags", {}).get((cls.__name__, e.param or ""))
+        msg = re.sub(rf"(?<![\w-]){e.param}\b", flag, str(e)) if flag and e.param else str(e)
+        raise CaprojError(msg, e.param) from None
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -388,20 +384,10 @@ def _add_resume_args(p: argparse.ArgumentParser) -> None:
                    help="steps between state saves (default %(default)s)")
 
 
-def _train_config(a: argparse.Namespace) -> TrainConfig:
-    """The flags' recipe (compress: an unset --lr / --kd reads as FINETUNE's here; the library
-    takes the preset's instead, see `_finetune_options`)."""
-    kd = getattr(a, "kd_weight", 0.0)
-    return TrainConfig(epochs=a.epochs, lr=FINETUNE.lr if a.lr is None else a.lr,
-                       batch_size=a.batch_size, schedule=a.schedule,
-                       label_smoothing=a.label_smoothing, weight_decay=a.weight_decay,
-                       seed=a.seed, bf16=False if a.no_bf16 else None, compile=a.compile,
-                       kd_weight=FINETUNE.kd_weight if kd is None else kd,
-                       max_steps=a.max_steps,
-                       freeze_bn=getattr(a, "freeze_bn", False),
-                       optimizer=getattr(a, "optimizer", "sgd"), ema=a.ema,
-                       augment=bool(a.augment),
-                       feature_weight=getattr(a, "feature_weight", 0.0))
+def _train_config(a: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    """The training flags given, over `base` (train: TRAIN; compress, bench: FINETUNE), the
+    seed from --seed."""
+    return config_from(a, TrainConfig, base, seed=a.seed)
 
 
 def _fmt_m(v: float, digits: int = 2) -> str:
@@ -555,7 +541,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     from caproj.utils import atomic_save, check_output_path, run_record
 
     check_output_path(a.out)
-    cfg = _train_config(a)
+    cfg = _train_config(a, TRAIN)
     data, model, meta = _data_and_model(a)
     device = next(model.parameters()).device
     teacher = None
@@ -584,29 +570,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"saved {a.out}: test acc {final.get('test_acc', float('nan')):.2f} %")
 
 
-def _cap_options(a: argparse.Namespace) -> dict[str, Any]:
-    """CaP's settings from the flags; an unset flag is left out (the preset's, else the
-    default, applies)."""
-    opts = {"init": a.init, "lr": a.cap_lr, "weight_lr": a.cap_weight_lr,
-            "batch_size": a.cap_batch_size, "recon_weight": a.recon_weight, "relax": a.relax,
-            "bf16": False if a.no_bf16 else None, "match_scale": a.match_scale,
-            "ridge_to": a.ridge_to, "ridge": a.ridge, "kd": a.kd_weight, "steps": a.cap_steps}
-    return {k: v for k, v in opts.items() if v is not None}
-
-
 def _finetune_options(a: argparse.Namespace, ft: TrainConfig) -> dict[str, Any] | None:
-    """compress's fine-tuning for the library: every flag's value, except an unset --lr / --kd
-    (the library takes those from the preset)."""
+    """compress's fine-tuning for the library: the flags given (the library fills in the rest
+    from the preset, else FINETUNE); None without epochs or a budget."""
     if ft.epochs <= 0 and a.budget_images is None:
         return None
-    unset = {k for k, v in (("lr", a.lr), ("kd_weight", a.kd_weight),
-                            ("augment", a.augment)) if v is None}
-    return {k: v for k, v in ft.as_dict().items() if k not in unset}
+    return {**config_options(a, TrainConfig), "epochs": ft.epochs, "seed": a.seed}
 
 
 LATENCY = {"none": (), "fast": ("fold_bn_cl",), "full": None}
-CAP_FLAGS = {"lr": "--cap-lr", "weight_lr": "--cap-weight-lr", "batch_size": "--cap-batch-size",
-             "steps": "--cap-steps", "recon_weight": "--recon-weight", "kd": "--kd"}
 
 
 def cmd_compress(a: argparse.Namespace) -> None:
@@ -619,12 +591,9 @@ def cmd_compress(a: argparse.Namespace) -> None:
     check_output_path(a.out)
     if a.report:
         check_output_path(a.report)
-    try:  # check CaP's settings now, naming compress's own flags for them
-        CapConfig(calib_images=a.calib_images, **_cap_options(a))
-    except CaprojError as e:
-        flag = CAP_FLAGS.get(e.param or "")
-        raise CaprojError(f"{flag}: {e}" if flag else str(e), e.param) from None
-    ft = _train_config(a)
+    cap = config_from(a, CapConfig, CAP)  # bad settings fail now, naming their flags
+    cap_options = config_options(a, CapConfig)
+    ft = _train_config(a, FINETUNE)
     data, model, meta = _data_and_model(a)
     if meta.get("compressed"):
         raise CaprojError(f"{a.weights} is already compressed; compress the original model")
@@ -634,7 +603,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
     if synthetic:
         train_b = calib_b = None
     else:
-        train_b, calib_b, _ = _batches(data, device, ft.batch_size, a.seed, a.calib_images,
+        train_b, calib_b, _ = _batches(data, device, ft.batch_size, a.seed, cap.calib_images,
                                        test=False)
     if test_b is None:
         print(f"{meta['arch']}: accuracy not measured: {data.name} has no labels (pass "
@@ -644,11 +613,11 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        target_latency=a.target_latency, runtime=a.runtime,
                        latency_batch=a.latency_batch,
                        latency_threads=a.latency_threads or a.threads,
-                       calib_data=calib_b, eval_data=test_b, calib_images=a.calib_images,
+                       calib_data=calib_b, eval_data=test_b,
                        finetune=_finetune_options(a, ft), budget_images=a.budget_images,
                        preset=None if a.preset == "none" else a.preset, method=a.method,
                        seed=a.seed,
-                       channel_multiple=a.channel_multiple, allocation=a.allocate,
+                       channel_multiple=a.channel_multiple, allocation=a.allocation,
                        stream_projection=a.stream_projection, label_free=a.label_free,
                        synthetic=data.n if synthetic else None,
                        synth_options={"steps": a.synth_steps,
@@ -656,7 +625,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
                        example_inputs=torch.zeros(1, *data.input_shape, device=device)
                        if synthetic else None,
                        state_path=a.out,
-                       resume=a.resume, save_every=a.save_every, **_cap_options(a))
+                       resume=a.resume, save_every=a.save_every, **cap_options)
     rep = res.report
     if not dist.is_main():
         return  # torchrun: rank 0 writes and measures
@@ -812,10 +781,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
         raise CaprojError(f"--out-dir {out} exists and is not a directory")
     if a.budget_images is not None and not a.equal_compute:
         raise CaprojError("--budget-images applies only with --equal-compute")
-    ft = _train_config(a)
+    ft = _train_config(a, FINETUNE)
+    cap_cfg = config_from(a, CapConfig, CAP, seed=a.seed, log_every=0)
     data, model, meta = _data_and_model(a)
-    cap_cfg = CapConfig(steps=a.cap_steps, seed=a.seed, log_every=0, kd=ft.kd_weight,
-                        bf16=False if a.no_bf16 else None)  # --kd: distil in CaP and FT alike
     device = next(model.parameters()).device
     _, calib_b, test_b = _batches(data, device, ft.batch_size, a.seed, cap_cfg.calib_images)
 
@@ -844,27 +812,34 @@ def cmd_export(a: argparse.Namespace) -> None:
     print(f"wrote {a.out} ({a.format}, input {shape}); max abs diff to PyTorch {diff:.2e}")
 
 
-# The library names parameters; the CLI names the flags that set them.
-FLAGS = {"target_macs": "--target-macs", "keep": "--keep",
-         "target_latency": "--target-latency", "latency_batch": "--latency-batch",
-         "runtime": "--runtime", "latency_threads": "--latency-threads",
-         "channel_multiple": "--channel-multiple", "calib_images": "--calib-images",
-         "allocation": "--allocate", "budget_images": "--budget-images",
-         "stream_projection=True": "--stream-projection",
-         "stream_projection": "--stream-projection", "weight_lr": "--cap-weight-lr",
-         "recon_weight": "--recon-weight", "kd_weight": "--kd", "label_smoothing":
-         "--label-smoothing", "weight_decay": "--weight-decay", "max_steps": "--max-steps",
-         "image_size=N": "--image-size N", "image_size": "--image-size", "stream=True": "--stream",
-         "resume=True": "--resume", "out_dir": "--out-dir",
-         "split=N": "--split N"}
+BARE = ("keep", "runtime")  # parameters named without "=" in messages, besides a_b names
 
 
-def translate(e: CaprojError) -> str:
-    """The library's message with parameter names replaced by this CLI's flags."""
-    msg = "; ".join(str(e).split("\n"))  # one line
-    for param, flag in FLAGS.items():
-        msg = re.sub(rf"(?<![\w-]){param}\b", flag, msg)
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Library parameter -> the flag of this command that sets it, generated from the parser:
+    a flag's dest is the API parameter it sets (a config flag's, "Class.field") and a name
+    two flags share (CaP's and fine-tuning's lr) is left as it is."""
+    acts = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    names = [a.dest.rsplit(".", 1)[-1] for a in acts]
+    return {n: a.option_strings[0] for n, a in zip(names, acts, strict=True)
+            if names.count(n) == 1}
+
+
+def translate(e: CaprojError, flags: dict[str, str]) -> str:
+    """The library's message in one line, its parameter names replaced by the command's
+    flags (`flags_of`): `name=True` -> the flag, `name=N` -> `flag N`."""
+    msg = "; ".join(str(e).split("\n"))
+    for param in sorted(flags, key=len, reverse=True):
+        bare = "_" in param or param in BARE
+        pattern = rf"(?<![\w.-]){param}(=True|=N)" + ("?" if bare else "") + r"(?!\w)"
+        msg = re.sub(pattern, lambda m, f=flags[param]: f + (" N" if m.group(1) == "=N"
+                                                              else ""), msg)
     return msg
+
+
+def command_parser(ap: argparse.ArgumentParser, cmd: str) -> argparse.ArgumentParser:
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[cmd]
 
 
 class _Echo(logging.Handler):
@@ -876,7 +851,10 @@ class _Echo(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    flags = flags_of(command_parser(ap, args.cmd))
+    args._flags = config_flags(command_parser(ap, args.cmd))
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress in logs
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -894,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers[args.cmd](args)
     except CaprojError as e:
         where = f" (rank {dist.rank()})" if dist.world() > 1 else ""
-        print(f"caproj: error{where}: {translate(e)}", file=sys.stderr)
+        print(f"caproj: error{where}: {translate(e, flags)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("caproj: interrupted; no output written", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from caproj.errors import CaprojError
@@ -28,6 +28,26 @@ SMALL_SET_PASSES = 2.0
 SMALL_SET_RATE = 10.0
 
 
+def flag(name: str, help: str, group: str, choices: tuple[str, ...] | None = None
+         ) -> dict[str, Any]:
+    """A setting's command-line form, kept as the field's metadata: the flag, its help (the
+    CLI adds the default) and the help section it is listed in. The `compress`, `train` and
+    `bench` parsers, and the flag named in an error, are generated from it (caproj.cli)."""
+    return {"flag": name, "help": help, "group": group, "choices": choices}
+
+
+CAP_GROUP = "CaP (the projection and its optimisation)"
+TRAIN_GROUP = "training / fine-tuning"
+
+
+def _cap(default: Any, name: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata=flag(name, help, CAP_GROUP, choices))
+
+
+def _train(default: Any, name: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata=flag(name, help, TRAIN_GROUP, choices))
+
+
 def _finite_nonneg(name: str, v: Any) -> None:
     if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise CaprojError(f"{name} must be a finite number >= 0, got {v}", param=name)
@@ -37,36 +57,52 @@ def _finite_nonneg(name: str, v: Any) -> None:
 class CapConfig:
     """Cascaded Projection's settings (see caproj.cap)."""
 
-    init: str = "select"  # select | pca
-    calib_images: int = 2000
-    steps: int = 600
+    init: str = _cap("select", "--init", "initial projection: select (a channel selection: "
+                     "the best measured start) or pca", ("select", "pca"))
+    calib_images: int = _cap(2000, "--calib-images", "calibration images for statistics and "
+                             "least squares")
+    steps: int = _cap(600, "--cap-steps", "projection optimisation steps (0 = closed form only)")
     # Adam learning rates of the projection proxies and the relaxed weights. None: 1e-3 / 3e-4
     # (best on ResNet-56; weight lr 1e-3 diverges there), or 2e-4 / 1e-4 when a residual stream
     # is compressed: one stream P moves every layer of a stage at once, and at the internal
     # rates ResNet-20's optimisation diverged (batch accuracy 70 % -> 23 %; RESULTS.md).
     # `resolve` fills them in once; the optimisation reads only resolved values.
-    lr: float | None = None
-    weight_lr: float | None = None
-    batch_size: int = 128
-    recon_weight: float = 1.0
-    kd: float = 0.5  # share of distillation in the classification term (1 without labels)
-    kd_temperature: float = 4.0
-    relax: str = "all"  # projection | consumer | all
-    refit: bool = True
+    lr: float | None = _cap(None, "--cap-lr", "Adam lr of the projection proxies (unset: 1e-3; "
+                            "2e-4 when residual streams are compressed; at most a third when "
+                            "the steps re-use a small training set more than twice)")
+    weight_lr: float | None = _cap(None, "--cap-weight-lr", "Adam lr of the relaxed weights "
+                                   "during CaP (unset: 3e-4; 1e-4 when residual streams are "
+                                   "compressed; scaled like --cap-lr for small sets)")
+    batch_size: int = _cap(128, "--cap-batch-size", "images per CaP step")
+    recon_weight: float = _cap(1.0, "--recon-weight", "weight of the reconstruction term")
+    # share of distillation in the classification term (1 without labels)
+    kd: float = _cap(0.5, "--cap-kd", "share of distillation from the original in CaP's "
+                     "classification term (0..1; without labels it distils only)")
+    kd_temperature: float = _cap(4.0, "--cap-kd-temperature", "temperature of CaP's "
+                                 "distillation")
+    relax: str = _cap("all", "--relax", "what CaP optimises besides P: nothing, the consumer "
+                      "weights, all weights", ("projection", "consumer", "all"))
+    refit: bool = _cap(True, "--refit", "the cascaded least-squares refit of every consumer "
+                       "after the initial projection")
     # the least-squares refit's ridge, relative to the mean diagonal of its Gram matrix, and
     # what it pulls toward: "zero" (plain ridge) or "projected", the original consumer read
     # through P (min ||X W' - Y||^2 + lambda ||W' - W P||^2: keeps the refit near the original)
-    ridge: float = 1e-4
-    ridge_to: str = "zero"
+    ridge: float = _cap(1e-4, "--ridge", "the refit's ridge, relative to the mean Gram "
+                        "diagonal")
+    ridge_to: str = _cap("zero", "--ridge-to", "what the refit's ridge pulls toward: zero, or "
+                         "the original consumer read through P (W P)", ("zero", "projected"))
     # after any method: rescale each layer that feeds a BN to the original layer's weight size
     # (eval function unchanged; fine-tuning's effective step size restored), see
     # caproj.surgery.match_weight_scale
-    match_scale: bool = False
+    match_scale: bool = _cap(False, "--match-scale", "rescale each layer that feeds a BN to "
+                             "the original layer's weight size (same outputs; fine-tuning then "
+                             "steps as the original's recipe expects)")
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None
     seed: int = 0
-    bf16: bool | None = None
+    bf16: bool | None = _cap(None, "--cap-bf16", "bf16 autocast in CaP's optimisation (unset: "
+                             "where the hardware runs it fast)")
     log_every: int = 25
 
     def __post_init__(self) -> None:
@@ -131,41 +167,54 @@ class CapConfig:
 class TrainConfig:
     """A training recipe (the engine's: caproj.train.fit)."""
 
-    epochs: int = 3
-    lr: float = 0.02
-    batch_size: int = 128  # what the CLI's own data sources batch by; user loaders keep theirs
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle | cosine | constant
-    optimizer: str = "sgd"  # sgd (nesterov) | adam (AdamW: the optimiser CaP itself runs)
-    label_smoothing: float = 0.0
+    epochs: int = _train(3, "--epochs", "passes over the training data")
+    lr: float = _train(0.02, "--lr", "peak learning rate")
+    # what the CLI's own data sources batch by; user loaders keep theirs
+    batch_size: int = _train(128, "--batch-size", "training batch size")
+    momentum: float = _train(0.9, "--momentum", "SGD momentum (nesterov when > 0)")
+    weight_decay: float = _train(5e-4, "--weight-decay", "weight decay on weights (dim > 1)")
+    schedule: str = _train("onecycle", "--schedule", "learning-rate schedule",
+                           ("onecycle", "cosine", "constant"))
+    optimizer: str = _train("sgd", "--optimizer", "sgd (nesterov) or adam (AdamW: the optimiser "
+                            "CaP itself runs)", ("sgd", "adam"))
+    label_smoothing: float = _train(0.0, "--label-smoothing", "label smoothing of the "
+                                    "cross-entropy")
     seed: int = 0
-    bf16: bool | None = None  # None: on where the hardware runs bf16 fast
+    bf16: bool | None = _train(None, "--bf16", "bf16 autocast for training (unset: where the "
+                               "hardware runs it fast; --no-bf16: float32)")
     channels_last: bool = True
-    compile: bool = False
-    kd_weight: float = 0.0  # weight of distillation from `teacher` (0 = plain cross-entropy)
-    kd_temperature: float = 4.0
+    compile: bool = _train(False, "--compile", "torch.compile the training step")
+    # weight of distillation from `teacher` (0 = plain cross-entropy)
+    kd_weight: float = _train(0.0, "--kd", "distillation weight (0..1) from the teacher: the "
+                              "original model (compress, bench) or --teacher (train)")
+    kd_temperature: float = _train(4.0, "--kd-temperature", "distillation temperature")
     # CaP's mixture loss carried into training: + feature_weight * mean over feature layers of
     # ||f - f_teacher||^2 / ||f_teacher||^2 (the layers' outputs in the model and the teacher)
-    feature_weight: float = 0.0
-    max_steps: int | None = None  # stop early (tests, smoke runs)
+    feature_weight: float = _train(0.0, "--feature-weight", "train with CaP's reconstruction "
+                                   "term too: this weight times the consumers' output error "
+                                   "against the teacher's (0: off)")
+    max_steps: int | None = _train(None, "--max-steps", "stop after this many steps")
     # BatchNorm keeps its running statistics while training (affine still learned), so the
     # network being fine-tuned is exactly the one that was evaluated (no batch-statistics shift)
-    freeze_bn: bool = False
+    freeze_bn: bool = _train(False, "--freeze-bn", "keep BatchNorm running statistics fixed "
+                             "while training (affine parameters still learn)")
     # exponential moving average of the weights (and BN statistics), decay per step; 0 = off.
     # The averaged network is what is evaluated and returned.
-    ema: float = 0.0
+    ema: float = _train(0.0, "--ema", "keep an exponential moving average of the weights with "
+                        "this decay per step (e.g. 0.998) and return it; 0 = off")
     # label-free batches of images only: each is shifted at random (up to 1/8 of its side, zero
     # padding) and flipped left-right, and the teacher labels what the student sees. caproj
     # adds no augmentation to labelled data (it cannot know what keeps a label).
-    augment: bool = False
+    augment: bool = _train(False, "--augment", "label-free batches only: random shifts and "
+                           "flips, labelled by the teacher")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise CaprojError(f"epochs must be >= 0, got {self.epochs}", param="epochs")
+            raise CaprojError(f"epochs must be an integer >= 0, got {self.epochs!r}",
+                              param="epochs")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise CaprojError(f"lr must be a positive number, got {self.lr}", param="lr")
         if self.schedule not in ("onecycle", "cosine", "constant"):
@@ -341,11 +390,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "squares toward W P (no steps), rescaled; CaP's share of the budget fine-tunes at "
            "lr 0.02, KD 0.5", "cap",
            Measured("resnet56", 0.25, 3, True, 50000, 86.90, 0.19, (0, 1, 2), 89.95,
-                    _BENCH + "--methods cp+prior+rescale --targets 0.25 --lr 0.02 "
+                    _BENCH + "--methods cp:match-scale:ridge-to=projected:ridge=0.1 "
+                    "--targets 0.25 --lr 0.02 "
                     f"--seeds 0,1,2 --out-dir {_DEEP}/r56-0.25-lr0.02",
                     tuple(f"{_DEEP}/r56-0.25-lr0.02/cp+prior+rescale-0.25-s{s}-eq.json"
                           for s in range(3)),
-                    "Torch-Pruning at equal compute: 87.16 ± 0.13; plain cap 85.12 ± 0.18"),
+                    "Torch-Pruning at equal compute: 87.16 ± 0.13; plain cap 85.12 ± 0.18 (the "
+                    "cells carry the bench's earlier name, cp+prior+rescale)"),
            cap=(("steps", 0), ("match_scale", True), ("ridge_to", "projected"), ("ridge", 0.1)),
            finetune=(("lr", 0.02), ("kd_weight", 0.5))),
     Preset("long", "labelled data, >= 10 fine-tune epochs, target >= 40 % of the MACs: CaP's "
@@ -353,11 +404,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            Measured("resnet56", 0.5, 15, True, 50000, 89.86, None, (0,), 89.95,
                     "caproj bench --arch resnet56 --weights ../shared/models/"
                     "resnet56-cifar10jpeg.th --data ../shared/data/cifar10-jpeg.tar.gz "
-                    "--methods cap+rescale --finetune-epochs 15 --equal-compute "
+                    "--methods cap:match-scale --finetune-epochs 15 --equal-compute "
                     "--budget-images 825600 --targets 0.5 --lr 0.02 --seeds 0 --no-latency "
                     f"--out-dir {_DEEP}/r56-15ep-lr0.02-cpu",
                     (f"{_DEEP}/r56-15ep-lr0.02-cpu/cap+rescale-0.5-s0-eq.json",),
-                    "plain cap 89.75 (H100), Torch-Pruning 89.68 on the same CPU"),
+                    "plain cap 89.75 (H100), Torch-Pruning 89.68 on the same CPU (the cell "
+                    "carries the bench's earlier name, cap+rescale)"),
            cap=(("match_scale", True),), finetune=(("lr", 0.02), ("kd_weight", 0.5))),
     Preset("learn", "labelled data, fine-tuning, an original that does not fit the training "
            "data (trained on other data or preprocessing): CaP without KD, then lr 0.02, no "
@@ -366,7 +418,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "caproj bench --arch resnet56 --weights ../shared/models/"
                     "resnet56-4bfd9763.th --data ../shared/data/cifar10-jpeg.tar.gz "
                     "--methods cap,tp-l2 --finetune-epochs 3 --targets 0.5 --seeds 0 "
-                    "--no-latency --device cuda --threads 1 --lr 0.02 --kd 0 "
+                    "--no-latency --device cuda --threads 1 --lr 0.02 --kd 0 --cap-kd 0 "
                     f"--out-dir {_DEEP}/recipe/r56png-tpref-e3",
                     (f"{_DEEP}/recipe/r56png-tpref-e3/cap-0.5-s0.json",),
                     "polish recipe on the same start: 85.51"),

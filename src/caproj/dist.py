@@ -88,3 +88,12 @@ def any_rank(flag: bool) -> bool:
                      device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients of `params` over ranks (each rank's loss is its share of the global
+    one), for loops that are not wrapped in DistributedDataParallel."""
+    if world() > 1:
+        for t in params:
+            if t.grad is not None:
+                dist.all_reduce(t.grad)

@@ -39,10 +39,10 @@ from caproj.budget import solve
 from caproj.cap import CaP
 from caproj.config import CapConfig
 from caproj.errors import CaprojError
+from caproj.losses import LossFn, OutputTransform, outputs_of
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.sites import Site
-from caproj.train import LossFn, OutputTransform, outputs_of
 
 
 @dataclass
@@ -100,7 +100,7 @@ class CaPMethod:
             ck.fingerprint = Checkpointer.encode(cap.fingerprint())
         small = cap.run(job.data if job.data is not None else job.calib, job.calib, ck)
         job.report.update(cap_timings=cap.timings, cap_history=cap.history,
-                          cap_config=cap.config(), label_free=cap.label_free,
+                          cap_config=cap.cfg.as_dict(), label_free=cap.label_free,
                           orthonormality_error=cap.max_orthonormality_error())
         return small
 

@@ -181,3 +181,38 @@ def init_pca(st: SiteStats, k: int, groups: int = 1) -> torch.Tensor:
     s = torch.sign(p.T @ (st.mean / max(st.count, 1)))
     s = torch.where(s == 0, torch.ones_like(s), s)
     return (p * s).float()
+
+
+@torch.no_grad()
+def initial(model: nn.Module, sites: list[Site], widths: list[int],
+            batches: Iterable[torch.Tensor], weights: Mapping[str, torch.Tensor],
+            init: str = "select") -> list[torch.Tensor]:
+    """Each site's first P from the calibration statistics: the identity where the site stays
+    whole, else `init` ("select" or "pca"; a site with a depthwise conv inside keeps a
+    selection)."""
+    device = next(model.parameters()).device
+    ps = []
+    for s, k, st in zip(sites, widths, collect_stats(model, sites, batches), strict=True):
+        if k == s.channels:
+            p = torch.eye(k, device=device)  # nothing to compress: exact identity
+        elif init == "pca" and not s.selection:
+            p = init_pca(st, k, s.groups)
+        else:
+            p = init_select(selection_scores(st, weights, s), k, s.groups)
+        ps.append(p.to(device))
+    return ps
+
+
+@torch.no_grad()
+def reorthonormalise_(proxies: list[torch.Tensor], sites: list[Site], tol: float = 1e-5) -> int:
+    """Guard against float32 drift: a proxy whose retraction is off orthonormal by more than
+    `tol` is replaced by its retraction computed in float64 (the same P, re-conditioned).
+    Returns how many were replaced."""
+    n = 0
+    for a, s in zip(proxies, sites, strict=True):
+        if a.shape[0] == a.shape[1] or s.selection:
+            continue
+        if orthonormality_error(retract_site(a, s)) > tol:
+            a.copy_(retract_site(a.double(), s).to(a.dtype))
+            n += 1
+    return n

@@ -38,20 +38,14 @@ from caproj.config import (
     choose_preset,
 )
 from caproj.errors import CaprojError
+from caproj.losses import LossFn, OutputTransform, outputs_of
 from caproj.methods import CaPMethod, Job, Method, get_method, method_name
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.surgery import match_weight_scale
 from caproj.synth import synthesize
-from caproj.train import (
-    LossFn,
-    OutputTransform,
-    feature_layers_of,
-    fit,
-    model_device,
-    outputs_of,
-)
 from caproj.train import evaluate as evaluate_model
+from caproj.train import feature_layers_of, fit, model_device
 
 log = logging.getLogger(__name__)
 EVALUATIONS = 10  # fine-tuning over many short epochs (a small set) is evaluated this often

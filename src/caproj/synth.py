@@ -36,8 +36,9 @@ from caproj.config import SynthConfig
 from caproj.data import Batches
 from caproj.data import cache_dir as data_cache_dir
 from caproj.errors import CaprojError
+from caproj.losses import OutputTransform, outputs_of
 from caproj.resume import Checkpointer
-from caproj.train import OutputTransform, bf16_supported, model_device, outputs_of
+from caproj.train import bf16_supported, model_device
 from caproj.train import progress as progress_bar
 from caproj.utils import atomic_save
 

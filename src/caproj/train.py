@@ -9,10 +9,12 @@ float32 so reported accuracies are exact.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,12 +28,20 @@ from caproj import dist
 from caproj.config import TrainConfig
 from caproj.data import random_crop, random_flip
 from caproj.errors import CaprojError
+from caproj.losses import (
+    LossFn,
+    OutputTransform,
+    Taps,
+    check_finite,
+    check_targets,
+    outputs_of,
+    reconstruction,
+    task_loss,
+)
 from caproj.resume import Checkpointer, rng_state, set_rng_state
 from caproj.utils import seed_everything, steady_allocator
 
 log = logging.getLogger(__name__)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-OutputTransform = Callable[[object], torch.Tensor]
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -56,18 +66,6 @@ def progress(iterable, total: int | None, desc: str, enabled: bool = True):
                 disable=not enabled or not sys.stderr.isatty() or not dist.is_main())
 
 
-def outputs_of(model: nn.Module, x: torch.Tensor,
-               output_transform: OutputTransform | None = None) -> torch.Tensor:
-    """The model's logits for `x` (through `output_transform` for tuple/dict outputs)."""
-    out = model(x)
-    if output_transform is not None:
-        out = output_transform(out)
-    if not isinstance(out, torch.Tensor):
-        raise CaprojError(f"the model returns {type(out).__name__}, not a tensor of logits; "
-                          f"pass output_transform=... to pick the logits", param="output_transform")
-    return out
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
              output_transform: OutputTransform | None = None, max_batches: int | None = None,
@@ -83,7 +81,7 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
         total = max_batches if total is None else min(total, max_batches)
     B.set_epoch(data, 0)
     try:
-        for i, (x, y) in enumerate(progress(B.iterate(data, device), total, "eval",
+        for i, (x, y) in enumerate(progress(B.iterate(data, device, reread=False), total, "eval",
                                             progress_bar)):
             if max_batches is not None and i == max_batches:
                 break
@@ -91,6 +89,8 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
                 raise CaprojError("evaluation needs labelled batches (x, y); the data yields "
                                   "inputs only", param="data")
             out = outputs_of(model, x, output_transform).float()
+            if i == 0 and loss_fn is None:
+                check_targets(out, y)
             if loss_fn is not None:
                 loss += float(loss_fn(out, y)) * len(y)
             else:
@@ -103,17 +103,6 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
     if n == 0:
         raise CaprojError("evaluation data is empty: it yielded no batch", param="data")
     return {"acc": 100.0 * correct / n, "loss": loss / n, "n": n}
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
-    """Distillation at temperature `t`: KL(teacher || student) over the class dimension (1),
-    averaged over every prediction (each image; each pixel of a dense (N, C, H, W) output, as
-    the per-pixel cross-entropy it is mixed with is), times t^2."""
-    if student.dim() > 2:  # dense outputs: one prediction per position
-        student = student.movedim(1, -1).reshape(-1, student.shape[1])
-        teacher = teacher.movedim(1, -1).reshape(-1, teacher.shape[1])
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1),
-                    reduction="batchmean", log_target=True) * t * t
 
 
 def augment_images(x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -163,35 +152,6 @@ def feature_layers_of(model: nn.Module, teacher: nn.Module) -> list[str]:
     return out
 
 
-def _feature_hooks(model: nn.Module, teacher: nn.Module, names: list[str]
-                   ) -> tuple[list[Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    mm, tm = dict(model.named_modules()), dict(teacher.named_modules())
-    missing = [n for n in names if n not in mm or n not in tm]
-    if missing:
-        raise CaprojError(f"feature layers not in both the model and the teacher: "
-                          f"{', '.join(missing[:5])}", param="feature_layers")
-    got_s: dict[str, torch.Tensor] = {}
-    got_t: dict[str, torch.Tensor] = {}
-    hooks = [mm[n].register_forward_hook(lambda m, i, o, n=n: got_s.__setitem__(n, o))
-             for n in names]
-    hooks += [tm[n].register_forward_hook(lambda m, i, o, n=n: got_t.__setitem__(n, o))
-              for n in names]
-    return hooks, got_s, got_t
-
-
-def feature_loss(got_s: dict[str, torch.Tensor], got_t: dict[str, torch.Tensor]
-                 ) -> torch.Tensor:
-    """Mean over layers of ||f - f_teacher||^2 / ||f_teacher||^2 (CaP's reconstruction term)."""
-    terms = []
-    for n, t in got_t.items():
-        s, t = got_s[n].float(), t.float()
-        if s.shape != t.shape:
-            raise CaprojError(f"feature layer {n}: output {tuple(s.shape)} in the model, "
-                              f"{tuple(t.shape)} in the teacher", param="feature_layers")
-        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
-    return torch.stack(terms).mean()
-
-
 def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Module | None = None,
         eval_data: Iterable | None = None, loss_fn: LossFn | None = None,
         output_transform: OutputTransform | None = None,
@@ -215,7 +175,7 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     B.check_iterable(data)
     if cfg.kd_weight > 0 and teacher is None:
         raise CaprojError("kd_weight > 0 needs a teacher model", param="teacher")
-    feat_hooks: list[Any] = []
+    taps = None
     if cfg.feature_weight > 0:
         if teacher is None:
             raise CaprojError("feature_weight > 0 needs a teacher model", param="teacher")
@@ -224,172 +184,215 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
             raise CaprojError("feature_weight > 0 but no feature layers: none has the same "
                               "output width in the model and the teacher and a changed "
                               "input; pass feature_layers=[...]", param="feature_layers")
-        feat_hooks, got_s, got_t = _feature_hooks(model, teacher, names)
+        taps = Taps(model, teacher, names)
         log.info("feature reconstruction on %d layers, weight %g", len(names),
                  cfg.feature_weight)
     try:
-        return _fit(model, data, cfg, teacher, eval_data, loss_fn, output_transform,
-                    checkpoint, progress_bar, (got_s, got_t) if feat_hooks else None,
-                    max(1, int(eval_every)))
+        return Fit(model, data, cfg, teacher=teacher, loss_fn=loss_fn,
+                   output_transform=output_transform, checkpoint=checkpoint,
+                   progress_bar=progress_bar, taps=taps).run(eval_data, max(1, int(eval_every)))
     finally:
-        for h in feat_hooks:
-            h.remove()
+        if taps is not None:
+            taps.remove()
 
 
-def _fit(model: nn.Module, data: Iterable, cfg: TrainConfig, teacher: nn.Module | None,
-         eval_data: Iterable | None, loss_fn: LossFn | None,
-         output_transform: OutputTransform | None, checkpoint: Checkpointer | None,
-         progress_bar: bool,
-         feats: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
-         eval_every: int = 1) -> list[dict]:
-    seed_everything(cfg.seed)
-    device = model_device(model)
-    if device.type == "cpu":
-        steady_allocator()
-    use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    steps_per_epoch = B.steps_per_pass(data)
-    if steps_per_epoch is None:  # a re-iterable without len(): count one pass
-        steps_per_epoch = sum(1 for _ in data)
-    if steps_per_epoch == 0:
-        raise CaprojError("training data is empty: it yielded no batch", param="data")
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, total)
-    if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch
-        net: nn.Module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        net = model
-    fwd = torch.compile(net) if cfg.compile else net
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-           if cfg.ema > 0 else None)
-    if teacher is not None:
-        teacher.eval()
-    sharded = getattr(data, "sharded", False)  # caproj's streamed batches are already shares
-    history: list[dict] = []
-    step, first_epoch, first_batch = 0, 0, 0
-    partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "labelled": 0, "seconds": 0.0}
-    st = checkpoint.load() if checkpoint is not None else None
-    if st is not None:
-        model.load_state_dict(st["model"])
-        if ema is not None:
-            ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        history, partial = st["history"], st["partial"]
-        step, first_epoch, first_batch = st["step"], st["epoch"], st["batch"]
+@dataclass
+class Tally:
+    """One epoch's running numbers (saved with a mid-epoch state)."""
+
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    labelled: int = 0  # images whose labels were read
+    seconds: float = 0.0
+
+
+@dataclass
+class FitState:
+    """Where a training run is: the next step, epoch and batch, the finished epochs' records
+    and the current epoch's tally."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    history: list[dict] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
+
+
+class Fit:
+    """One training run of `fit`: the optimiser, schedule, (DDP, compiled) forward and EMA,
+    built once; `run` trains epoch by epoch from a fresh or a resumed `FitState`."""
+
+    def __init__(self, model: nn.Module, data: Iterable, cfg: TrainConfig, *,
+                 teacher: nn.Module | None, loss_fn: LossFn | None,
+                 output_transform: OutputTransform | None, checkpoint: Checkpointer | None,
+                 progress_bar: bool, taps: Taps | None) -> None:
+        seed_everything(cfg.seed)
+        self.model, self.data, self.cfg, self.teacher = model, data, cfg, teacher
+        self.loss_fn, self.output_transform = loss_fn, output_transform
+        self.checkpoint, self.progress_bar, self.taps = checkpoint, progress_bar, taps
+        self.device = model_device(model)
+        if self.device.type == "cpu":
+            steady_allocator()
+        self.bf16 = bf16_supported(self.device) if cfg.bf16 is None else cfg.bf16
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        steps = B.steps_per_pass(data)
+        if steps is None:  # a re-iterable without len(): count one pass
+            steps = sum(1 for _ in data)
+        if steps == 0:
+            raise CaprojError("training data is empty: it yielded no batch", param="data")
+        self.steps_per_epoch = steps
+        self.total = steps * cfg.epochs if cfg.max_steps is None else \
+            min(steps * cfg.epochs, cfg.max_steps)
+        self.opt = make_optimizer(model, cfg)
+        self.sched = make_scheduler(self.opt, cfg, self.total)
+        if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch
+            self.net: nn.Module = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.net = model
+        self.fwd = torch.compile(self.net) if cfg.compile else self.net
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                  use_buffers=True) if cfg.ema > 0 else None)
+        if teacher is not None:
+            teacher.eval()
+        self.checked = False  # the labels of the first batch are checked against the outputs
+
+    def restore(self) -> FitState:
+        st = self.checkpoint.load() if self.checkpoint is not None else None
+        if st is None:
+            return FitState()
+        self.model.load_state_dict(st["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
         set_rng_state(st["rng"])
-    for epoch in range(first_epoch, cfg.epochs):
-        if step >= total:
-            break
-        net.train()
+        return FitState(st["step"], st["epoch"], st["batch"], st["history"],
+                        Tally(**{"labelled": st["partial"]["seen"], **st["partial"]}))
+
+    def save(self, st: FitState, t0: float) -> None:
+        assert self.checkpoint is not None
+        self.checkpoint.save(st.step, {
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "sched": self.sched.state_dict(), "history": st.history, "epoch": st.epoch,
+            "batch": st.batch, "rng": rng_state(),
+            "partial": dataclasses.asdict(dataclasses.replace(
+                st.tally, seconds=time.perf_counter() - t0))})
+
+    def run(self, eval_data: Iterable | None, eval_every: int) -> list[dict]:
+        st = self.restore()
+        first_epoch = st.epoch
+        for epoch in range(first_epoch, self.cfg.epochs):
+            if st.step >= self.total:
+                break
+            if epoch != first_epoch:
+                st.batch, st.tally = 0, Tally()
+            st.epoch = epoch
+            rec = self.epoch(st)
+            if eval_data is not None and ((epoch + 1) % eval_every == 0 or
+                                          st.step >= self.total or epoch + 1 == self.cfg.epochs):
+                rec.update(self.test(eval_data))
+            st.history.append(rec)
+            log.info("epoch %d: train loss %.4f%s%s%s (%.0f s, %.0f img/s)", epoch + 1,
+                     rec["train_loss"],
+                     f", train acc {rec['train_acc']:.2f}%" if rec["train_acc"] is not None
+                     else "", f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else "",
+                     f" (raw weights {rec['test_acc_raw']:.2f}%)" if "test_acc_raw" in rec
+                     else "", rec["seconds"], rec["images_per_s"])
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+        if self.cfg.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+        return st.history  # the caller removes the checkpoint's state once the result is saved
+
+    def epoch(self, st: FitState) -> dict[str, Any]:
+        """Train from `st` to the end of its epoch (or the step budget); the epoch's record."""
+        cfg, t = self.cfg, st.tally
+        self.net.train()
         if cfg.freeze_bn:
-            for m in model.modules():
+            for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        start = first_batch if epoch == first_epoch else 0
-        skip = start - B.set_epoch(data, epoch, start)
-        if start == 0:
-            partial = {"seen": 0, "loss_sum": 0.0, "correct": 0, "labelled": 0, "seconds": 0.0}
-        t0 = time.perf_counter() - partial["seconds"]
-        seen, loss_sum, correct = partial["seen"], partial["loss_sum"], partial["correct"]
-        labelled = partial.get("labelled", seen)  # images whose labels were read
-        bar = progress(B.iterate(data, device), min(steps_per_epoch - start, total - step),
-                       f"epoch {epoch + 1}/{cfg.epochs}", progress_bar)
-        i = start - 1
+        skip = st.batch - B.set_epoch(self.data, st.epoch, st.batch)
+        t0 = time.perf_counter() - t.seconds
+        sharded = getattr(self.data, "sharded", False)  # caproj's streamed shares
+        bar = progress(B.iterate(self.data, self.device),
+                       min(self.steps_per_epoch - st.batch, self.total - st.step),
+                       f"epoch {st.epoch + 1}/{cfg.epochs}", self.progress_bar)
         for x, y in bar:
             if skip > 0:  # resumed mid-epoch over data that cannot skip by itself
                 skip -= 1
                 continue
-            i += 1
             if not sharded:  # torchrun: each rank takes its share of the global batch
                 x = dist.shard(x)
                 y = dist.shard(y) if y is not None else None
-            if cfg.augment and y is None and x.dim() == 4:
-                x = augment_images(x, cfg.seed * 1_000_003 + step)
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = outputs_of(fwd, x, output_transform).float()
-                if teacher is not None and (cfg.kd_weight > 0 or y is None or feats):
-                    with torch.no_grad():
-                        t_out = outputs_of(teacher, x, output_transform).float()
-                if y is None:  # label-free: distillation only
-                    if teacher is None:
-                        raise CaprojError("the training data has no labels: fine-tuning "
-                                          "needs a teacher to distil from", param="teacher")
-                    loss = kd_loss(out, t_out, cfg.kd_temperature)
-                else:
-                    loss = (loss_fn(out, y) if loss_fn is not None else
-                            F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
-                    if cfg.kd_weight > 0:
-                        loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd_loss(
-                            out, t_out, cfg.kd_temperature)
-                if feats is not None:
-                    loss = loss + cfg.feature_weight * feature_loss(*feats)
-            if dist.any_rank(not torch.isfinite(loss)):
-                last = (f"; last good state: {checkpoint.path} (step "
-                        f"{step - step % checkpoint.every})" if checkpoint is not None
-                        and checkpoint.path is not None and checkpoint.path.exists() else "")
-                raise CaprojError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; "
-                                  f"lower the learning rate lr (now "
-                                  f"{sched.get_last_lr()[0]:.4g}){last}", param="lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            step += 1
-            seen += len(x)
-            loss_sum += loss.item() * len(x)
+            loss, out = self.train_step(x, y, st)
+            st.step, st.batch = st.step + 1, st.batch + 1
+            t.seen += len(x)
+            t.loss_sum += loss.item() * len(x)
             if y is not None and out.dim() == 2 and y.dim() == 1:
-                correct += (out.argmax(1) == y).sum().item()
-                labelled += len(x)
-            if checkpoint is not None and checkpoint.due(step):
-                checkpoint.save(step, {
-                    "model": model.state_dict(), "opt": opt.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "sched": sched.state_dict(), "history": history, "epoch": epoch,
-                    "batch": i + 1, "rng": rng_state(),
-                    "partial": {"seen": seen, "loss_sum": loss_sum, "correct": correct,
-                                "labelled": labelled,
-                                "seconds": time.perf_counter() - t0}})
-            if step >= total or i + 1 >= steps_per_epoch:
+                t.correct += (out.argmax(1) == y).sum().item()
+                t.labelled += len(x)
+            if self.checkpoint is not None and self.checkpoint.due(st.step):
+                self.save(st, t0)
+            if st.step >= self.total or st.batch >= self.steps_per_epoch:
                 break
         if dist.world() > 1:  # the epoch's numbers over the global batches
-            tot = dist.all_reduce_(torch.tensor([seen, loss_sum, correct, labelled],
-                                                dtype=torch.float64, device=device))
-            seen, loss_sum, correct = int(tot[0]), float(tot[1]), int(tot[2])
-            labelled = int(tot[3])
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-               # over the batches that had labels; None for label-free training
-               "train_acc": 100.0 * correct / labelled if labelled else None,
-               "seconds": time.perf_counter() - t0,
-               "images_per_s": seen / (time.perf_counter() - t0)}
-        if eval_data is not None and ((epoch + 1) % eval_every == 0 or step >= total
-                                      or epoch + 1 == cfg.epochs):
-            if ema is not None:  # the raw weights' accuracy too, to show what averaging adds
-                rec["test_acc_raw"] = evaluate(model, eval_data, loss_fn=loss_fn,
-                                               output_transform=output_transform,
-                                               progress_bar=progress_bar)["acc"]
-            rec.update({f"test_{k}": v for k, v in evaluate(
-                ema.module if ema is not None else model, eval_data, loss_fn=loss_fn,
-                output_transform=output_transform, progress_bar=progress_bar).items()
-                if k != "n"})
-        history.append(rec)
-        log.info("epoch %d: train loss %.4f%s%s%s (%.0f s, %.0f img/s)", epoch + 1,
-                 rec["train_loss"],
-                 f", train acc {rec['train_acc']:.2f}%" if rec["train_acc"] is not None else "",
-                 f", test acc {rec['test_acc']:.2f}%" if "test_acc" in rec else "",
-                 f" (raw weights {rec['test_acc_raw']:.2f}%)" if "test_acc_raw" in rec else "",
-                 rec["seconds"], rec["images_per_s"])
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())
-    if cfg.channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    return history  # the caller removes the checkpoint's state once the result is saved
+            tot = dist.all_reduce_(torch.tensor([t.seen, t.loss_sum, t.correct, t.labelled],
+                                                dtype=torch.float64, device=self.device))
+            t.seen, t.loss_sum, t.correct = int(tot[0]), float(tot[1]), int(tot[2])
+            t.labelled = int(tot[3])
+        return {"epoch": st.epoch + 1, "train_loss": t.loss_sum / max(t.seen, 1),
+                # over the batches that had labels; None for label-free training
+                "train_acc": 100.0 * t.correct / t.labelled if t.labelled else None,
+                "seconds": time.perf_counter() - t0,
+                "images_per_s": t.seen / (time.perf_counter() - t0)}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | None, st: FitState
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on (this rank's share of) a batch; (its loss, the model's
+        outputs)."""
+        cfg = self.cfg
+        if cfg.augment and y is None and x.dim() == 4:
+            x = augment_images(x, cfg.seed * 1_000_003 + st.step)
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = outputs_of(self.fwd, x, self.output_transform).float()
+            if self.loss_fn is None and not self.checked:
+                check_targets(out, y)
+                self.checked = True
+            t_out = None
+            if self.teacher is not None and (cfg.kd_weight > 0 or y is None or self.taps):
+                with torch.no_grad():
+                    t_out = outputs_of(self.teacher, x, self.output_transform).float()
+            loss, _ = task_loss(out, y, t_out, kd=cfg.kd_weight, temperature=cfg.kd_temperature,
+                                loss_fn=self.loss_fn, label_smoothing=cfg.label_smoothing)
+            if self.taps is not None:
+                loss = loss + cfg.feature_weight * reconstruction(self.taps.pairs(),
+                                                                  self.taps.names)
+        check_finite(loss, step=st.step, what="loss", detail=f" (epoch {st.epoch + 1})",
+                     advice=f"lower the learning rate lr (now {self.sched.get_last_lr()[0]:.4g})",
+                     param="lr", inputs=x, checkpoint=self.checkpoint)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss, out
+
+    def test(self, eval_data: Iterable) -> dict[str, float]:
+        """Test accuracy and loss (of the EMA weights, and of the raw ones, with `ema`)."""
+        rec: dict[str, float] = {}
+        kw = {"loss_fn": self.loss_fn, "output_transform": self.output_transform,
+              "progress_bar": self.progress_bar}
+        if self.ema is not None:  # the raw weights' accuracy too, to show what averaging adds
+            rec["test_acc_raw"] = evaluate(self.model, eval_data, **kw)["acc"]
+        rec.update({f"test_{k}": v for k, v in evaluate(
+            self.ema.module if self.ema is not None else self.model, eval_data, **kw).items()
+            if k != "n"})
+        return rec

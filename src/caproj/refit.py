@@ -1,0 +1,188 @@
+"""The cascaded least-squares refit of consumers, walking the traced graph once.
+
+Each consumer of a narrowed site gets the closed-form weight W' minimising
+    ||X' W' - Y||^2 + lambda ||W' - W0||^2
+over the calibration images, where X' is its input in the *narrow* network (whose earlier
+consumers are already refitted: the cascade) and Y its output in the original one; W0 is zero
+or a prior (the original consumer read through P). Consumers are refitted in the order the
+network runs them.
+
+Both networks are run node by node through their torch.fx graphs (`Walk`), one batch state per
+calibration batch, paused at each consumer: the refit costs one forward pass of each network
+when the paused activations fit in memory (GPTQ's sequential calibration), and falls back to
+re-running the prefix for every consumer when they do not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from caproj import dist, sites
+from caproj.resume import raise_if_stopped
+from caproj.utils import available_memory
+
+log = logging.getLogger(__name__)
+MEMORY_SHARE = 0.5  # of the available memory the paused activations may take
+
+
+@dataclass
+class Cursor:
+    """One batch's progress through a graph: the live values and the next node to run."""
+
+    x: torch.Tensor
+    env: dict[fx.Node, object] = field(default_factory=dict)
+    at: int = 0
+
+
+class Walk:
+    """A traced network run node by node; a value is dropped after its last use."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.gm = sites.trace(model)
+        self.nodes = list(self.gm.graph.nodes)
+        last: dict[fx.Node, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last[a] = i
+        self.dead_after: dict[int, list[fx.Node]] = {}
+        for n, i in last.items():
+            self.dead_after.setdefault(i, []).append(n)
+        self.interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+        self.first_call: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                self.first_call.setdefault(str(n.target), i)
+
+    def call_order(self, names: set[str]) -> list[str]:
+        """`names` (module names) in the order the network first calls them."""
+        return sorted((n for n in names if n in self.first_call), key=self.first_call.get)
+
+    def advance(self, c: Cursor, stop: int, peak: list[int] | None = None) -> None:
+        """Run `c` up to node `stop` (exclusive); `peak`: track the most bytes held."""
+        while c.at < stop:
+            i, n = c.at, self.nodes[c.at]
+            if n.op == "placeholder":  # the batch, then defaults of any further arguments
+                c.env[n] = c.x if i == 0 else (n.args[0] if n.args else None)
+            elif n.op != "output":
+                self.interp.env = c.env
+                c.env[n] = self.interp.run_node(n)
+            if peak is not None:
+                peak[0] = max(peak[0], sum(v.numel() * v.element_size() for v in c.env.values()
+                                           if isinstance(v, torch.Tensor)))
+            for dead in self.dead_after.get(i, ()):
+                c.env.pop(dead, None)
+            c.at += 1
+
+    def input_of(self, c: Cursor, name: str) -> torch.Tensor:
+        """The first input of module `name`'s first call (the cursor pauses before it)."""
+        i = self.first_call[name]
+        self.advance(c, i)
+        self.interp.env = c.env
+        args, _ = self.interp.fetch_args_kwargs_from_env(self.nodes[i])
+        return args[0]
+
+    def output_of(self, c: Cursor, name: str) -> torch.Tensor:
+        """The output of module `name`'s first call (the cursor runs it)."""
+        i = self.first_call[name]
+        self.advance(c, i + 1)
+        return c.env[self.nodes[i]]  # type: ignore[return-value]
+
+    def peak_bytes(self, x: torch.Tensor) -> int:
+        peak = [0]
+        self.advance(Cursor(x), len(self.nodes), peak)
+        return peak[0]
+
+
+def normal_equations(module: nn.Module, xin: torch.Tensor, y: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X^T X, X^T Y) of one batch for a Conv2d (one system per group, over the unfolded
+    patches) or a Linear (every leading dimension a sample), float64, the bias taken out."""
+    xin, y = xin.float(), y.float()
+    if getattr(module, "bias", None) is not None:
+        y = y - (module.bias if isinstance(module, nn.Linear) else
+                 module.bias.view(1, -1, *([1] * (y.dim() - 2))))
+    if isinstance(module, nn.Conv2d):
+        groups = module.groups
+        cols = F.unfold(xin, module.kernel_size, module.dilation, module.padding,
+                        module.stride)  # N x (c' k k) x L, channel-major
+        cols = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1])
+        yy = y.reshape(y.shape[0], groups, y.shape[1] // groups, -1)  # N G o L
+        g = torch.einsum("ngkl,ngjl->gkj", cols, cols)
+        c = torch.einsum("ngkl,ngol->gko", cols, yy)
+    else:
+        xin, y = xin.reshape(-1, xin.shape[-1]), y.reshape(-1, y.shape[-1])
+        g, c = (xin.T @ xin)[None], (xin.T @ y)[None]
+    return g.double(), c.double()
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a batch of symmetric positive definite systems (ridge-regularised Gram matrices) by
+    Cholesky, one system at a time: batched LU solves hang in some MKL builds with several
+    threads (seen with torch 2.14 on 2 threads). Falls back to LU for a system that is not
+    numerically positive definite."""
+    out = []
+    for ai, bi in zip(a, b, strict=True):
+        chol, info = torch.linalg.cholesky_ex(ai)
+        out.append(torch.cholesky_solve(bi, chol) if int(info) == 0
+                   else torch.linalg.solve(ai, bi))
+    return torch.stack(out)
+
+
+def solve(gram: torch.Tensor, cross: torch.Tensor, w_old: torch.Tensor, ridge: float,
+          prior: torch.Tensor | None = None) -> torch.Tensor:
+    """The ridge solution in `w_old`'s layout (out, in/G, k, k); the ridge is relative to the
+    mean Gram diagonal and pulls toward `prior` (same layout as the solution) or zero."""
+    d = gram.shape[-1]
+    trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+    lam = (ridge * trace / d + 1e-12)[:, None, None]
+    if prior is not None:
+        w0 = prior.double().reshape(gram.shape[0], -1, d).transpose(1, 2)  # G x d x o/G
+        cross = cross + lam * w0
+    sol = spd_solve(gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device), cross)
+    w = sol.transpose(1, 2).reshape(-1, d).float()  # (G o) x (c'/G k k)
+    if w_old.dim() == 4:
+        w = w.reshape(w_old.shape[0], -1, *w_old.shape[2:])
+    return w.contiguous()
+
+
+@torch.no_grad()
+def cascade(original: nn.Module, narrow: nn.Module, calib: Sequence[torch.Tensor],
+            consumers: set[str], *, ridge: float,
+            prior: Callable[[str], torch.Tensor] | None,
+            solved: Callable[[str, torch.Tensor], Mapping[str, torch.Tensor]]) -> list[str]:
+    """Refit every module of `consumers` in call order. `narrow` holds the current narrow
+    weights; `solved(name, w)` records a solution and returns the narrow network's tensors
+    with it, which are loaded before the walk goes on. Returns the order."""
+    from caproj.surgery import load_tensors
+
+    walk_n, walk_o = Walk(narrow), Walk(original)
+    order = walk_o.call_order(consumers)
+    omods = dict(original.named_modules())
+    need = (walk_n.peak_bytes(calib[0]) + walk_o.peak_bytes(calib[0])) * len(calib)
+    keep = need <= MEMORY_SHARE * available_memory(calib[0].device)
+    if not keep:
+        log.info("refit: the paused activations would take %.1f GB; re-running each prefix",
+                 need / 2**30)
+    cursors = [(Cursor(x), Cursor(x)) for x in calib] if keep else None
+    for name in order:
+        raise_if_stopped("the least-squares refit")
+        gram = cross = None
+        for k, x in enumerate(calib):
+            cn, co = cursors[k] if cursors is not None else (Cursor(x), Cursor(x))
+            g, c = normal_equations(omods[name], walk_n.input_of(cn, name),
+                                    walk_o.output_of(co, name))
+            gram = g if gram is None else gram + g
+            cross = c if cross is None else cross + c
+        assert gram is not None and cross is not None
+        dist.all_reduce_(gram)
+        dist.all_reduce_(cross)
+        w_old = omods[name].weight
+        w = solve(gram, cross, w_old, ridge, prior(name) if prior is not None else None)
+        load_tensors(narrow, solved(name, w))
+    return order

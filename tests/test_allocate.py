@@ -82,3 +82,27 @@ def test_cli_auto_allocation_prints_and_stores_widths(trained, tmp_path):
                "--allocate", "auto", "--out", tmp_path / "x.pt")
     assert r.returncode == 2 and "does not combine with --keep" in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_target_the_widths_cannot_meet_takes_the_nearest_budget_below(caplog):
+    """Coarse sizes (a grouped conv's units, narrow layers): the nearest reachable cost at or
+    below the goal is taken and logged, not refused; only a floor above the goal is refused."""
+    from caproj.budget import solve
+
+    cost = lambda s: 10 * s[0] + 2  # noqa: E731
+    with caplog.at_level("WARNING", logger="caproj.budget"):
+        sizes = solve([4], cost, 0.6 * cost([4]), units=[2], what="target_macs 0.6")
+    assert sizes == [2] and cost(sizes) <= 0.6 * cost([4])
+    assert "target_macs 0.6 cannot be met within 1%" in caplog.text and "0.5238" in caplog.text
+    with pytest.raises(CaprojError, match="target_macs 0.3 is unreachable"):
+        solve([4], cost, 0.3 * cost([4]), units=[2], what="target_macs 0.3")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 3, groups=8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 10, 1), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    res = __import__("caproj").compress(model, [torch.randn(8, 3, 12, 12)], target_macs=0.33,
+                                        steps=0, preset=None, progress=False)
+    assert res.report["target_macs"] == 0.33
+    assert res.report["macs_fraction"] == pytest.approx(
+        res.report["macs_after"] / res.report["macs_before"])
+    assert res.report["macs_fraction"] <= 0.33

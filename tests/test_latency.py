@@ -50,11 +50,15 @@ def test_table_is_cached_and_reused(tmp_path):
     stored = json.loads(files[0].read_text())
     assert stored["ident"]["runtime"] == "eager" and stored["ident"]["threads"] == 1
     assert stored["ident"]["allocator"] == ("steady" if steady_allocator() else "system")
-    assert len(stored["times"]) == first.measured_layers
+    # every layer time, and the network's calibration (the original's time, the floor's ratio)
+    assert len(stored["times"]) == first.measured_layers + 2
     second = L.LatencyModel.build(m, sites, SHAPE, SPEC, cache=tmp_path)
     assert second.measured_layers == 0  # every layer time came from the cache
     w = [max(1, s.channels // 2) for s in sites]
     assert second.layer_ms(w) == pytest.approx(first.layer_ms(w))
+    # a warm cache gives the same model, so the same widths for the same job
+    assert (second.full_ms, second.scale) == (first.full_ms, first.scale)
+    assert second.predict(w) == first.predict(w)
     # another batch size is another table
     other = L.LatencyModel.build(m, sites, SHAPE, L.Spec("eager", 2, 1), cache=tmp_path)
     assert other.measured_layers > 0 and len(list(tmp_path.glob("*.json"))) == 2
@@ -205,3 +209,36 @@ def test_unreachable_latency_points_to_stream_projection(tmp_path):
         Plan.of(m, SHAPE, target_latency=0.01, latency_spec=SPEC, latency_cache=tmp_path,
                 stream_projection=True)
     assert "stream_projection" not in str(e.value)
+
+
+def test_a_latency_check_within_its_noise_keeps_the_widths(tmp_path, monkeypatch):
+    """The same job gives the same network: a live check that misses the target by less than
+    the measurement's own noise does not re-solve; a miss beyond it does (stubbed timer)."""
+    import caproj.plan as P
+
+    m = _model()
+    Plan.of(m, SHAPE, target_latency=0.8, latency_spec=SPEC, latency_cache=tmp_path)  # table
+
+    real = P.L.compare
+
+    def timer(miss: float, noise: float):
+        def compare(models, shape, spec, repeats=3, rounds=None):
+            if set(models) != {"original", "compressed"}:
+                return real(models, shape, spec, repeats, rounds)
+            ratio = 0.8 * (1 + miss)  # the measurement: the target missed by `miss`
+            return {"original": {"median_ms": 1.0, "speedup": 1.0, "ratio_noise": 0.0},
+                    "compressed": {"median_ms": ratio, "speedup": 1 / ratio,
+                                   "ratio_noise": noise * 0.8}}
+        return compare
+
+    widths = []
+    for miss in (0.06, -0.03):  # two draws of the same noise band (+-10 %)
+        monkeypatch.setattr(P.L, "compare", timer(miss, 0.10))
+        plan = Plan.of(m, SHAPE, target_latency=0.8, latency_spec=SPEC, latency_cache=tmp_path)
+        assert len(plan.latency_checks) == 1  # accepted: within the noise
+        widths.append(plan.widths)
+    assert widths[0] == widths[1]
+    monkeypatch.setattr(P.L, "compare", timer(0.30, 0.05))  # a real miss: tighten and re-solve
+    plan = Plan.of(m, SHAPE, target_latency=0.8, latency_spec=SPEC, latency_cache=tmp_path)
+    assert len(plan.latency_checks) > 1 and plan.latency_checks[1]["goal"] < \
+        plan.latency_checks[0]["goal"]

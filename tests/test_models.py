@@ -108,3 +108,27 @@ def test_shared_checkpoints_load_strictly():
         for f in MODELS.glob(f"{arch}-*.th"):
             m, _ = load_model(f, arch)
             assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name, build", [
+    ("mnasnet0_5", {}),  # its loader reads the per-module versions in _metadata
+    ("googlenet", {"aux_logits": False, "init_weights": False}),  # torchvision's own layout
+    ("googlenet", {"aux_logits": True, "init_weights": False}),
+    ("inception_v3", {"aux_logits": False, "init_weights": False}),
+])
+def test_torchvision_state_dicts_as_users_save_them_load(tmp_path, name, build):
+    """`torch.save(model.state_dict())`, plain or from a DataParallel (`module.` keys): the
+    model is built to fit the checkpoint and the weights load exactly."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(name, weights=None, num_classes=7, **build).eval()
+    for prefix in ("", "module."):
+        sd = ref.state_dict()
+        if prefix:
+            sd = torch.nn.DataParallel(ref).state_dict()
+        torch.save(sd, tmp_path / "w.pth")
+        model, _ = load_model(tmp_path / "w.pth", f"tv:{name}")
+        for k, v in ref.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        assert model.training is False

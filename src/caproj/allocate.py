@@ -94,7 +94,7 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
     width changes allowed per site (a latency table's grid spacing), not channel steps.
     `shown`: the target as the user gave it, for messages (`target` may include a margin)."""
     if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
-        raise CaprojError(f"{what} must be in (0, 1], got {target}", param=what)
+        raise CaprojError(f"{what} must be a number in (0, 1], got {target!r}", param=what)
     units = site_units(sites)
     if steps is not None:
         units = list(steps)

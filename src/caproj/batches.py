@@ -1,7 +1,10 @@
 """Any iterable of batches, as caproj's loops read it.
 
 A user's data is whatever they already feed their model: a `torch.utils.data.DataLoader` (or any
-re-iterable object) yielding `(x, y)`, `(x,)`, `(x, y, anything...)` or a bare tensor `x`.
+re-iterable object) yielding `(x, y)`, `(x,)`, `(x, y, anything...)`, a bare tensor `x`, or a
+dict (Hugging Face style: `{"pixel_values": x, "labels": y}`; "image" / "label" too, other keys
+through `Keyed` or compress's `input_key=` / `target_key=`). A generator or other one-shot
+iterator is refused: caproj reads its data more than once.
 caproj adds no normalisation and no augmentation of its own. Batches without labels make the
 job label-free (distillation from the original model only).
 
@@ -16,7 +19,7 @@ job label-free (distillation from the original model only).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,33 +27,85 @@ import torch
 from caproj.errors import CaprojError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+INPUT_KEYS = ("pixel_values", "image")  # what a dict batch's inputs are looked up by, in order
+TARGET_KEYS = ("labels", "label")
+
+
+def _from_dict(batch: Mapping, input_keys: tuple[str, ...], target_keys: tuple[str, ...]
+               ) -> tuple[Any, Any]:
+    x = next((batch[k] for k in input_keys if k in batch), None)
+    if not isinstance(x, torch.Tensor):
+        keys = " or ".join(map(repr, input_keys))
+        raise CaprojError(f"a dict batch needs its inputs under {keys}; it has keys "
+                          f"{sorted(map(str, batch))} (pass input_key=...)", param="input_key")
+    return x, next((batch[k] for k in target_keys if k in batch), None)
 
 
 def split(batch: Any, device: torch.device | None = None) -> Batch:
     """(x, y or None) of one batch, moved to `device`."""
+    if isinstance(batch, Mapping):
+        batch = _from_dict(batch, INPUT_KEYS, TARGET_KEYS)
     if isinstance(batch, torch.Tensor):
         x, y = batch, None
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         x = batch[0]
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
     else:
-        raise CaprojError(f"data must yield tensors x, (x,) or (x, y) tuples; got a batch of "
-                          f"type {type(batch).__name__}", param="data")
+        raise CaprojError(f"data must yield tensors x, (x,) or (x, y) tuples or dicts; got a "
+                          f"batch of type {type(batch).__name__}", param="data")
     if device is not None:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True) if y is not None else None
     return x, y
 
 
-def check_iterable(data: Any, name: str = "data") -> None:
+def check_iterable(data: Any, name: str = "data", reread: bool = True) -> None:
+    """`data` is an iterable of batches (`reread`: one that can be read more than once)."""
     if data is None or isinstance(data, (torch.Tensor, str, bytes)) or \
             not isinstance(data, Iterable):
         raise CaprojError(f"{name} must be an iterable of batches (a DataLoader, a list of "
                           f"(x, y) tuples, ...), got {type(data).__name__}", param=name)
+    if reread and isinstance(data, Iterator):  # iter(it) is it: the first pass would use it up
+        raise CaprojError(f"{name} must be re-iterable (a DataLoader, a list of batches, ...): "
+                          f"a {type(data).__name__} is used up by its first pass and caproj "
+                          f"reads the data more than once; pass list({name}) if it fits in "
+                          f"memory", param=name)
 
 
-def iterate(data: Iterable, device: torch.device | None = None) -> Iterator[Batch]:
-    check_iterable(data)
+class Keyed:
+    """Dict batches read by the keys given (`input_key`, `target_key`; None: the defaults,
+    INPUT_KEYS / TARGET_KEYS). Everything else (len, set_epoch, sampler) is the wrapped
+    object's."""
+
+    def __init__(self, data: Iterable, input_key: str | None = None,
+                 target_key: str | None = None) -> None:
+        check_iterable(data)
+        self.data = data
+        self.keys = ((input_key,) if input_key else INPUT_KEYS,
+                     (target_key,) if target_key else TARGET_KEYS)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.data:
+            yield _from_dict(b, *self.keys) if isinstance(b, Mapping) else b
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("data", "keys"):  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+
+def keyed(data: Any, input_key: str | None, target_key: str | None) -> Any:
+    """`data` read with these dict keys (unchanged when neither is given or it is None)."""
+    return data if data is None or (input_key is None and target_key is None) else \
+        Keyed(data, input_key, target_key)
+
+
+def iterate(data: Iterable, device: torch.device | None = None, reread: bool = True
+            ) -> Iterator[Batch]:
+    check_iterable(data, reread=reread)
     for b in data:
         yield split(b, device)
 

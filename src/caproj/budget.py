@@ -7,6 +7,7 @@ MACs of any choice of widths follow exactly from the original per-layer MACs
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from torch import nn
 from caproj.errors import CaprojError
 from caproj.metrics import layer_table
 from caproj.sites import Site
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,7 +93,7 @@ def site_units(sites: list[Site]) -> list[int]:
 
 def widths_for_keep(sites: list[Site], keep: float, multiple: int = 1) -> list[int]:
     if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0 < keep <= 1):
-        raise CaprojError(f"keep must be in (0, 1], got {keep}", param="keep")
+        raise CaprojError(f"keep must be a number in (0, 1], got {keep!r}", param="keep")
     if multiple < 1:
         raise CaprojError(f"channel_multiple must be >= 1, got {multiple}",
                           param="channel_multiple")
@@ -116,7 +119,9 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
        every single unit too expensive for the slack); then one unit above the goal if that
        lands within `tol`.
     `units`: the finest change of each size (default 1; grouped sites: their groups).
-    Raises CaprojError naming `what` if the goal is unreachable or cannot be met within `tol`.
+    Raises CaprojError naming `what` if the goal is unreachable (the floor costs more). When
+    the sizes are too coarse to land within `tol`, the nearest reachable cost below the goal
+    is taken and logged (the caller's report holds the cost it predicts).
     """
     n = len(full)
     units = units or [1] * n
@@ -214,9 +219,9 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
             c, s2 = min(above, key=lambda t: t[0])
             if close(c):
                 sizes, cur = s2, c
-    if not close(cur):
-        raise CaprojError(f"{what} cannot be met within {tol:.0%} (closest below: "
-                          f"{cur / total:.4f} of the total)", param=what.split()[0])
+    if not close(cur):  # the sizes are too coarse: the nearest budget below the goal
+        log.warning("%s cannot be met within %.0f%% with these sizes: taking the nearest "
+                    "below it, %.4f of the total", what, tol * 100, cur / total)
     return sizes
 
 
@@ -229,7 +234,8 @@ def widths_for_macs(mm: MacModel, sites: list[Site], target: float,
     8): CPU convolution kernels block channels in groups of 8/16. If those steps cannot land
     within 1 % of the target, single channels finish the job on as few sites as needed."""
     if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
-        raise CaprojError(f"target_macs must be in (0, 1], got {target}", param="target_macs")
+        raise CaprojError(f"target_macs must be a number in (0, 1], got {target!r}",
+                          param="target_macs")
     if multiple < 1:
         raise CaprojError(f"channel_multiple must be >= 1, got {multiple}",
                           param="channel_multiple")

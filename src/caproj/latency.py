@@ -353,6 +353,7 @@ class Table:
         self.path = (directory or cache_dir()) / f"{spec.runtime}-b{spec.batch}-{digest}.json"
         self.times: dict[str, float] = {}
         self.measured = 0  # layer times measured (not found in the cache) by this object
+        self.changed = False  # something else to save (a network's calibration)
         if self.path.exists():
             try:
                 self.times = json.loads(self.path.read_text())["times"]
@@ -425,6 +426,9 @@ class LatencyModel:
         log.info("latency model (%s, batch %d, %d threads): %d layers, %d layer widths, "
                  "cache %s", spec.runtime, spec.batch, spec.resolved_threads(), len(entries),
                  n_points, table.path)
+        grids = site_grids(sites, multiple)
+        lm = cls(spec, 0.0, entries, [s.channels for s in sites], 0, str(table.path),
+                 [g[0] for g in grids])
         try:
             for n, e in enumerate(entries):
                 pts = e.points()
@@ -434,31 +438,42 @@ class LatencyModel:
                     e.times[p] = t
                 if progress:
                     progress(n + 1, len(entries))
+            lm.calibrate(model, sites, input_shape, [g[1][0] for g in grids], table)
         finally:
-            if table.measured:
+            if table.measured or table.changed:
                 table.save()
-        grids = site_grids(sites, multiple)
-        lm = cls(spec, 0.0, entries, [s.channels for s in sites], table.measured,
-                 str(table.path), [g[0] for g in grids])
-        lm.calibrate(model, sites, input_shape, [g[1][0] for g in grids])
+        lm.measured_layers = table.measured
         log.info("latency model: original %.3f ms, layer times x %.2f; %d layer times "
                  "measured, the rest from the cache or repeated layers", lm.full_ms, lm.scale,
                  table.measured)
         return lm
 
     def calibrate(self, model: nn.Module, sites: list[Site], input_shape: tuple[int, ...],
-                  floor: list[int]) -> None:
-        """Measure the original and the narrowest network (`floor` widths) interleaved, now:
-        the original's time is `full_ms`, and the layer times' differences are scaled so
-        that the prediction at the floor equals the measured ratio. One factor absorbs the
-        machine's drift between the table's measurement and now, and what standalone layers
-        miss (a compiler fusing a layer with its neighbours)."""
+                  floor: list[int], table: Table | None = None) -> None:
+        """Measure the original and the narrowest network (`floor` widths) interleaved: the
+        original's time is `full_ms`, and the layer times' differences are scaled so that the
+        prediction at the floor equals the measured ratio. One factor absorbs the machine's
+        drift between the table's measurement and now, and what standalone layers miss (a
+        compiler fusing a layer with its neighbours). Kept in `table` for this network, so a
+        warm cache gives the same latency model, hence the same widths, run after run."""
         self.floor = list(floor)
-        small = shape_only(model, sites, floor)
-        r = compare({"original": model, "floor": small}, input_shape, self.spec, repeats=1)
-        self.full_ms = r["original"]["median_ms"]
+        key = "network:" + hashlib.sha256(json.dumps(
+            [list(input_shape), floor, self.full_widths,
+             [e.layer.key(e.layer.c_in, e.layer.c_out) for e in self.entries]]
+        ).encode()).hexdigest()[:16]
+        if table is not None and f"{key}:full_ms" in table.times:
+            self.full_ms = table.times[f"{key}:full_ms"]
+            measured = table.times[f"{key}:floor_ratio"]
+        else:
+            small = shape_only(model, sites, floor)
+            r = compare({"original": model, "floor": small}, input_shape, self.spec, repeats=1)
+            self.full_ms = r["original"]["median_ms"]
+            measured = 1 / r["floor"]["speedup"]
+            if table is not None:
+                table.times.update({f"{key}:full_ms": self.full_ms,
+                                    f"{key}:floor_ratio": measured})
+                table.changed = True
         delta = self.layer_ms(floor) - self.layer_ms(self.full_widths)
-        measured = 1 / r["floor"]["speedup"]
         self.floor_ratio = measured
         if delta < 0 and measured < 1:
             self.scale = min(5.0, max(0.2, (measured - 1) * self.full_ms / delta))
@@ -498,6 +513,7 @@ def compare(models: dict[str, nn.Module], input_shape: tuple[int, ...], spec: Sp
                 for i in range(repeats)]
     return {n: {"median_ms": statistics.median(r[n]["median_ms"] for r in reps),
                 "speedup": statistics.median(r[n]["speedup"] for r in reps),
+                "ratio_noise": statistics.median(r[n]["ratio_noise"] for r in reps),
                 "repeats_ms": [r[n]["median_ms"] for r in reps],
                 "repeats_speedup": [r[n]["speedup"] for r in reps]} for n in forms}
 

@@ -180,8 +180,12 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     out = {}
     for n in names:
         meds = [statistics.median(r) for r in per[n]]
+        ratios = [b / a for a, b in zip(ref, meds, strict=True)]  # this / the first, per round
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         out[n] = {"median_ms": statistics.median([t for r in per[n] for t in r]),
                   "speedup": statistics.median([a / b for a, b in zip(ref, meds, strict=True)]),
+                  # the rounds' noise: half the interquartile range of the latency ratios
+                  "ratio_noise": (q[2] - q[0]) / 2,
                   "threads": torch.get_num_threads() if not num_threads else num_threads}
     return out
 

@@ -16,6 +16,7 @@ models, the narrower layer shapes inside). Always `weights_only=True`.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,8 @@ def list_archs() -> list[str]:
     return sorted(ARCHS) + ["tv:<torchvision model name>", "timm:<timm model name>"]
 
 
-def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None,
+                **kwargs: Any) -> nn.Module:
     if num_classes < 1:
         raise CaprojError(f"num_classes must be >= 1, got {num_classes}")
     if arch.startswith("tv:"):
@@ -196,7 +198,8 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int | None = None
                               f"(see torchvision.models.list_models())")
         if in_channels not in (None, 3):
             raise CaprojError(f"{arch} takes 3 input channels, data has {in_channels}")
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes,
+                                            **kwargs)
     if arch.startswith("timm:"):
         try:
             import timm
@@ -265,10 +268,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     else:
         raise CaprojError(f"checkpoint {p} holds no state_dict (expected a dict of tensors or "
                           f"{{'state_dict': ...}})")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CaprojError(f"checkpoint {p}: state_dict contains non-tensor values")
-    return {"state_dict": sd}
+    return {"state_dict": strip_prefix(sd, "module.")}
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`sd` with `prefix` taken off its keys, keeping the per-module versions in `_metadata`
+    (which some modules' loaders read: torchvision's MNASNet, BatchNorm)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(
+        (k.removeprefix(prefix), v) for k, v in sd.items())
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if k == prefix.rstrip(".") else k.removeprefix(prefix), v)
+            for k, v in meta.items())
+    return out
+
+
+def fitting_kwargs(name: str, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor arguments that make torchvision model `name` fit the state dict it is given:
+    GoogLeNet / Inception v3 with or without their auxiliary heads (torchvision's own
+    pretrained weights have none)."""
+    if name in ("googlenet", "inception_v3"):
+        aux = any(k.startswith(("aux1.", "aux2.", "AuxLogits.")) for k in sd)
+        return {"aux_logits": aux, "init_weights": False}
+    return {}
 
 
 def check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
@@ -325,7 +350,8 @@ def load_model(weights: str | os.PathLike | None, arch: str | None = None,
     check_finite(sd, str(weights))
     if num_classes is None:
         num_classes = guess_num_classes(sd)
-    model = build_model(arch, num_classes, in_channels)
+    model = build_model(arch, num_classes, in_channels,
+                        **(fitting_kwargs(arch[3:], sd) if arch.startswith("tv:") else {}))
     if meta.get("compressed"):
         resize_to_state_dict(model, sd)
     check_state_dict(model, sd, arch)

@@ -176,3 +176,30 @@ def check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> None:
                           param="example_inputs") from None
     finally:
         model.train(was)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a computation can still take on `device`: free GPU memory, or the kernel's
+    MemAvailable on Linux (8 GiB assumed where neither can be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def unwrap(model: Any) -> Any:
+    """The plain module inside `torch.compile` (its `_orig_mod`), `DataParallel` and
+    `DistributedDataParallel` (`.module`) wrappers; anything else as it is."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,32 @@ def caproj(*args, cwd=None, timeout=600):
     """Run the CLI as a user does; returns the CompletedProcess."""
     return subprocess.run(caproj_cmd(*args), capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def caproj_in_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """The CLI's `main` in this process (no interpreter and torch start-up per call): for the
+    many short runs that check messages and exit codes; `caproj` runs it as users do."""
+    import contextlib
+    import io
+
+    from caproj.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old, threads = os.getcwd(), torch.get_num_threads()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for `caproj`
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def caproj_cmd(*args) -> list[str]:

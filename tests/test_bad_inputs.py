@@ -10,7 +10,7 @@ from bad_inputs_cases import API_CASES, CASES, OUTPUTS, make_files
 
 from caproj.errors import CaprojError
 
-from conftest import ROOT, caproj
+from conftest import ROOT, caproj, caproj_in_process
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("what, args, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_line_and_no_output(files, what, args, message):
-    r = caproj(*args, cwd=files)
+def test_bad_input_gets_one_line_and_no_output(files, what, args, message, monkeypatch):
+    monkeypatch.setattr("caproj.latency.LAYER_SECONDS", 0.03)  # messages, not timings
+    r = caproj_in_process(*args, cwd=files)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("caproj: error:"), r.stderr
@@ -30,6 +31,19 @@ def test_bad_input_gets_one_line_and_no_output(files, what, args, message):
     for name in OUTPUTS:
         assert not (files / name).exists(), f"{name} written by a refused run"
     assert not list(files.glob(".o.*"))  # no temp file left behind
+
+
+@pytest.mark.parametrize("case", [0, 9, 20])
+def test_bad_input_as_the_command_line_runs_it(files, case):
+    """The same cases as users run them (a `caproj` process each): the in-process runs above
+    check every message; these check the process's exit code, stderr and files."""
+    what, args, message = CASES[case]
+    r = caproj(*args, cwd=files)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == \
+        [ln for ln in r.stderr.strip().splitlines() if ln.startswith("caproj: error:")]
+    assert message in r.stderr
+    for name in OUTPUTS:
+        assert not (files / name).exists(), f"{name} written by a refused run"
 
 
 @pytest.mark.parametrize("what, call, fn, message, param", API_CASES,

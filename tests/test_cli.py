@@ -180,7 +180,7 @@ def test_bench_cell_stopped_part_way_resumes_to_the_same_result(trained, tmp_pat
     import time
 
     args = ["bench", "--weights", trained, "--data", "digits", "--methods", "cap", "--targets",
-            "0.5", "--cap-steps", "400", "--finetune-epochs", "2", "--batch-size", "64",
+            "0.5", "--cap-steps", "150", "--finetune-epochs", "2", "--batch-size", "64",
             "--no-latency", "--threads", "1"]
     out = tmp_path / "stopped"
     p = subprocess.Popen(caproj_cmd(*args, "--out-dir", out), stdout=subprocess.DEVNULL,
@@ -208,7 +208,8 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
     import json
 
     out = tmp_path / "deep"
-    args = ["bench", "--weights", trained, "--data", "digits", "--methods", "cap,l1",
+    args = ["bench", "--weights", trained, "--data", "digits", "--no-latency", "--methods",
+            "cap,l1",
             "--targets", "0.5", "--cap-steps", "5", "--finetune-epochs", "1", "--batch-size",
             "64", "--seeds", "0,1", "--equal-compute", "--out-dir", out]
     r = caproj(*args[:-4], "0", *args[-3:])  # seed 0 now, seed 1 in a later run
@@ -241,7 +242,8 @@ def test_bench_seeds_and_equal_compute_give_every_method_the_same_images(trained
     r2 = caproj(*args)
     assert r2.returncode == 0 and r2.stdout.count("not recomputed") == 4
     # a cell fine-tuned with another recipe in the same folder stays out of this table
-    r3 = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "svd",
+    r3 = caproj("bench", "--weights", trained, "--data", "digits", "--no-latency",
+                "--methods", "svd",
                 "--targets", "0.5", "--finetune-epochs", "1", "--max-steps", "2",
                 "--batch-size", "64", "--lr", "0.05", "--seeds", "0", "--equal-compute",
                 "--out-dir", out)
@@ -277,7 +279,7 @@ def test_bench_method_options_and_a_folders_budget(trained, tmp_path):
     out = tmp_path / "options"
     common = ["--weights", trained, "--data", "digits", "--targets", "0.25", "--cap-steps",
               "4", "--finetune-epochs", "2", "--batch-size", "64", "--seeds", "0",
-              "--equal-compute", "--out-dir", out]
+              "--equal-compute", "--no-latency", "--out-dir", out]
     r = caproj("bench", "--methods", f"cap,{cp}", *common)
     assert r.returncode == 0, r.stderr
     cells = {m: json.loads((out / f"{m}-0.25-s0-eq.json").read_text()) for m in ("cap", name)}
@@ -295,7 +297,7 @@ def test_bench_method_options_and_a_folders_budget(trained, tmp_path):
 
 def test_bench_fine_tunes_with_kd_from_the_original(trained, tmp_path):
     out = tmp_path / "bench"
-    r = caproj("bench", "--weights", trained, "--data", "digits", "--methods", "l1",
+    r = caproj("bench", "--weights", trained, "--data", "digits", "--no-latency", "--methods", "l1",
                "--targets", "0.5", "--finetune-epochs", "1", "--max-steps", "3", "--kd", "0.5",
                "--freeze-bn", "--ema", "0.9", "--batch-size", "64", "--out-dir", out)
     assert r.returncode == 0, r.stderr

@@ -203,8 +203,9 @@ def test_unreachable_latency_points_to_stream_projection(tmp_path):
     msg = str(e.value)
     assert "target_latency 0.01 is unreachable" in msg and e.value.param == "target_latency"
     assert msg.endswith("stream_projection=True narrows the residual streams too")
-    from caproj.cli import translate
-    assert "--stream-projection narrows" in translate(e.value)
+    from caproj.cli import build_parser, command_parser, flags_of, translate
+    flags = flags_of(command_parser(build_parser(), "compress"))
+    assert "--stream-projection narrows" in translate(e.value, flags)
     with pytest.raises(CaprojError) as e:  # with the streams projected: no such hint
         Plan.of(m, SHAPE, target_latency=0.01, latency_spec=SPEC, latency_cache=tmp_path,
                 stream_projection=True)

@@ -148,7 +148,7 @@ def test_bench_runs_the_beyond_the_paper_variants(tmp_path):
                "--methods", "cap,cap:stream-projection,cap:stream-projection:allocation=auto,"
                "cap:match-scale", "--targets",
                "0.4",
-               "--cap-steps", "2", "--finetune-epochs", "0", "--out-dir", out)
+               "--cap-steps", "2", "--finetune-epochs", "0", "--no-latency", "--out-dir", out)
     assert r.returncode == 0, r.stderr
     cells = {m: json.loads((out / f"{m}-0.4.json").read_text())
              for m in ("cap", "cap+stream-projection", "cap+stream-projection+allocation=auto",

@@ -855,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     flags = flags_of(command_parser(ap, args.cmd))
     args._flags = config_flags(command_parser(ap, args.cmd))
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress in logs
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a log as they are printed
+        sys.stdout.reconfigure(line_buffering=True)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     root = logging.getLogger("caproj")

@@ -484,9 +484,13 @@ class LatencyModel:
         return sum(e.time(*e.widths(widths)) for e in self.entries)
 
     def predict(self, widths: list[int]) -> float:
-        """Predicted latency (ms) of the network narrowed to `widths`."""
-        return self.full_ms + self.scale * (self.layer_ms(widths)
-                                            - self.layer_ms(self.full_widths))
+        """Predicted latency (ms) of the network narrowed to `widths`: never below the
+        narrowest network's measured latency (layer times taken on a busy machine can make the
+        scaled differences exceed the whole network's time)."""
+        raw = self.full_ms + self.scale * (self.layer_ms(widths)
+                                           - self.layer_ms(self.full_widths))
+        floor = self.floor_ratio * self.full_ms
+        return max(raw, floor) if math.isfinite(floor) else raw
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.spec.runtime, "batch": self.spec.batch,

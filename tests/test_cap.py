@@ -118,7 +118,7 @@ def test_unreachable_target_and_bad_keep():
     with pytest.raises(CaprojError, match="unreachable"):
         widths_for_macs(MacModel.of(model, (3, 32, 32)), sites, 0.02)
     for bad in (0.0, 1.5, float("nan")):
-        with pytest.raises(CaprojError, match="keep must be in"):
+        with pytest.raises(CaprojError, match="keep must be a number in"):
             widths_for_keep(sites, bad)
 
 

@@ -54,6 +54,18 @@ CASES: list[tuple[str, list[str], str]] = [
                     "--keep", "1.5", "--out", "o.pt"], "must be in (0, 1], got 1.5"),
     ("--keep nan", ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
                     "--keep", "nan", "--out", "o.pt"], "must be in (0, 1], got nan"),
+    ("--widths-from a file that is not JSON",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
+      "--widths-from", "garbage.th", "--out", "o.pt"],
+     "--widths-from: cannot read 'garbage.th' as JSON"),
+    ("--widths-from a JSON file that is not a compress report",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
+      "--widths-from", "metrics.json", "--out", "o.pt"],
+     "--widths-from: 'metrics.json' holds no per-site widths"),
+    ("--widths-from the report of another network",
+     ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
+      "--widths-from", "other-report.json", "--out", "o.pt"],
+     "widths has 3 entries for 9 sites"),
     ("--target-latency together with --target-macs",
      ["compress", "--arch", "resnet20", "--weights", "r20.th", "--data", "rgb3",
       "--target-latency", "0.5", "--target-macs", "0.5", "--out", "o.pt"],
@@ -287,6 +299,8 @@ def make_files(d: Path) -> None:
     (d / "truncated.th").write_bytes(data[: len(data) // 2])
     (d / "garbage.th").write_bytes(b"\x80\x04garbage")
     (d / "empty.th").write_bytes(b"")
+    (d / "metrics.json").write_text('{"acc": 91.2}')
+    (d / "other-report.json").write_text('{"widths": [8, 16, 32]}')
     torch.save(make_checkpoint(build_model("resnet20", num_classes=100), "resnet20"),
                d / "c100.pt")
     torch.save(build_model("tv:shufflenet_v2_x0_5", num_classes=3).state_dict(),

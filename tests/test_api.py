@@ -5,6 +5,7 @@ user's own class."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import subprocess
@@ -85,6 +86,10 @@ def test_readme_api_snippet_runs_verbatim(tmp_path, monkeypatch):
     ("label_free.py", "data-free CaP from 512 synthetic images"),
     pytest.param("timm_model.py", "keep=1.0 exact", marks=pytest.mark.skipif(
         not HAS_TIMM, reason="needs timm")),
+    pytest.param("hf_resnet.py", "reloaded into a fresh ResNetForImageClassification (max "
+                 "logit diff", marks=pytest.mark.skipif(
+                     importlib.util.find_spec("transformers") is None,
+                     reason="needs transformers")),
 ])
 def test_examples_run(name, expect, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True,

@@ -1,5 +1,6 @@
 """The command line, as a user runs it: exit codes, one-line errors, files written or not."""
 
+import json
 import os
 import re
 
@@ -369,3 +370,18 @@ def test_compress_label_free_flag_records_it(trained, tmp_path):
     m = torch.load(out, weights_only=True)["metrics"]
     assert m["label_free"] is True and "acc_after_finetune" in m
     assert "batch acc" not in r.stdout and "train acc" not in r.stdout  # no labels were read
+
+
+def test_widths_from_a_report_rebuild_the_same_network(trained, tmp_path):
+    common = ["--weights", trained, "--data", "digits", "--cap-steps", "0", "--calib-images",
+              "200", "--latency", "none", "--channel-multiple", "1"]
+    first, again = tmp_path / "first.json", tmp_path / "again.json"
+    r = caproj("compress", *common, "--target-macs", "0.4", "--allocate", "auto",
+               "--out", tmp_path / "a.pt", "--report", first)
+    assert r.returncode == 0, r.stderr
+    widths = json.loads(first.read_text())["widths"]
+    r = caproj("compress", *common, "--widths-from", first, "--out", tmp_path / "b.pt",
+               "--report", again)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(again.read_text())["widths"] == widths
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["metrics"]["widths"] == widths

@@ -47,6 +47,7 @@ from caproj.models import (
     write_safetensors,
 )
 from caproj.resume import Checkpointer
+from caproj.sites import traced_on
 from caproj.stages import measure_fit
 from caproj.surgery import resize_to_state_dict
 from caproj.synth import synthesize
@@ -178,20 +179,22 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     eval_kw: dict[str, Any] = {"loss_fn": loss_fn, "output_transform": output_transform}
     original = None if eval_data is None else _evaluate_impl(model, eval_data, **eval_kw,
                                                              progress_bar=progress)
-    job, settings, rep, ft_ck = _plan_and_settle(
-        model, inputs, shape, where, preset=preset, method=method, options=options,
-        finetune=finetune, budget_images=budget_images, seed=seed, original=original,
-        eval_data=eval_data, eval_kw=eval_kw, teacher=teacher, progress=progress,
-        state=(state_path, resume, save_every))
-    t1 = time.perf_counter()
-    small = S.run_method(job, settings)
-    rep.update(job.report)
-    rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
-                               + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
-    rep.update(S.post_process(small, model, job.config))
-    rep.update(S.measure(model, small, job.plan, shape, eval_data, name=settings.method_name,
-                         uses_widths=getattr(settings.method, "uses_widths", True),
-                         progress=progress, **eval_kw))
+    with traced_on(example):  # forwards that branch on their input are traced on it
+        job, settings, rep, ft_ck = _plan_and_settle(
+            model, inputs, shape, where, preset=preset, method=method, options=options,
+            finetune=finetune, budget_images=budget_images, seed=seed, original=original,
+            eval_data=eval_data, eval_kw=eval_kw, teacher=teacher, progress=progress,
+            state=(state_path, resume, save_every))
+        t1 = time.perf_counter()
+        small = S.run_method(job, settings)
+        rep.update(job.report)
+        rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
+                                   + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
+        rep.update(S.post_process(small, model, job.config))
+        rep.update(S.measure(model, small, job.plan, shape, eval_data,
+                             name=settings.method_name, progress=progress,
+                             uses_widths=getattr(settings.method, "uses_widths", True),
+                             **eval_kw))
     if settings.finetune is not None:
         rep.update(S.fine_tune(small, model, inputs, settings.finetune, teacher=teacher,
                                eval_data=eval_data, checkpoint=ft_ck, progress=progress,

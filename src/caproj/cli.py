@@ -16,11 +16,13 @@ import re
 import sys
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from caproj import dist
 from caproj.config import (
@@ -150,17 +152,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="caproj", description="Compress CNNs with Cascaded "
-                                 "Projection and measure them honestly.")
-    ap.add_argument("--version", action="version", version=f"caproj {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
-    def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    p = cmd("info", "MACs, params (and optionally per-layer table and latency) of a model")
+def _info_flags(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--input-size", type=_input_size, help="C,H,W (default: per architecture)")
     p.add_argument("--layers", action="store_true", help="print the per-layer table")
@@ -171,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --sites: residual streams as tied sites too")
     _add_common(p)
 
-    p = cmd("eval", "top-1 accuracy of a model on a dataset's test split")
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
     p.add_argument("--batch-size", type=_positive_int, default=500)
     _add_common(p)
 
-    p = cmd("train", "train or fine-tune a model; writes a caproj checkpoint")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     _add_data_args(p)
     add_config_flags(p, TrainConfig, TRAIN)
@@ -187,20 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_args(p)
     _add_common(p)
 
-    p = cmd("compress", "compress a model with Cascaded Projection, then fine-tune it")
-    _add_model_args(p, need_weights=True)
-    _add_data_args(p)
-    p.add_argument("--preset", choices=("auto", *PRESETS, "none"), default="auto",
-                   help="measured configuration (caproj presets lists them): auto (default: "
-                   "chosen from the job: target depth, fine-tune budget, labels, images, "
-                   "whether the original fits the data, a latency target), a name, or none "
-                   "(caproj's plain defaults); flags you give override the preset's")
-    p.add_argument("--method", choices=tuple(METHODS),
-                   help="compression method (default: the preset's, CaP)")
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    """What to compress to: a channel, MACs or latency budget, or given widths."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=_fraction, help="fraction of channels kept per site")
     budget.add_argument("--target-macs", type=_fraction,
                         help="fraction of the original MACs to keep (default 0.5)")
+    budget.add_argument("--widths-from", metavar="REPORT",
+                        help="the per-site widths of an earlier run's --report (JSON): the "
+                        "same network again, e.g. one a --target-latency run chose")
     budget.add_argument("--target-latency", type=_fraction,
                         help="fraction of the original's latency measured in --runtime at "
                         "--latency-batch and --threads (per-layer latency model, cached)")
@@ -222,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-site widths for --target-macs: uniform ratio (default, unless "
                    "the preset says otherwise) or auto (greedy by measured sensitivity x "
                    "channel spectrum per MAC)")
+
+
+def _compress_flags(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, need_weights=True)
+    _add_data_args(p)
+    p.add_argument("--preset", choices=("auto", *PRESETS, "none"), default="auto",
+                   help="measured configuration (caproj presets lists them): auto (default: "
+                   "chosen from the job: target depth, fine-tune budget, labels, images, "
+                   "whether the original fits the data, a latency target), a name, or none "
+                   "(caproj's plain defaults); flags you give override the preset's")
+    p.add_argument("--method", choices=tuple(METHODS),
+                   help="compression method (default: the preset's, CaP)")
+    _budget_flags(p)
     add_config_flags(p, CapConfig, CAP, presets=True)
     add_config_flags(p, TrainConfig, FINETUNE, rename={"epochs": "--finetune-epochs"},
                      presets=True, epochs_default=0)
@@ -252,10 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_args(p)
     _add_common(p)
 
-    p = cmd("presets", "list the presets: the job each is for, its settings, its measured row")
+
+
+def _presets_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print them as JSON")
 
-    p = cmd("bench", "compare CaP with pruning, factorisation and Torch-Pruning side by side")
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, need_weights=True)
     _add_data_args(p)
     p.add_argument("--methods", default=",".join(METHODS),
@@ -283,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip each cell's CPU latency report (accuracy and MACs only)")
     _add_common(p)
 
-    p = cmd("export", "export a (compressed) model for deployment: ONNX or torch.export")
+
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, need_weights=True)
     p.add_argument("--format", choices=("onnx", "torchscript", "safetensors", "pt2"),
                    default="onnx", help="onnx (default; onnxruntime), torchscript "
@@ -293,9 +305,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_common(p)
 
-    p = cmd("demo", "offline end-to-end demo on the bundled digits data")
+
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also save the compressed model here")
     _add_common(p)
+
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "info": ("MACs, params (and optionally per-layer table and latency) of a model",
+             _info_flags),
+    "eval": ("top-1 accuracy of a model on a dataset's test split", _eval_flags),
+    "train": ("train or fine-tune a model; writes a caproj checkpoint", _train_flags),
+    "compress": ("compress a model with Cascaded Projection, then fine-tune it",
+                 _compress_flags),
+    "presets": ("list the presets: the job each is for, its settings, its measured row",
+                _presets_flags),
+    "bench": ("compare CaP with pruning, factorisation and Torch-Pruning side by side",
+              _bench_flags),
+    "export": ("export a (compressed) model for deployment: ONNX or torch.export",
+               _export_flags),
+    "demo": ("offline end-to-end demo on the bundled digits data", _demo_flags),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="caproj", description="Compress CNNs with Cascaded "
+                                 "Projection and measure them honestly.")
+    ap.add_argument("--version", action="version", version=f"caproj {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, (help, add_flags) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     return ap
 
 
@@ -583,10 +625,8 @@ LATENCY = {"none": (), "fast": ("fold_bn_cl",), "full": None}
 
 def cmd_compress(a: argparse.Namespace) -> None:
     from caproj.api import compress
-    from caproj.deploy import LATENCY_FORMS, latency_report
-    from caproj.models import guess_num_classes, make_checkpoint
     from caproj.resume import stop_on_signal
-    from caproj.utils import atomic_save, check_output_path, run_record
+    from caproj.utils import check_output_path
 
     check_output_path(a.out)
     if a.report:
@@ -594,6 +634,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
     cap = config_from(a, CapConfig, CAP)  # bad settings fail now, naming their flags
     cap_options = config_options(a, CapConfig)
     ft = _train_config(a, FINETUNE)
+    budget = _budget_of(a)
     data, model, meta = _data_and_model(a)
     if meta.get("compressed"):
         raise CaprojError(f"{a.weights} is already compressed; compress the original model")
@@ -609,27 +650,54 @@ def cmd_compress(a: argparse.Namespace) -> None:
         print(f"{meta['arch']}: accuracy not measured: {data.name} has no labels (pass "
               f"--eval-data with labelled test images to measure it)")
     with stop_on_signal():
-        res = compress(model, train_b, keep=a.keep, target_macs=a.target_macs,
-                       target_latency=a.target_latency, runtime=a.runtime,
-                       latency_batch=a.latency_batch,
-                       latency_threads=a.latency_threads or a.threads,
-                       calib_data=calib_b, eval_data=test_b,
+        res = compress(model, train_b, **budget, calib_data=calib_b, eval_data=test_b,
                        finetune=_finetune_options(a, ft), budget_images=a.budget_images,
                        preset=None if a.preset == "none" else a.preset, method=a.method,
-                       seed=a.seed,
-                       channel_multiple=a.channel_multiple, allocation=a.allocation,
-                       stream_projection=a.stream_projection, label_free=a.label_free,
-                       synthetic=data.n if synthetic else None,
+                       seed=a.seed, channel_multiple=a.channel_multiple,
+                       label_free=a.label_free, synthetic=data.n if synthetic else None,
                        synth_options={"steps": a.synth_steps,
                                       "batch_size": a.synth_batch_size} if synthetic else None,
                        example_inputs=torch.zeros(1, *data.input_shape, device=device)
                        if synthetic else None,
-                       state_path=a.out,
-                       resume=a.resume, save_every=a.save_every, **cap_options)
-    rep = res.report
-    if not dist.is_main():
-        return  # torchrun: rank 0 writes and measures
-    small = res.model.cpu()
+                       state_path=a.out, resume=a.resume, save_every=a.save_every,
+                       **cap_options)
+    if dist.is_main():  # torchrun: rank 0 writes and measures
+        _write_compressed(a, res.report, res.model.cpu(), model, data, meta, ft)
+
+
+def _budget_of(a: argparse.Namespace) -> dict[str, Any]:
+    """compress's budget arguments from the flags; --widths-from reads the widths (and whether
+    streams were sites) from an earlier report."""
+    budget = {"keep": a.keep, "target_macs": a.target_macs, "target_latency": a.target_latency,
+              "runtime": a.runtime, "latency_batch": a.latency_batch,
+              "latency_threads": a.latency_threads or a.threads, "allocation": a.allocation,
+              "stream_projection": a.stream_projection}
+    if a.widths_from is None:
+        return budget
+    try:
+        rep = json.loads(Path(a.widths_from).read_text())
+    except (OSError, ValueError) as e:
+        raise CaprojError(f"--widths-from: cannot read {a.widths_from!r} as JSON: "
+                          f"{str(e).splitlines()[0]}") from None
+    widths = rep.get("widths") if isinstance(rep, dict) else None
+    if not (isinstance(widths, list) and widths and all(
+            isinstance(k, int) and not isinstance(k, bool) for k in widths)):
+        raise CaprojError(f"--widths-from: {a.widths_from!r} holds no per-site widths (the "
+                          f"--report of caproj compress does)")
+    if budget["stream_projection"] is None:
+        budget["stream_projection"] = bool(rep.get("stream_projection"))
+    return {**budget, "widths": widths}
+
+
+def _write_compressed(a: argparse.Namespace, rep: dict[str, Any], small: nn.Module,
+                      model: nn.Module, data: Any, meta: dict[str, Any], ft: TrainConfig
+                      ) -> None:
+    """The checkpoint first (atomically), then the optional latency report and JSON: a failing
+    optional step leaves the finished result in place."""
+    from caproj.deploy import LATENCY_FORMS, latency_report
+    from caproj.models import guess_num_classes, make_checkpoint
+    from caproj.utils import atomic_save, run_record
+
     num_classes = guess_num_classes(small.state_dict())
 
     def save() -> None:

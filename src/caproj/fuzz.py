@@ -132,8 +132,9 @@ class FuzzNet(nn.Module):
 def run_case(spec: dict[str, Any], seed: int = 0, size: int = 12) -> dict[str, Any]:
     """The properties on one network: `keep=1.0` gives the original logits (<= 1e-4) and
     `target_macs=0.5` gives a network that runs with its counted MACs at or below the target
-    (1 % slack, as the solver allows), or a one-line CaprojError. Returns {"outcome": "ok" |
-    "refused" | "failed", "error": ..., "where": ...}; "failed" is a bug."""
+    (1 % slack, as the solver allows) and equal to those the report gives, or a one-line
+    CaprojError. Returns {"outcome": "ok" | "refused" | "failed", "error": ..., "where": ...};
+    "failed" is a bug."""
     from caproj.api import compress
     from caproj.coverage import randomise_bn
     from caproj.errors import CaprojError
@@ -160,9 +161,11 @@ def run_case(spec: dict[str, Any], seed: int = 0, size: int = 12) -> dict[str, A
         with torch.no_grad():
             out = res.model(x)
         macs, full = count_macs(res.model, (3, size, size)), count_macs(model, (3, size, size))
-        if out.shape != ref.shape or macs > 0.5 * 1.01 * full:
+        said = res.report["macs_after"] / res.report["macs_before"]
+        if out.shape != ref.shape or macs > 0.5 * 1.01 * full or abs(said - macs / full) > 1e-9:
             return {"outcome": "failed", "where": where,
-                    "error": f"output {tuple(out.shape)}, MACs {macs / full:.4f} of the original"}
+                    "error": f"output {tuple(out.shape)}, MACs {macs / full:.4f} of the original "
+                             f"counted, {said:.4f} reported"}
     except CaprojError as e:
         msg = str(e)
         bad = "\n" in msg or msg.startswith("internal error")

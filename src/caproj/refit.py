@@ -164,7 +164,8 @@ def cascade(original: nn.Module, narrow: nn.Module, calib: Sequence[torch.Tensor
     walk_n, walk_o = Walk(narrow), Walk(original)
     order = walk_o.call_order(consumers)
     omods = dict(original.named_modules())
-    need = (walk_n.peak_bytes(calib[0]) + walk_o.peak_bytes(calib[0])) * len(calib)
+    one = calib[0][:1]  # activations grow with the batch: one image's walk sizes them all
+    need = (walk_n.peak_bytes(one) + walk_o.peak_bytes(one)) * sum(len(x) for x in calib)
     keep = need <= MEMORY_SHARE * available_memory(calib[0].device)
     if not keep:
         log.info("refit: the paused activations would take %.1f GB; re-running each prefix",

@@ -32,6 +32,9 @@ output, a multiplication) is not a site, and the reason is reported.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import operator
 from dataclasses import dataclass, field
 
@@ -40,6 +43,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from caproj.errors import CaprojError
+
+log = logging.getLogger(__name__)
 
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
@@ -146,13 +151,114 @@ def _bn_ok(m: nn.Module) -> bool:
     return isinstance(act, CHANNELWISE_MODULES)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+class _ExampleTracer(_Tracer):
+    """Traces while running the example input alongside, so that Python control flow on
+    tensors (`if x.shape[1] != self.channels: raise`, as in Hugging Face models) takes the
+    branch the example takes instead of failing. The graph is specialised to that branch:
+    right for every input that takes it, as a CNN's fixed-shape inputs do."""
+
+    def __init__(self, example: tuple) -> None:
+        super().__init__()
+        self.example, self.eager = list(example), False
+
+    def call_module(self, m, forward, args, kwargs):
+        return forward(*args, **kwargs) if self.eager else \
+            super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self.eager else \
+            super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        a, k = fx.node.map_aggregate((args, kwargs), lambda v: v.node.meta.get("value")
+                                     if isinstance(v, fx.Proxy) else v)
+        self.eager = True  # modules and parameters are called and read as plain Python
+        try:
+            proxy.node.meta["value"] = self._run(kind, target, a, k)
+        finally:
+            self.eager = False
+        return proxy
+
+    def _run(self, kind: str, target, args, kwargs):
+        if kind == "placeholder":
+            return self.example.pop(0) if self.example else None
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "get_attr":
+            return operator.attrgetter(target)(self.root)
+        return None
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(obj.node.meta.get("value"))
+
+    def iter(self, obj: fx.Proxy):
+        return iter([obj[i] for i in range(len(obj.node.meta.get("value")))])
+
+    def keys(self, obj: fx.Proxy):
+        return obj.node.meta.get("value").keys()
+
+
+_EXAMPLE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("example", default=None)
+
+
+@contextlib.contextmanager
+def traced_on(*example: torch.Tensor):
+    """Within it, a model whose forward branches on its input is traced on `example`
+    (one batch of inputs) instead of being refused."""
+    token = _EXAMPLE.set(example)
     try:
-        graph = _Tracer().trace(model)
-        return fx.GraphModule(model, graph, type(model).__name__)
+        yield
+    finally:
+        _EXAMPLE.reset(token)
+
+
+class _Call(nn.Module):
+    """`model(x)` as a module: tracing enters the model's forward through a plain call, so
+    its other parameters take their defaults (`labels=None`) and decorators that read
+    `**kwargs` (Hugging Face's `can_return_tuple`) see them as a user's call does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+
+def _trace_on(model: nn.Module, example: tuple) -> fx.GraphModule:
+    with torch.no_grad():
+        graph = _ExampleTracer(example).trace(_Call(model))
+    for n in graph.nodes:
+        n.meta.pop("value", None)  # the example's activations are not kept
+        if n.op in ("call_module", "get_attr"):
+            n.target = str(n.target).removeprefix("model.")  # names as in `model`
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    gm.graph.eliminate_dead_code()  # the checks that read shapes, now decided
+    gm.recompile()
+    return gm
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    name, example = type(model).__name__, _EXAMPLE.get()
+    try:
+        try:
+            return fx.GraphModule(model, _Tracer().trace(model), name)
+        except fx.proxy.TraceError:
+            if example is None:
+                raise
+            gm = _trace_on(model, example)
+            log.info("%s branches on its input: traced on the example batch, so its graph "
+                     "takes the branches that input takes", name)
+            return gm
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        name = type(model).__name__
         raise CaprojError(f"cannot trace {name} with torch.fx: {msg[:200]}") from None
 
 
@@ -491,14 +597,14 @@ def require_sites(model: nn.Module, stream: bool = False) -> list[Site]:
         # Name the most common obstacle (the first layer is usually the stem, not the point).
         kinds: dict[str, list[tuple[str, str]]] = {}
         for name, why in rep.skipped.items():
-            kind = ("grouped/depthwise conv" if "grouped" in why else
-                    "residual addition or concatenation" if "readers" in why or
-                    "residual" in why or "concatenation" in why else "other pattern")
+            kind = ("a grouped/depthwise conv" if "grouped" in why else
+                    "a residual addition or concatenation" if "readers" in why or
+                    "residual" in why or "concatenation" in why else "another pattern")
             kinds.setdefault(kind, []).append((name, why))
         kind, cases = max(kinds.items(), key=lambda kv: len(kv[1]))
         first, why = cases[0]
         raise CaprojError(f"no compressible site in {type(model).__name__}: "
-                          f"{len(cases)} of {len(rep.skipped)} producers meet a {kind}, "
+                          f"{len(cases)} of {len(rep.skipped)} producers meet {kind}, "
                           f"e.g. {first} {why}")
     return rep.sites
 

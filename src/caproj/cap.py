@@ -49,7 +49,7 @@ from caproj.plan import Plan
 from caproj.resume import Checkpointer, rng_state, set_rng_state
 from caproj.sites import Site
 from caproj.train import model_device
-from caproj.utils import unwrap
+from caproj.utils import steady_allocator, unwrap
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 3
@@ -99,6 +99,8 @@ class CaP:
         self.teacher = teacher.eval() if teacher is not None else None
         self.progress = progress
         self.device = model_device(model)
+        if self.device.type == "cpu":
+            steady_allocator()  # calibration's large forwards: no page faults per batch
         self.base = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.proxies: list[torch.Tensor] = []
         self.consumer_w: dict[str, torch.Tensor] = {}  # consumer name -> refitted weight

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from caproj.errors import CaprojError
@@ -48,6 +48,16 @@ def _train(default: Any, name: str, help: str, choices: tuple[str, ...] | None =
     return field(default=default, metadata=flag(name, help, TRAIN_GROUP, choices))
 
 
+def check_choices(cfg: Any) -> None:
+    """Every field declared with choices holds one of them (the message lists them)."""
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        v = getattr(cfg, f.name)
+        if choices and v not in choices:
+            listed = ", ".join(choices[:-1]) + " or " + choices[-1]
+            raise CaprojError(f"{f.name} must be {listed}, got {v!r}", param=f.name)
+
+
 def _finite_nonneg(name: str, v: Any) -> None:
     if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise CaprojError(f"{name} must be a finite number >= 0, got {v}", param=name)
@@ -57,8 +67,10 @@ def _finite_nonneg(name: str, v: Any) -> None:
 class CapConfig:
     """Cascaded Projection's settings (see caproj.cap)."""
 
-    init: str = _cap("select", "--init", "initial projection: select (a channel selection: "
-                     "the best measured start) or pca", ("select", "pca"))
+    init: str = _cap("select", "--init", "initial projection: select (a channel selection by "
+                     "energy x consumer norm: the best measured start), recon (a selection by "
+                     "the consumer's reconstruction, correlations included) or pca",
+                     ("select", "recon", "pca"))
     calib_images: int = _cap(2000, "--calib-images", "calibration images for statistics and "
                              "least squares")
     steps: int = _cap(600, "--cap-steps", "projection optimisation steps (0 = closed form only)")
@@ -109,14 +121,7 @@ class CapConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.init not in ("select", "pca"):
-            raise CaprojError(f"init must be select or pca, got {self.init!r}", param="init")
-        if self.relax not in ("projection", "consumer", "all"):
-            raise CaprojError(f"relax must be projection, consumer or all, got {self.relax!r}",
-                              param="relax")
-        if self.ridge_to not in ("zero", "projected"):
-            raise CaprojError(f"ridge_to must be zero or projected, got {self.ridge_to!r}",
-                              param="ridge_to")
+        check_choices(self)
         if not isinstance(self.steps, int) or self.steps < 0:
             raise CaprojError(f"steps must be an integer >= 0, got {self.steps}", param="steps")
         if not isinstance(self.calib_images, int) or self.calib_images < 1:
@@ -217,12 +222,7 @@ class TrainConfig:
                               param="epochs")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise CaprojError(f"lr must be a positive number, got {self.lr}", param="lr")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise CaprojError(f"schedule must be onecycle, cosine or constant, "
-                              f"got {self.schedule!r}", param="schedule")
-        if self.optimizer not in ("sgd", "adam"):
-            raise CaprojError(f"optimizer must be sgd or adam, got {self.optimizer!r}",
-                              param="optimizer")
+        check_choices(self)
         if not 0 <= self.label_smoothing < 1:
             raise CaprojError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
                               param="label_smoothing")

@@ -73,6 +73,8 @@ def evaluate(model: nn.Module, data: Iterable, *, loss_fn: LossFn | None = None,
     """Top-1 accuracy (%), mean loss (cross-entropy or `loss_fn`) and image count over labelled
     batches, float32, eval mode (the model's mode is restored)."""
     device = model_device(model)
+    if device.type == "cpu":
+        steady_allocator()  # large forwards fault their activations in again otherwise
     was = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0

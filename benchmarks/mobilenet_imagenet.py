@@ -22,7 +22,6 @@ Inputs: ../shared/models/mobilenet_v2-imagenet-int8dq.pt, ../shared/data/imagene
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -162,20 +161,6 @@ def main() -> None:
                      "macs": macs, **r, "seconds": secs})
         print(f"{t:.2f} {alloc} caproj calib-only: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
               f"macs {macs:.3f} {secs:.0f} s", flush=True)
-        write()
-        # the same network with the BNs that are not the sites' fresh (folded) ones re-estimated
-        # on the calibration images
-        t1 = time.perf_counter()
-        recal = copy.deepcopy(small)
-        recalibrate_bn(recal, [x.to(dev) for x in calib_bare],
-                       skip={bn for s in plan.sites for _, bn in s.producers if bn})
-        r = measure(recal, test, ref)
-        r.pop("preds")
-        rows.append({"method": "caproj", "stage": "calibration only + BN re-estimated",
-                     "target": t, "cap": overrides, "allocation": alloc, "macs": macs, **r,
-                     "seconds": secs + time.perf_counter() - t1})
-        print(f"{t:.2f} {alloc} caproj calib-only + BN: {r['top1']:.1f} % "
-              f"(agree {r['agree']:.1f})", flush=True)
         write()
         if a.steps:
             t1 = time.perf_counter()

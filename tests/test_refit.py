@@ -26,8 +26,9 @@ def per_consumer(original, narrow, calib, consumers, *, ridge, prior, solved):
         for x in calib:
             got = {}
             h1 = dict(narrow.named_modules())[name].register_forward_pre_hook(
-                lambda m, i: got.__setitem__("in", i[0]))
-            h2 = omods[name].register_forward_hook(lambda m, i, o: got.__setitem__("out", o))
+                lambda m, i, got=got: got.__setitem__("in", i[0]))
+            h2 = omods[name].register_forward_hook(
+                lambda m, i, o, got=got: got.__setitem__("out", o))
             with torch.no_grad():
                 narrow(x)
                 original(x)

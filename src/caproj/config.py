@@ -67,10 +67,8 @@ def _finite_nonneg(name: str, v: Any) -> None:
 class CapConfig:
     """Cascaded Projection's settings (see caproj.cap)."""
 
-    init: str = _cap("select", "--init", "initial projection: select (a channel selection by "
-                     "energy x consumer norm: the best measured start), recon (a selection by "
-                     "the consumer's reconstruction, correlations included) or pca",
-                     ("select", "recon", "pca"))
+    init: str = _cap("select", "--init", "initial projection: select (a channel selection: "
+                     "the best measured start) or pca", ("select", "pca"))
     calib_images: int = _cap(2000, "--calib-images", "calibration images for statistics and "
                              "least squares")
     steps: int = _cap(600, "--cap-steps", "projection optimisation steps (0 = closed form only)")

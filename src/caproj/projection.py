@@ -4,11 +4,7 @@ Stiefel manifold, streamed calibration statistics, and the two initialisations.
 - `pca`: top eigenvectors of the second moment of the producer's (BN-folded) responses;
 - `select`: a channel selection (columns of the identity, so orthonormal too) ranked by
   post-nonlinearity energy x consumer weight norm, so the optimisation starts no worse than
-  pruning with that score;
-- `recon`: a channel selection by backward elimination on the consumer's reconstruction
-  (ThiNet; He et al. 2017): the channel dropped at each step is the one whose loss raises the
-  least-squares refit's error least, correlations between channels included. Sites it cannot
-  judge exactly (streams, grouped consumers, a Linear reading flattened maps) use `select`.
+  pruning with that score.
 """
 
 from __future__ import annotations
@@ -61,12 +57,10 @@ class SiteStats:
     """Streamed per-site statistics: second moment of the producer response (c x c, float64) and
     per-channel energy at the consumer input (after the nonlinearity)."""
 
-    def __init__(self, c: int, device: torch.device, gram: bool = False) -> None:
+    def __init__(self, c: int, device: torch.device) -> None:
         self.second = torch.zeros(c, c, dtype=torch.float64, device=device)
         self.mean = torch.zeros(c, dtype=torch.float64, device=device)
         self.energy = torch.zeros(c, dtype=torch.float64, device=device)
-        # second moment of the consumer's input channels (for `recon`), when asked for
-        self.gram = torch.zeros(c, c, dtype=torch.float64, device=device) if gram else None
         self.count = 0
         self.count_in = 0
 
@@ -83,9 +77,8 @@ class SiteStats:
         """Sum the statistics of every rank (torchrun), so each holds the global ones."""
         if dist.world() == 1:
             return
-        for t in (self.second, self.mean, self.energy, self.gram):
-            if t is not None:
-                dist.all_reduce_(t)
+        for t in (self.second, self.mean, self.energy):
+            dist.all_reduce_(t)
         n = dist.all_reduce_(torch.tensor([self.count, self.count_in], dtype=torch.float64,
                                           device=self.second.device))
         self.count, self.count_in = int(n[0]), int(n[1])
@@ -98,20 +91,16 @@ class SiteStats:
         else:
             x = x.reshape(x.shape[0], c, -1) if x.dim() == 2 else x.reshape(*x.shape[:2], -1)
         self.energy += x.pow(2).sum((0, 2)).double()
-        if self.gram is not None:
-            self.gram += torch.einsum("ncl,ndl->cd", x, x).double()
         self.count_in += x.shape[0] * x.shape[2]
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.Tensor],
-                  gram: list[bool] | None = None) -> list[SiteStats]:
-    """One pass over calibration batches with hooks; never stores features. `gram[i]`: also
-    the consumer-input second moment of site i."""
+def collect_stats(model: nn.Module, sites: list[Site], batches: Iterable[torch.Tensor]
+                  ) -> list[SiteStats]:
+    """One pass over calibration batches with hooks; never stores features."""
     mods = dict(model.named_modules())
     device = next(model.parameters()).device
-    stats = [SiteStats(s.channels, device, bool(gram and gram[i]))
-             for i, s in enumerate(sites)]
+    stats = [SiteStats(s.channels, device) for s in sites]
     hooks = []
     for s, st in zip(sites, stats, strict=True):
         if s.tied:  # a stream: its statistics are those of the tensors its consumers read
@@ -194,64 +183,20 @@ def init_pca(st: SiteStats, k: int, groups: int = 1) -> torch.Tensor:
     return (p * s).float()
 
 
-def consumer_matrix(w: torch.Tensor, site: Site) -> torch.Tensor | None:
-    """The consumer's weights as (outputs x taps) x c, one column per middle channel, where
-    its output is a linear map of each position's channels (a conv's taps taken as outputs
-    of their own); None where `recon` cannot judge the site exactly."""
-    if site.tied or site.groups > 1 or site.spatial != 1:
-        return None
-    if w.dim() == 4 and w.shape[1] == site.channels:
-        return w.detach().permute(0, 2, 3, 1).reshape(-1, site.channels)
-    if w.dim() == 2 and w.shape[1] == site.channels:
-        return w.detach()
-    return None
-
-
-def init_recon(gram: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """Backward elimination for a least-squares refit of the consumer: with G the
-    consumer-input second moment and B = G W^T, keeping S explains tr(B_S^T G_SS^-1 B_S) of
-    the output; dropping channel j from S loses ||beta_j||^2 / M_jj (M = G_SS^-1, beta = M B_S),
-    and M and beta are downdated in place. O(c^2 o) in all."""
-    c = gram.shape[0]
-    g = gram.double()
-    g = g + 1e-8 * g.diagonal().mean().clamp_min(1e-30) * torch.eye(c, dtype=g.dtype,
-                                                                    device=g.device)
-    m = torch.linalg.inv(g)
-    beta = m @ (g @ w.double().T)  # c x outputs
-    alive = torch.ones(c, dtype=torch.bool, device=g.device)
-    for _ in range(c - k):
-        loss = beta.pow(2).sum(1) / m.diagonal().clamp_min(1e-300)
-        j = int(torch.where(alive, loss, torch.inf).argmin())
-        mj = m[:, j] / m[j, j]
-        beta -= torch.outer(mj, beta[j])
-        m -= torch.outer(mj, m[j])
-        alive[j] = False
-    idx = alive.nonzero().flatten()
-    p = torch.zeros(c, k, device=gram.device)
-    p[idx, torch.arange(k, device=gram.device)] = 1.0
-    return p
-
-
 @torch.no_grad()
 def initial(model: nn.Module, sites: list[Site], widths: list[int],
             batches: Iterable[torch.Tensor], weights: Mapping[str, torch.Tensor],
             init: str = "select") -> list[torch.Tensor]:
     """Each site's first P from the calibration statistics: the identity where the site stays
-    whole, else `init` ("select", "recon" or "pca"; a site with a depthwise conv inside keeps
-    a selection: "recon"'s where it can judge it, else "select"'s)."""
+    whole, else `init` ("select" or "pca"; a site with a depthwise conv inside keeps a
+    selection)."""
     device = next(model.parameters()).device
-    mats = [consumer_matrix(weights[f"{s.consumer}.weight"], s)
-            if init == "recon" and k < s.channels else None for s, k in zip(sites, widths,
-                                                                            strict=True)]
-    stats = collect_stats(model, sites, batches, [m is not None for m in mats])
     ps = []
-    for s, k, st, w in zip(sites, widths, stats, mats, strict=True):
+    for s, k, st in zip(sites, widths, collect_stats(model, sites, batches), strict=True):
         if k == s.channels:
             p = torch.eye(k, device=device)  # nothing to compress: exact identity
         elif init == "pca" and not s.selection:
             p = init_pca(st, k, s.groups)
-        elif w is not None and st.gram is not None:
-            p = init_recon(st.gram, w, k)
         else:
             p = init_select(selection_scores(st, weights, s), k, s.groups)
         ps.append(p.to(device))

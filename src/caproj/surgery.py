@@ -255,14 +255,10 @@ def match_weight_scale(model: nn.Module, original: nn.Module,
 
 @torch.no_grad()
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor],
-                   skip: Iterable[str] = ()) -> None:
-    """Replace every BN's running statistics (but those named in `skip`) by those of this
-    network's own features (a cumulative average over the calibration batches); affine
-    parameters are kept."""
-    skip = set(skip)
-    bns = [m for name, m in model.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in skip]
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Replace every BN's running statistics by those of this network's own features (a
+    cumulative average over the calibration batches); affine parameters are kept."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in bns]
     for m in bns:
         m.reset_running_stats()

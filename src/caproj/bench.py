@@ -184,19 +184,8 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
     epoch_images = spe * ft.batch_size
     planned = {m: compress_images(m, cap_cfg) + ft.epochs * epoch_images for m in methods}
     budget = max(planned.values())
-    if equal_compute:  # a later run with fewer methods keeps the folder's budget
-        budget = max([budget] + [
-            c.get("train_images") or 0 for c in stored_cells(out_dir).values()
-            if c.get("arch") == arch and c.get("equal_compute")
-            and _recipe(c.get("finetune_config") or {}) == _recipe(ft.as_dict())])
-        if budget_images is not None:
-            need = max(compress_images(m, cap_cfg) for m in methods)
-            if budget_images <= need:
-                raise CaprojError(f"budget_images {budget_images} leaves no fine-tuning after "
-                                  f"the {need} images compression consumes",
-                                  param="budget_images")
-            budget = budget_images
-        log.info("equal compute: %d training images per cell", budget)
+    if equal_compute:
+        budget = _equal_budget(budget, budget_images, out_dir, arch, methods, ft, cap_cfg)
     cells = []
     mine: set[str] = set()  # this run's cell files
     for seed in (seeds if seeds is not None else [None]):
@@ -210,13 +199,8 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                                         epoch_images)
                 path = cell_path(out_dir, method, target, seed, equal_compute)
                 mine.add(path.name)
-                if path.is_file():
-                    done = json.loads(path.read_text())
-                    stored = done.get("finetune_config")  # keys added later: their defaults
-                    if stored is None or {**TrainConfig().as_dict(), **stored} != \
-                            ft_m.as_dict():
-                        raise CaprojError(f"{path} was fine-tuned with another recipe "
-                                          f"({done.get('finetune_config')}); use a new out_dir")
+                done = _done_cell(path, ft_m)
+                if done is not None:
                     cells.append(done)
                     log.info("  %s @ %g (seed %s): done earlier (%s), not recomputed", method,
                              target, s, path.name)
@@ -224,20 +208,56 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                 rec = run_cell(model, data, calib, test, method, target, ft_m,
                                cap_cfg.replace(seed=s), base_acc, channel_multiple, latency,
                                state_path=path.with_suffix(""))  # a stopped cell resumes
-                cap_images = rec["compress_images"]
                 ft_steps = min(ft_m.epochs * spe, ft_m.max_steps or ft_m.epochs * spe)
                 rec.update(arch=arch, target=target, finetune_config=ft_m.as_dict(),
                            cap_config=cap_cfg.replace(seed=s).as_dict(),
                            finetune_epochs=ft_m.epochs, finetune_steps=ft_steps,
                            finetune_images=ft_steps * ft_m.batch_size,
-                           train_images=cap_images + ft_steps * ft_m.batch_size,
+                           train_images=rec["compress_images"] + ft_steps * ft_m.batch_size,
                            equal_compute=equal_compute,
                            acc_before_ft=rec["acc_before_finetune"],
                            acc_after_ft=rec["acc_after_finetune"], **run_record(s))
                 atomic_write_text(json.dumps(rec, indent=2, default=str), path)
                 cells.append(rec)
-    # the table covers every seed and method measured here with this recipe, not only this
-    # run's cells (a later run for one more seed must not shrink it)
+    report(cells + _earlier_cells(out_dir, arch, equal_compute, ft, mine, len(cells)), out_dir)
+    return cells
+
+
+def _equal_budget(budget: int, budget_images: int | None, out_dir: Path, arch: str,
+                  methods: list[str], ft: TrainConfig, cap_cfg: CapConfig) -> int:
+    """The training images every cell gets: `budget_images`, else the largest planned total,
+    and never less than the folder's earlier cells with this recipe had (a later run with
+    fewer methods keeps the folder's budget)."""
+    budget = max([budget] + [
+        c.get("train_images") or 0 for c in stored_cells(out_dir).values()
+        if c.get("arch") == arch and c.get("equal_compute")
+        and _recipe(c.get("finetune_config") or {}) == _recipe(ft.as_dict())])
+    if budget_images is not None:
+        need = max(compress_images(m, cap_cfg) for m in methods)
+        if budget_images <= need:
+            raise CaprojError(f"budget_images {budget_images} leaves no fine-tuning after "
+                              f"the {need} images compression consumes", param="budget_images")
+        budget = budget_images
+    log.info("equal compute: %d training images per cell", budget)
+    return budget
+
+
+def _done_cell(path: Path, ft: TrainConfig) -> dict[str, Any] | None:
+    """A cell measured earlier with this exact recipe, or None; another recipe is refused."""
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    stored = done.get("finetune_config")  # keys added later: their defaults
+    if stored is None or {**TrainConfig().as_dict(), **stored} != ft.as_dict():
+        raise CaprojError(f"{path} was fine-tuned with another recipe "
+                          f"({done.get('finetune_config')}); use a new out_dir")
+    return done
+
+
+def _earlier_cells(out_dir: Path, arch: str, equal_compute: bool, ft: TrainConfig,
+                   mine: set[str], n_mine: int) -> list[dict[str, Any]]:
+    """The folder's other cells with this recipe: the table covers every seed and method
+    measured there, not only this run's (a later run for one more seed must not shrink it)."""
     earlier, other = [], 0
     for n, c in stored_cells(out_dir).items():
         if n in mine or c.get("arch") != arch or bool(c.get("equal_compute")) != equal_compute:
@@ -247,13 +267,12 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
         else:
             other += 1
     if earlier:
-        log.info("table: %d cells of this run and %d from earlier runs in %s", len(cells),
+        log.info("table: %d cells of this run and %d from earlier runs in %s", n_mine,
                  len(earlier), out_dir)
     if other:
         log.warning("table: %d cells in %s were fine-tuned with another recipe; left out",
                     other, out_dir)
-    report(cells + earlier, out_dir)
-    return cells
+    return earlier
 
 
 def _recipe(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -196,6 +196,10 @@ class _ExampleTracer(_Tracer):
         return None
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        if not _static(obj.node):  # a branch on tensor values would hold for this batch only
+            what = getattr(obj.node.target, "__name__", str(obj.node.target))
+            raise fx.proxy.TraceError(f"the forward branches on tensor values (`{what}` of "
+                                      f"{obj.node.name}), not only on their shapes")
         return bool(obj.node.meta.get("value"))
 
     def iter(self, obj: fx.Proxy):
@@ -203,6 +207,26 @@ class _ExampleTracer(_Tracer):
 
     def keys(self, obj: fx.Proxy):
         return obj.node.meta.get("value").keys()
+
+
+SHAPE_ATTRS = ("shape", "ndim", "dtype", "device", "is_cuda")
+
+
+def _static(node: fx.Node, seen: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether a traced value depends on its inputs' shapes alone, not on tensor values: the
+    same for every batch of that shape."""
+    seen = {} if seen is None else seen
+    if node not in seen:
+        if node.op in ("placeholder", "get_attr", "call_module"):
+            seen[node] = False
+        elif node.op == "call_function" and node.target is getattr and \
+                len(node.args) > 1 and node.args[1] in SHAPE_ATTRS:
+            seen[node] = True
+        elif node.op == "call_method" and node.target in ("size", "dim"):
+            seen[node] = True
+        else:
+            seen[node] = all(_static(a, seen) for a in node.all_input_nodes)
+    return seen[node]
 
 
 _EXAMPLE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("example", default=None)

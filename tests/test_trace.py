@@ -66,3 +66,17 @@ def test_a_forward_that_branches_on_values_is_refused_in_one_line():
         caproj.compress(model, data(), keep=0.5, steps=0, preset=None, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "cannot trace ChecksValues" in msg and "tensor values" in msg
+
+
+def test_the_cap_class_traces_such_a_forward_on_its_own_inputs():
+    """Through `caproj.CaP` and `Plan.of` directly (no `compress` to set the example): the plan
+    traces on zeros of the input shape, the refit on the calibration batch."""
+    torch.manual_seed(0)
+    model = ChecksShape().eval()
+    x = data()[0][0]
+    cap = caproj.CaP(model, x, keep=0.5, steps=0, calib_images=16, progress=False)
+    cap.calibrate([b for b, _ in data()])
+    small = cap.finalize()
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape and small.b[0].out_channels == 8
+

@@ -35,7 +35,7 @@ from caproj.budget import (
 )
 from caproj.config import CHANNEL_MULTIPLE, LATENCY_CHECKS, LATENCY_MARGIN, TARGET_MACS
 from caproj.errors import CaprojError
-from caproj.sites import Site, find_sites, require_sites
+from caproj.sites import Site, find_sites, require_sites, traced_on
 from caproj.utils import check_input_shape
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,10 @@ class Plan:
         if allocation == "auto" and keep is not None:
             raise CaprojError("allocation='auto' chooses the widths for a target_macs budget; "
                               "it does not combine with keep", param="allocation")
-        sites = sites if sites is not None else require_sites(model, stream=stream_projection)
+        if sites is None:  # a forward that checks its input's shape is traced on zeros
+            device = next(iter(model.parameters())).device
+            with traced_on(torch.zeros(2, *input_shape, device=device)):
+                sites = require_sites(model, stream=stream_projection)
         check_input_shape(model, input_shape)
         mm = MacModel.of(model, input_shape)
         plan = cls(sites, mm, tuple(input_shape), target_macs, keep, allocation,

@@ -161,7 +161,8 @@ def cascade(original: nn.Module, narrow: nn.Module, calib: Sequence[torch.Tensor
     with it, which are loaded before the walk goes on. Returns the order."""
     from caproj.surgery import load_tensors
 
-    walk_n, walk_o = Walk(narrow), Walk(original)
+    with sites.traced_on(calib[0]):  # forwards that branch on their input's shape
+        walk_n, walk_o = Walk(narrow), Walk(original)
     order = walk_o.call_order(consumers)
     omods = dict(original.named_modules())
     one = calib[0][:1]  # activations grow with the batch: one image's walk sizes them all

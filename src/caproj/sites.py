@@ -235,8 +235,9 @@ _EXAMPLE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("example
 @contextlib.contextmanager
 def traced_on(*example: torch.Tensor):
     """Within it, a model whose forward branches on its input is traced on `example`
-    (one batch of inputs) instead of being refused."""
-    token = _EXAMPLE.set(example)
+    (one batch of inputs) instead of being refused. An example already in force (the
+    caller's batch) is kept."""
+    token = _EXAMPLE.set(_EXAMPLE.get() or example)
     try:
         yield
     finally:

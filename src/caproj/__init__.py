@@ -9,7 +9,7 @@
 The package reads in layers, imports pointing only downward:
   cli -> bench -> api (compress, CaP, finetune, evaluate, save, load)
   -> methods (cap, methods: the registry of plug-ins over sites)
-  -> core (sites, plan, projection, surgery, budget, allocate, latency, metrics, deploy,
+  -> core (sites, plan, projection, surgery, factored, budget, allocate, latency, metrics, deploy,
      models, train, synth)
   -> runtime (config, batches, data, stream, dist, resume, utils, errors).
 """
@@ -41,6 +41,7 @@ from caproj.config import (
                            choose_preset,
 )
 from caproj.errors import CaprojError
+from caproj.factored import Factored
 from caproj.methods import METHODS, Job, Method, Selection, register_method
 from caproj.sites import Site, find_sites
 from caproj.surgery import match_weight_scale
@@ -51,8 +52,8 @@ logging.getLogger("caproj").addHandler(logging.NullHandler())
 
 __all__ = [
     "CAP", "FINETUNE", "METHODS", "PRESETS", "TRAIN", "CaP", "CapConfig", "CaprojError",
-    "Job", "Method", "Preset", "Report", "Result", "SYNTH", "Selection", "Site", "SynthConfig",
-    "Synthetic", "TrainConfig", "__version__", "choose_preset", "compress", "evaluate",
-    "find_sites", "finetune", "load", "match_weight_scale", "measure_fit", "register_method",
-    "save", "synthesize",
+    "Factored", "Job", "Method", "Preset", "Report", "Result", "SYNTH", "Selection", "Site",
+    "SynthConfig", "Synthetic", "TrainConfig", "__version__", "choose_preset", "compress",
+    "evaluate", "find_sites", "finetune", "load", "match_weight_scale", "measure_fit",
+    "register_method", "save", "synthesize",
 ]

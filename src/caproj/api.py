@@ -65,12 +65,15 @@ __all__ = ["Report", "Result", "compress", "measure_fit", "finetune", "evaluate"
 class Result:
     """What `compress` returns. `model` is a plain nn.Module, physically narrower than the
     input model (which is left untouched); `widths` the channels kept per site; `report` a
-    JSON-able dict (`Report`: one name per quantity); `sites` the compressed sites."""
+    JSON-able dict (`Report`: one name per quantity); `sites` the compressed sites;
+    `projections` each site's projection (c x width) where the method has one (what
+    `caproj.Factored` narrows to when you own the fine-tuning loop)."""
 
     model: nn.Module
     widths: list[int] | None
     report: dict[str, Any] = field(default_factory=dict)
     sites: list[Any] = field(default_factory=list)
+    projections: list[torch.Tensor] | None = None
 
 
 class Report(TypedDict, total=False):
@@ -196,9 +199,10 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
                              uses_widths=getattr(settings.method, "uses_widths", True),
                              **eval_kw))
     if settings.finetune is not None:
-        rep.update(S.fine_tune(small, model, inputs, settings.finetune, teacher=teacher,
-                               eval_data=eval_data, checkpoint=ft_ck, progress=progress,
-                               **eval_kw))
+        small, ft_rep = S.fine_tune(small, model, inputs, settings.finetune, teacher=teacher,
+                                    eval_data=eval_data, checkpoint=ft_ck, progress=progress,
+                                    job=job, **eval_kw)
+        rep.update(ft_rep)
     for ck in (job.checkpoint, ft_ck):
         if ck is not None:
             ck.finish()
@@ -207,7 +211,7 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     rep.update(run_record(seed), cap_config_requested=job.config.as_dict())
     uses_widths = getattr(settings.method, "uses_widths", True)
     return Result(small, list(job.plan.widths) if uses_widths and job.plan.widths else None,
-                  rep, job.plan.sites)
+                  rep, job.plan.sites, job.projections)
 
 
 def _cap_options(options: dict[str, Any], calib_images: int | None, steps: int | None,
@@ -315,6 +319,11 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int,
                                                {"kd_weight": 0.0}), **recipe, "epochs": epochs})
     if cfg.epochs == 0:
         return []
+    if cfg.factored:
+        raise CaprojError("factored fine-tuning starts from the original network: "
+                          "compress(model, data, finetune={'factored': True, ...}), or "
+                          "caproj.Factored(original, res.sites, res.projections, ramp_steps) "
+                          "in your own loop", param="factored")
     if cfg.kd_weight > 0 and teacher is None:
         raise CaprojError("kd_weight > 0 needs a teacher model", param="teacher")
     ck = None

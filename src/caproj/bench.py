@@ -138,6 +138,8 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     }
     if ft.feature_weight:
         rec["finetune_feature_weight"] = ft.feature_weight
+    if rep.get("finetune_config", {}).get("factored"):  # set by the spec or the method
+        rec["finetune_factored"] = rep["finetune_config"]["factored_ramp"]
     if "match_scale" in rep:  # match-scale: each layer's size ratio before it was rescaled
         rec["match_scale"] = rep["match_scale"]
     log.info("  %s @ %g: %.2f %% before fine-tuning (%.0f s)", method, target,

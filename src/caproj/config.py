@@ -211,10 +211,25 @@ class TrainConfig:
     augment: bool = _train(False, "--augment", "label-free batches only: random shifts and "
                            "flips, labelled by the teacher")
 
+    # factored fine-tuning (caproj.factored): train at the original width with a compactor pair
+    # per site that starts at the identity and narrows to the method's projection over the
+    # first `factored_ramp` of the steps, then merge exactly into the narrow network
+    factored: bool = _train(False, "--factored", "fine-tune at the original width, narrowing "
+                            "from the identity to the projection while training, and merge "
+                            "exactly at the end (ResRep's way; cap, cp, pca and selections)")
+    factored_ramp: float = _train(0.5, "--factored-ramp", "with --factored: the fraction of "
+                                  "the fine-tune's steps over which the network narrows")
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        if not 0 < self.factored_ramp <= 1:
+            raise CaprojError(f"factored_ramp must be in (0, 1], got {self.factored_ramp}",
+                              param="factored_ramp")
+        if self.factored and self.ema > 0:
+            raise CaprojError("factored fine-tuning returns the merged network, not an "
+                              "average: use ema=0 with factored", param="ema")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise CaprojError(f"epochs must be an integer >= 0, got {self.epochs!r}",
                               param="epochs")
@@ -295,16 +310,21 @@ def _known(cfg: Any, changes: dict[str, Any]) -> dict[str, Any]:
 
 # Training from scratch or adapting a model to new data (`caproj train`).
 TRAIN = TrainConfig()
+"""The training recipe of `caproj train` / `caproj.train.fit` (TrainConfig's defaults)."""
 # Fine-tuning a compressed network, as measured on ResNet-56 (RESULTS.md): peak lr 0.005 with
 # KD 0.5 from the original keeps CaP's head start (89.05 % after 3 epochs) where lr 0.02 without
 # KD falls to 75 % first (87.63 %).
 FINETUNE = TrainConfig(epochs=3, lr=0.005, kd_weight=0.5)
+"""The fine-tune recipe of `caproj.finetune` and of a preset that sets none (peak lr 0.005,
+KD 0.5 from the original, 3 epochs)."""
 # The "learn" preset is chosen when the original's loss on unaugmented training images exceeds
 # this share of its test loss: it does not fit its training data (0.20-0.35 for the two shared
 # starts that fit their data, 0.54-0.64 for the two that do not: benchmarks/recipe_probe.py).
 LEARN_RATIO = 0.45
 CAP = CapConfig()
+"""CaP's default settings (`caproj.CapConfig`'s defaults), before a preset's changes."""
 SYNTH = SynthConfig()
+"""The data-free synthesis defaults (`caproj.SynthConfig`)."""
 
 
 # ----------------------------------------------------------------------------- presets
@@ -471,6 +491,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 RULE_ORDER = ("data-free", "latency", "label-free", "post-training", "learn", "deep", "long",
               "shallow")
 PRESETS = {name: PRESETS[name] for name in RULE_ORDER}
+"""The measured presets by name, in the order `choose_preset` tries them (`caproj presets`
+prints each with its measured row, command and JSON)."""
 
 
 @dataclass(frozen=True)

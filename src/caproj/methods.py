@@ -60,6 +60,9 @@ class Job:
     checkpoint: Checkpointer | None = None
     progress: bool = True
     report: dict[str, Any] = field(default_factory=dict)
+    # each site's projection (c x width), where the method has one: what factored
+    # fine-tuning narrows to (caproj.factored)
+    projections: list[torch.Tensor] | None = None
 
     @property
     def sites(self) -> list[Site]:
@@ -77,6 +80,11 @@ class Job:
 
 @runtime_checkable
 class Method(Protocol):
+    """A compression method: `method(job)` returns the compressed nn.Module for `job`'s sites
+    and widths (`caproj.Job`); `name` is how the registry, reports and bench call it. A method
+    that has projections sets `job.projections` (and `job.consumer_weights`), which factored
+    fine-tuning narrows to."""
+
     name: str
 
     def __call__(self, job: Job) -> nn.Module: ...
@@ -102,6 +110,7 @@ class CaPMethod:
         job.report.update(cap_timings=cap.timings, cap_history=cap.history,
                           cap_config=cap.cfg.as_dict(), label_free=cap.label_free,
                           orthonormality_error=cap.max_orthonormality_error())
+        job.projections = [p.detach() for p in cap.projections()]
         return small
 
 
@@ -113,6 +122,17 @@ def producer_filters(model: nn.Module, site: Site) -> torch.Tensor:
 
 def l1_scores(model: nn.Module, site: Site) -> torch.Tensor:
     return producer_filters(model, site).abs().sum(1)
+
+
+def bn_l2_scores(model: nn.Module, site: Site) -> torch.Tensor:
+    """The L2 norm of each filter with its BN folded in: the size of the channel a compactor
+    after the BN starts from (ResRep ranks channels by its compactor's row norms)."""
+    w = producer_filters(model, site)
+    if site.bn is None:
+        return w.norm(dim=1)
+    bn = dict(model.named_modules())[site.bn]
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]
+    return (w * scale[:, None]).norm(dim=1)
 
 
 def fpgm_scores(model: nn.Module, site: Site) -> torch.Tensor:
@@ -132,10 +152,13 @@ def selection(scores: list[torch.Tensor], sites: list[Site], widths: list[int]
 @dataclass
 class Selection:
     """Channel pruning by a score: keep each site's `width` highest-scoring channels.
-    `score(model, site)` returns one number per channel of `site` (higher = keep)."""
+    `score(model, site)` returns one number per channel of `site` (higher = keep).
+    `finetune`: the fine-tune settings the method implies (TrainConfig fields; a user's own
+    override them)."""
 
     score: Callable[[nn.Module, Site], torch.Tensor]
     name: str = "selection"
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, job: Job) -> nn.Module:
         scores = []
@@ -145,8 +168,8 @@ class Selection:
                 raise CaprojError(f"score for {s.producer} must be {s.channels} finite numbers, "
                                   f"got {sc.numel()}", param="method")
             scores.append(sc.to(job.calib[0].device))
-        return surgery.apply(job.model, job.sites, selection(scores, job.sites, job.widths),
-                             calib=job.calib)
+        job.projections = selection(scores, job.sites, job.widths)
+        return surgery.apply(job.model, job.sites, job.projections, calib=job.calib)
 
 
 def taylor_scores(model: nn.Module, sites: list[Site], data: Iterable, batches: int = 16,
@@ -198,8 +221,8 @@ class Taylor:
     def __call__(self, job: Job) -> nn.Module:
         scores = taylor_scores(job.model, job.sites, job.data if job.data is not None
                                else job.calib, output_transform=job.output_transform)
-        return surgery.apply(job.model, job.sites, selection(scores, job.sites, job.widths),
-                             calib=job.calib)
+        job.projections = selection(scores, job.sites, job.widths)
+        return surgery.apply(job.model, job.sites, job.projections, calib=job.calib)
 
 
 # ----------------------------------------------------------------------------- factorisation
@@ -308,6 +331,8 @@ class TorchPruningL2:
 
 # ----------------------------------------------------------------------------- registry
 METHODS: dict[str, Method] = {}
+"""The registered methods by name (`register_method` adds yours): cap, cp, pca, l1, fpgm,
+taylor, svd, tp-l2, resrep."""
 
 
 def register_method(name: str, method: Method, *, replace: bool = False) -> None:
@@ -340,5 +365,10 @@ def method_name(method: str | Method) -> str:
 for _m in (CaPMethod("cap"), CaPMethod("cp", {"init": "select", "refit": True, "steps": 0}),
            CaPMethod("pca", {"init": "pca", "refit": False, "steps": 0}),
            Selection(l1_scores, "l1"), Selection(fpgm_scores, "fpgm"), Taylor(), SVD(),
-           TorchPruningL2()):
+           TorchPruningL2(),
+           # ResRep (Ding et al. 2021) as caproj runs it: identity compactors after each site's
+           # BN, the channels outside the kept ones faded to zero over the first half of the
+           # fine-tune (a schedule where ResRep uses masked gradients and group lasso over
+           # hundreds of epochs), merged at the end; channels ranked by BN-folded filter norm
+           Selection(bn_l2_scores, "resrep", {"factored": True})):
     register_method(_m.name, _m)

@@ -38,6 +38,7 @@ from caproj.config import (
     choose_preset,
 )
 from caproj.errors import CaprojError
+from caproj.factored import Factored
 from caproj.losses import LossFn, OutputTransform, outputs_of
 from caproj.methods import CaPMethod, Job, Method, get_method, method_name
 from caproj.plan import Plan
@@ -315,11 +316,14 @@ def resolve_settings(*, preset: str | Preset | None, facts: JobFacts, method: st
     if isinstance(finetune, Mapping):
         user_ft = dict(finetune)
         overridden = sorted({*overridden, *(k for k in user_ft if k in p_ft)})
-    if isinstance(finetune, TrainConfig):  # used as given: no preset recipe, no budget split
-        return Settings(chosen, reason, m, method_name(m), cap, finetune,
+    implied = getattr(m, "finetune", None)  # what the method implies (resrep: factored)
+    implied = dict(implied) if isinstance(implied, Mapping) else {}
+    if isinstance(finetune, TrainConfig):  # used as given (but for what the method implies):
+        # no preset recipe, no budget split
+        return Settings(chosen, reason, m, method_name(m), cap, finetune.replace(**implied),
                         {"note": "a TrainConfig is used as given"}, overridden)
     epochs = finetune_epochs_of(finetune)
-    ft = FINETUNE.replace(**{"seed": seed, **p_ft, **user_ft, "epochs": epochs})
+    ft = FINETUNE.replace(**{"seed": seed, **p_ft, **implied, **user_ft, "epochs": epochs})
     steps = cap_steps_of(m, cap)
     # the share of the budget reserved for CaP's steps: the steps the user asked for, else
     # CaP's default (a preset without steps spends it fine-tuning)
@@ -408,26 +412,50 @@ def measure(model: nn.Module, small: nn.Module, plan: Plan, shape: tuple[int, ..
 def fine_tune(small: nn.Module, model: nn.Module, inputs: Inputs, ft: TrainConfig, *,
               teacher: nn.Module | None, eval_data: Iterable | None, loss_fn: LossFn | None,
               output_transform: OutputTransform | None, checkpoint: Checkpointer | None,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, job: Job | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune the compressed network in place (distilling from `teacher`, default the
-    original, where the recipe or missing labels ask for it)."""
+    original, where the recipe or missing labels ask for it); with `ft.factored`, the original
+    with compactors narrowing to `job`'s projections instead, merged at the end. Returns the
+    fine-tuned network and its report."""
     t0 = time.perf_counter()
     kd_teacher = teacher if teacher is not None else model
-    if ft.feature_weight > 0 and not feature_layers_of(small, kd_teacher):
+    net = factored_start(model, inputs, ft, job) if ft.factored else small
+    if ft.feature_weight > 0 and not feature_layers_of(net, kd_teacher):
         log.warning("feature_weight %g: no layer kept its output and changed its input; "
                     "fine-tuning without the reconstruction term", ft.feature_weight)
         ft = ft.replace(feature_weight=0.0)
     needs_teacher = ft.kd_weight > 0 or ft.feature_weight > 0 or not inputs.labelled
-    hist = fit(small, inputs.data, ft, teacher=kd_teacher if needs_teacher else None,
+    hist = fit(net, inputs.data, ft, teacher=kd_teacher if needs_teacher else None,
                eval_data=eval_data, loss_fn=loss_fn, output_transform=output_transform,
                checkpoint=checkpoint, progress_bar=progress,
                eval_every=max(1, ft.epochs // EVALUATIONS))
+    if isinstance(net, Factored):
+        small = net.merge()
+        log.info("factored fine-tuning: merged after %d steps", int(net.step))
     small.eval()
     rep: dict[str, Any] = {"finetune": hist, "finetune_seconds": time.perf_counter() - t0,
                            "finetune_config": ft.as_dict()}
     if hist and "test_acc" in hist[-1]:
         rep["acc_after_finetune"] = hist[-1]["test_acc"]
-    return rep
+    return small, rep
+
+
+def factored_start(model: nn.Module, inputs: Inputs, ft: TrainConfig, job: Job | None
+                   ) -> Factored:
+    """The original with a compactor pair per site, narrowing over `ft.factored_ramp` of the
+    fine-tune's steps to the projections the method found."""
+    if job is None or job.projections is None:
+        raise CaprojError("factored fine-tuning narrows to a method's projections: use cap, "
+                          "cp, pca or a channel selection (l1, fpgm, taylor), or leave "
+                          "factored off", param="factored")
+    steps = B.steps_per_pass(inputs.data) or inputs.steps_per_epoch
+    if steps is None:
+        raise CaprojError("factored fine-tuning needs to know the fine-tune's length: give "
+                          "data with len() or max_steps", param="factored")
+    total = steps * ft.epochs if ft.max_steps is None else min(steps * ft.epochs, ft.max_steps)
+    ramp = max(1, round(ft.factored_ramp * total))
+    log.info("factored fine-tuning: narrowing over %d of %d steps", ramp, total)
+    return Factored(model, job.sites, job.projections, ramp).to(model_device(model))
 
 
 def check_forward(model: nn.Module, calib: list[torch.Tensor],

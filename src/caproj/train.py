@@ -116,11 +116,14 @@ def augment_images(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The recipe's optimiser over `model`'s trainable parameters: weight decay on weights
-    (dim > 1) only; SGD (nesterov when momentum > 0) or AdamW."""
+    (dim > 1) only, and not on those the model's `no_weight_decay()` names (timm's
+    convention); SGD (nesterov when momentum > 0) or AdamW."""
+    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) \
+        else set()
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
+            (decay if p.dim() > 1 and name not in skip else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adam":

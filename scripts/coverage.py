@@ -1,10 +1,10 @@
 """Coverage tables from real runs of `caproj.compress` (caproj.coverage.run): every model is
 compressed at keep=1.0 (logits must equal the original's) and to 50 % of its MACs with a short
 CaP optimisation (2 steps on 8 random 64x64 images); the compressed model is run and its MACs
-counted. Writes the table into README.md between the zoo's markers, and the rows as JSON.
+counted. Writes the table into docs/coverage.md between the zoo's markers, and the rows as JSON.
 
     python scripts/coverage.py --zoo timm [--out benchmarks/out/coverage-timm.json]
-    python scripts/coverage.py --zoo timm resnet18 dla34     # just these, README untouched
+    python scripts/coverage.py --zoo timm resnet18 dla34     # just these, the page untouched
     python scripts/coverage.py --zoo tv vgg11_bn alexnet     # torchvision models, printed
     python scripts/coverage.py --zoo tv --device cuda --shard 0/4 --out part0.json  # a quarter
     python scripts/coverage.py --zoo tv --render part0.json part1.json ...  # table from parts
@@ -25,7 +25,8 @@ import torch
 from caproj.coverage import RealRun, classification_models, input_size_of, run
 from caproj.utils import run_record
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "coverage.md"  # where the tables live
 
 # At least 30 timm CNNs across families (ResNet/ResNet-D, SE/ECA, ResNeXt, Res2Net, ResNeSt,
 # RegNet, EfficientNet, MobileNet, MNASNet/FBNet, ConvNeXt, DenseNet, VGG, DLA, RexNet,
@@ -103,14 +104,14 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, as CI)")
     ap.add_argument("--shard", help="i/n: only every n-th model from the i-th; writes --out "
-                    "and leaves the README alone")
-    ap.add_argument("--render", nargs="+", metavar="JSON", help="write the README table from "
+                    "and leaves the page alone")
+    ap.add_argument("--render", nargs="+", metavar="JSON", help="write the docs page's table from "
                     "these shards' JSON (together: every model of the zoo) instead of running")
     ap.add_argument("models", nargs="*")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
-    out = Path(a.out or README.parent / "benchmarks" / "out" / f"coverage-{a.zoo}.json")
+    out = Path(a.out or ROOT / "benchmarks" / "out" / f"coverage-{a.zoo}.json")
     if a.render:
         parts = [json.loads(Path(f).read_text()) for f in a.render]
         # a model in several parts: the last part's row (a re-run) replaces the earlier one
@@ -155,13 +156,13 @@ def main() -> int:
     if a.render:
         out.write_text(json.dumps(record, indent=1))
     start, end = f"<!-- coverage-{a.zoo}:start -->", f"<!-- coverage-{a.zoo}:end -->"
-    text = README.read_text()
+    text = PAGE.read_text()
     if start not in text:
-        raise SystemExit(f"{README} has no {start} ... {end} markers")
-    README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end),
+        raise SystemExit(f"{PAGE} has no {start} ... {end} markers")
+    PAGE.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end),
                              lambda _: f"{start}\n{table(a.zoo, rows, where)}\n{end}", text,
                              flags=re.S))
-    print(f"wrote the table into {README} and the rows into {out}")
+    print(f"wrote the table into {PAGE} and the rows into {out}")
     return 0 if all(c.exact is not False and c.runs is not False for c in rows) else 1
 
 

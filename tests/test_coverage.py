@@ -1,7 +1,7 @@
 """Coverage from real runs: one torchvision model of every layer-pattern family is compressed
 through `caproj.compress` at keep=1.0 (logits equal the original's) and to 50 % of its MACs
 (the compressed model runs and lands within 1 % of the target), or says why it cannot. The
-README's tables (every torchvision classification model, the timm list) come from the same
+docs/coverage.md's tables (every torchvision classification model, the timm list) come from the same
 runs (scripts/coverage.py); the full sweep is a benchmark, these are its CI sample."""
 
 import re
@@ -11,7 +11,7 @@ import pytest
 
 from caproj.coverage import classification_models, input_size_of, run
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"  # the tables' page
 
 # One of each pattern family, the fastest of its kind on 2 CPU cores (seconds in the table).
 FAMILIES = [
@@ -55,7 +55,7 @@ def test_floor_limited_model_says_why_in_one_line(name):
 
 
 def _table(marker: str) -> list[tuple[str, str, str, str]]:
-    text = README.read_text()
+    text = PAGE.read_text()
     table = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
     # model | sites | exact | MACs | runs
     rows = re.findall(r"^\| (\w+) \| [^|]+ \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", table,

@@ -15,7 +15,7 @@ LAYERS = {
     "runtime": ["errors", "version", "utils", "dist", "resume", "config", "batches", "stream",
                 "data"],
     "core": ["sites", "metrics", "budget", "projection", "surgery", "allocate", "latency", "plan",
-             "models", "losses", "refit",
+             "models", "losses", "refit", "factored",
              "deploy", "train", "synth"],
     "methods": ["cap", "capopt", "methods"],
     "api": ["api", "stages", "__init__"],

@@ -335,9 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "Projection and measure them honestly.")
     ap.add_argument("--version", action="version", version=f"caproj {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    ap.commands = {}  # type: ignore[attr-defined]  # name -> its parser (the docs read them)
     for name, (help, add_flags) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+        ap.commands[name] = sub.add_parser(  # type: ignore[attr-defined]
+            name, help=help, description=help, epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_flags(ap.commands[name])  # type: ignore[attr-defined]
     return ap
 
 

@@ -123,9 +123,7 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
     the sizes are too coarse to land within `tol`, the nearest reachable cost below the goal
     is taken and logged (the caller's report holds the cost it predicts).
     """
-    n = len(full)
-    units = units or [1] * n
-    steps = steps or list(units)
+    units = units or [1] * len(full)
     total = cost(list(full))
     if goal >= total:
         return list(full)
@@ -136,93 +134,119 @@ def solve(full: list[int], cost: Callable[[list[int]], int], goal: float, *,
                 "the other layers are not compressible here")
         raise CaprojError(f"{what} is unreachable: the narrowest allowed sizes still cost "
                           f"{floor / total:.3f} of the total ({rest})", param=what.split()[0])
+    sv = _Solver(full, cost, goal, units, tol, value)
+    steps = list(steps or units)
+    sizes = list(start) if start is not None else sv.uniform_start(steps)
+    sv.grow(sizes, steps)
+    if not sv.close(cost(sizes)):
+        sv.grow(sizes, units)
+    while trades and not sv.close(cost(sizes)) and sv.trade(sizes):
+        pass
+    sizes = sv.one_above(sizes)
+    if not sv.close(cost(sizes)):  # the sizes are too coarse: the nearest budget below
+        log.warning("%s cannot be met within %.0f%% with these sizes: taking the nearest "
+                    "below it, %.4f of the total", what, tol * 100, cost(sizes) / total)
+    return sizes
 
-    def close(c: int) -> bool:
-        return abs(c - goal) <= tol * goal
 
-    def uniform(r: float, stp: list[int]) -> list[int]:
-        return [max(st, min(f, int(round(r * f / st)) * st)) for f, st in zip(full, stp,
-                                                                              strict=True)]
+@dataclass
+class _Solver:
+    """The moves of `solve` over one problem."""
 
-    if start is None:
+    full: list[int]
+    cost: Callable[[list[int]], int]
+    goal: float
+    units: list[int]
+    tol: float
+    value: Callable[[int, int, int, int, int], float] | None
+
+    def close(self, c: float) -> bool:
+        return abs(c - self.goal) <= self.tol * self.goal
+
+    def uniform(self, r: float, steps: list[int]) -> list[int]:
+        return [max(st, min(f, int(round(r * f / st)) * st))
+                for f, st in zip(self.full, steps, strict=True)]
+
+    def bisect(self, steps: list[int]) -> list[int]:
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if cost(uniform(mid, steps)) <= goal else (lo, mid)
-        sizes = uniform(lo, steps)
-        if cost(sizes) > goal:  # steps too coarse for this goal: single units
-            steps = list(units)
-            lo, hi = 0.0, 1.0
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if cost(uniform(mid, steps)) <= goal else (lo, mid)
-            sizes = uniform(lo, steps)
-    else:
-        sizes = list(start)
+            lo, hi = (mid, hi) if self.cost(self.uniform(mid, steps)) <= self.goal else (lo, mid)
+        return self.uniform(lo, steps)
 
-    def least_kept(i: int, k: int, nk: int, new: int, cur: int) -> float:
-        return -k / full[i]
+    def uniform_start(self, steps: list[int]) -> list[int]:
+        """One keep fraction for all, on each item's step (single units where the steps are
+        too coarse for the goal)."""
+        sizes = self.bisect(steps)
+        if self.cost(sizes) > self.goal:
+            sizes = self.bisect(list(self.units))
+            steps[:] = self.units
+        return sizes
 
-    pick = value or least_kept
+    def pick(self, i: int, k: int, nk: int, new: int, cur: int) -> float:
+        if self.value is not None:
+            return self.value(i, k, nk, new, cur)
+        return -k / self.full[i]  # the least-kept item first
 
-    def grow(step_of: Callable[[int], int]) -> None:
-        cur = cost(sizes)
+    def grow(self, sizes: list[int], step: list[int]) -> None:
+        """Add `step` to the best item while the cost stays within the goal (in place)."""
+        cur = self.cost(sizes)
         while True:
             best, best_i, best_cost = None, -1, 0
-            for i in range(n):
-                k = sizes[i]
-                nk = min(full[i], k + step_of(i))
+            for i, k in enumerate(sizes):
+                nk = min(self.full[i], k + step[i])
                 if nk == k:
                     continue
                 sizes[i] = nk
-                c = cost(sizes)
+                c = self.cost(sizes)
                 sizes[i] = k
-                if c > goal:
+                if c > self.goal:
                     continue
-                v = pick(i, k, nk, c, cur)
+                v = self.pick(i, k, nk, c, cur)
                 if best is None or v > best:
                     best, best_i, best_cost = v, i, c
             if best is None:
                 return
-            sizes[best_i] = min(full[best_i], sizes[best_i] + step_of(best_i))
+            sizes[best_i] = min(self.full[best_i], sizes[best_i] + step[best_i])
             cur = best_cost
 
-    grow(lambda i: steps[i])
-    if not close(cost(sizes)):
-        grow(lambda i: units[i])
-    while trades and not close(cost(sizes)):
-        cur, trade = cost(sizes), None
-        for i in range(n):
-            for j in range(n):
-                if i == j or sizes[i] <= units[i] or sizes[j] >= full[j]:
+    def trade(self, sizes: list[int]) -> bool:
+        """The one-unit trade between two items that raises the cost most within the goal
+        (in place); False when none does."""
+        cur, best = self.cost(sizes), None
+        u = self.units
+        for i in range(len(sizes)):
+            for j in range(len(sizes)):
+                if i == j or sizes[i] <= u[i] or sizes[j] >= self.full[j]:
                     continue
-                sizes[i] -= units[i]
-                sizes[j] += units[j]
-                c = cost(sizes)
-                sizes[i] += units[i]
-                sizes[j] -= units[j]
-                if cur < c <= goal and (trade is None or c > trade[0]):
-                    trade = (c, i, j)
-        if trade is None:
-            break
-        sizes[trade[1]] -= units[trade[1]]
-        sizes[trade[2]] += units[trade[2]]
-    cur = cost(sizes)
-    if not close(cur):  # tiny sizes: one unit above may land within tol
+                sizes[i] -= u[i]
+                sizes[j] += u[j]
+                c = self.cost(sizes)
+                sizes[i] += u[i]
+                sizes[j] -= u[j]
+                if cur < c <= self.goal and (best is None or c > best[0]):
+                    best = (c, i, j)
+        if best is None:
+            return False
+        sizes[best[1]] -= u[best[1]]
+        sizes[best[2]] += u[best[2]]
+        return True
+
+    def one_above(self, sizes: list[int]) -> list[int]:
+        """Tiny sizes: one unit above the goal may land within `tol`."""
+        if self.close(self.cost(sizes)):
+            return sizes
         above = []
-        for i in range(n):
-            if sizes[i] < full[i]:
+        for i in range(len(sizes)):
+            if sizes[i] < self.full[i]:
                 s2 = sizes.copy()
-                s2[i] += units[i]
-                above.append((cost(s2), s2))
+                s2[i] += self.units[i]
+                above.append((self.cost(s2), s2))
         if above:
             c, s2 = min(above, key=lambda t: t[0])
-            if close(c):
-                sizes, cur = s2, c
-    if not close(cur):  # the sizes are too coarse: the nearest budget below the goal
-        log.warning("%s cannot be met within %.0f%% with these sizes: taking the nearest "
-                    "below it, %.4f of the total", what, tol * 100, cur / total)
-    return sizes
+            if self.close(c):
+                return s2
+        return sizes
 
 
 def widths_for_macs(mm: MacModel, sites: list[Site], target: float,

@@ -388,95 +388,120 @@ def _stream_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict
         start = starts.pop(0)
         if start in grouped:
             continue
-        members, queue = {start}, [start]
-        producers: list[tuple[fx.Node, str, str | None]] = []
-        consumers: list[tuple[fx.Node, str]] = []
-        maps_in: list[str] = []
-        maps_out: list[str] = []
-        problem: str | None = None
-
-        def mod(n: fx.Node) -> nn.Module | None:
-            return modules.get(str(n.target)) if n.op == "call_module" else None
-
-        def visit(n: fx.Node, members=members, queue=queue) -> None:
-            if n not in members:
-                members.add(n)
-                queue.append(n)
-
-        while queue and problem is None:
-            n = queue.pop()
-            m = mod(n)
-            # where the tensor comes from
-            if _is_add(n):
-                for a in n.args[:2]:
-                    visit(a)  # type: ignore[arg-type]
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                src = n.args[0]
-                sm = mod(src) if isinstance(src, fx.Node) else None
-                if not isinstance(sm, PRODUCERS) or len(src.users) != 1 or \
-                        calls[str(src.target)] != 1 or calls[str(n.target)] != 1:
-                    problem = f"{n.target} normalises the stream itself (pre-activation)"
-                elif _fused_act(m) is not None:
-                    problem = f"{n.target} applies an activation inside its BatchNorm"
-                else:
-                    producers.append((src, str(src.target), str(n.target)))
-            elif isinstance(m, PRODUCERS):
-                if isinstance(m, nn.Conv2d) and m.groups != 1 or calls[str(n.target)] != 1:
-                    problem = f"{n.target} (grouped or reused) writes the stream"
-                else:
-                    producers.append((n, str(n.target), None))
-            elif m is not None and hasattr(m, "channel_map"):
-                maps_in.append(str(n.target))
-                starts.append(n)  # its input is another group's tensor: seeds nothing here
-            elif _is_channelwise(n, modules) or _is_flatten(n, modules):
-                visit(n.args[0])  # type: ignore[arg-type]
-            else:
-                problem = f"the stream starts at {_describe(n, modules)}"
-            # where it goes
-            for u in n.users:
-                um = mod(u)
-                if u in members:
-                    continue
-                if _is_add(u) or _is_channelwise(u, modules) or _is_flatten(u, modules):
-                    visit(u)
-                elif isinstance(um, PRODUCERS):
-                    if isinstance(um, nn.Conv2d) and um.groups != 1 or calls[str(u.target)] != 1:
-                        problem = f"stream read by {u.target} (grouped or reused)"
-                    else:
-                        consumers.append((u, str(u.target)))
-                elif um is not None and hasattr(um, "channel_map"):
-                    maps_out.append(str(u.target))
-                else:
-                    problem = f"stream feeds {_describe(u, modules)}"
-        grouped |= members
-        producers.sort(key=lambda t: order[t[0]])
-        consumers.sort(key=lambda t: order[t[0]])
-        first = producers[0][1] if producers else str(start.target)
-        if problem is None and (not producers or not consumers):
-            problem = "no producer or no consumer"
-        widths = {_out_channels(modules[p]) for _, p, _ in producers}
-        if problem is None and len(widths) != 1:
-            problem = f"producers of different widths {sorted(widths)}"
-        if problem is None:
-            c = widths.pop()
-            spat = []
-            for _, name in consumers:
-                cm = modules[name]
-                f = cm.in_channels if isinstance(cm, nn.Conv2d) else cm.in_features
-                if f % c or (isinstance(cm, nn.Conv2d) and f != c):
-                    problem = f"{name} reads {f} features from {c} channels"
-                spat.append(f // c)
-        if problem is not None:
-            refused[first] = problem
-            continue
-        (_, p0, b0), rest = producers[0], producers[1:]
-        sites.append((order[producers[0][0]], Site(
-            p0, consumers[0][1], c, b0, spat[0], ["stream"],
-            more_producers=[(p, b) for _, p, b in rest],
-            more_consumers=[(name, sp) for (_, name), sp in zip(consumers[1:], spat[1:],
-                                                                strict=True)],
-            maps_in=maps_in, maps_out=maps_out)))
+        stream = _Stream(start, modules, calls, starts)
+        grouped |= stream.members
+        found = stream.site(order)
+        if isinstance(found, str):
+            first = stream.producers[0][1] if stream.producers else str(start.target)
+            refused[first] = found
+        else:
+            sites.append((order[stream.producers[0][0]], found))
     return sites, refused
+
+
+class _Stream:
+    """The tied group around one residual addition: every tensor added to it, the layers that
+    write it (with their BNs), those that read it and the channel maps on its edges, gathered
+    by walking the graph both ways. `problem` says why it cannot share one projection."""
+
+    def __init__(self, start: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+                 starts: list[fx.Node]) -> None:
+        self.modules, self.calls, self.starts = modules, calls, starts
+        self.members, self.queue = {start}, [start]
+        self.producers: list[tuple[fx.Node, str, str | None]] = []
+        self.consumers: list[tuple[fx.Node, str]] = []
+        self.maps_in: list[str] = []
+        self.maps_out: list[str] = []
+        self.problem: str | None = None
+        while self.queue and self.problem is None:
+            n = self.queue.pop()
+            self.source(n)
+            self.readers(n)
+
+    def mod(self, n: fx.Node) -> nn.Module | None:
+        return self.modules.get(str(n.target)) if n.op == "call_module" else None
+
+    def visit(self, n: fx.Node) -> None:
+        if n not in self.members:
+            self.members.add(n)
+            self.queue.append(n)
+
+    def source(self, n: fx.Node) -> None:
+        """Where the tensor `n` comes from."""
+        m = self.mod(n)
+        if _is_add(n):
+            for a in n.args[:2]:
+                self.visit(a)  # type: ignore[arg-type]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            src = n.args[0]
+            sm = self.mod(src) if isinstance(src, fx.Node) else None
+            if not isinstance(sm, PRODUCERS) or len(src.users) != 1 or \
+                    self.calls[str(src.target)] != 1 or self.calls[str(n.target)] != 1:
+                self.problem = f"{n.target} normalises the stream itself (pre-activation)"
+            elif _fused_act(m) is not None:
+                self.problem = f"{n.target} applies an activation inside its BatchNorm"
+            else:
+                self.producers.append((src, str(src.target), str(n.target)))
+        elif isinstance(m, PRODUCERS):
+            if isinstance(m, nn.Conv2d) and m.groups != 1 or self.calls[str(n.target)] != 1:
+                self.problem = f"{n.target} (grouped or reused) writes the stream"
+            else:
+                self.producers.append((n, str(n.target), None))
+        elif m is not None and hasattr(m, "channel_map"):
+            self.maps_in.append(str(n.target))
+            self.starts.append(n)  # its input is another group's tensor: seeds nothing here
+        elif _is_channelwise(n, self.modules) or _is_flatten(n, self.modules):
+            self.visit(n.args[0])  # type: ignore[arg-type]
+        else:
+            self.problem = f"the stream starts at {_describe(n, self.modules)}"
+
+    def readers(self, n: fx.Node) -> None:
+        """Where the tensor `n` goes."""
+        for u in n.users:
+            um = self.mod(u)
+            if u in self.members:
+                continue
+            if _is_add(u) or _is_channelwise(u, self.modules) or _is_flatten(u, self.modules):
+                self.visit(u)
+            elif isinstance(um, PRODUCERS):
+                if isinstance(um, nn.Conv2d) and um.groups != 1 or \
+                        self.calls[str(u.target)] != 1:
+                    self.problem = f"stream read by {u.target} (grouped or reused)"
+                else:
+                    self.consumers.append((u, str(u.target)))
+            elif um is not None and hasattr(um, "channel_map"):
+                self.maps_out.append(str(u.target))
+            else:
+                self.problem = f"stream feeds {_describe(u, self.modules)}"
+
+    def site(self, order: dict[fx.Node, int]) -> Site | str:
+        """The tied Site (producers and consumers in graph order), or why there is none."""
+        self.producers.sort(key=lambda t: order[t[0]])
+        self.consumers.sort(key=lambda t: order[t[0]])
+        if self.problem is not None:
+            return self.problem
+        if not self.producers or not self.consumers:
+            return "no producer or no consumer"
+        widths = {_out_channels(self.modules[p]) for _, p, _ in self.producers}
+        if len(widths) != 1:
+            return f"producers of different widths {sorted(widths)}"
+        c = widths.pop()
+        spat = []
+        problem = None
+        for _, name in self.consumers:
+            cm = self.modules[name]
+            f = cm.in_channels if isinstance(cm, nn.Conv2d) else cm.in_features
+            if f % c or (isinstance(cm, nn.Conv2d) and f != c):
+                problem = f"{name} reads {f} features from {c} channels"
+            spat.append(f // c)
+        if problem is not None:
+            return problem
+        (_, p0, b0), rest = self.producers[0], self.producers[1:]
+        return Site(p0, self.consumers[0][1], c, b0, spat[0], ["stream"],
+                    more_producers=[(p, b) for _, p, b in rest],
+                    more_consumers=[(name, sp) for (_, name), sp in
+                                    zip(self.consumers[1:], spat[1:], strict=True)],
+                    maps_in=self.maps_in, maps_out=self.maps_out)
 
 
 def find_sites(model: nn.Module, stream: bool = False) -> SiteReport:
@@ -516,101 +541,121 @@ def _find_sites(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[s
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[str(node.target)], PRODUCERS):
             continue
-        name = str(node.target)
-        prod = modules[name]
-        groups = prod.groups if isinstance(prod, nn.Conv2d) else 1
-        if is_depthwise(prod):
-            skipped[name] = (f"depthwise conv (groups={groups}): narrowed only with the site "
-                             f"that feeds it")
-            continue
-        if calls[name] != 1:
-            skipped[name] = "module is called more than once"
-            continue
-        c = _out_channels(prod)
-        bn, ops, cur, flat = None, [], node, False
-        mids: list[str] = []
-        reason = None
-        gates: list[tuple[str, str]] = []
-        while True:
-            users = list(cur.users)
-            gate = _gate(cur, users, modules, calls, c) if len(users) == 2 and not flat \
-                and groups == 1 else None
-            if gate is not None:  # squeeze-excitation: its channels are selected with the site
-                mul, reader, writer = gate
-                gates.append((reader, writer))
-                ops.append(f"gate {reader}->{writer}")
-                cur = mul
-                continue
-            if len(users) != 1:
-                reason = (f"output of {_describe(cur, modules)} has {len(users)} readers"
-                          + (" (a residual or concatenation)" if len(users) > 1 else ""))
-                break
-            nxt = users[0]
-            if nxt.op == "call_function" and nxt.target is torch.cat:
-                reason = f"feeds {_describe(nxt, modules)} (a concatenation)"
-                break
-            if nxt.args[:1] != (cur,):
-                reason = f"feeds {_describe(nxt, modules)} as a non-first argument"
-                break
-            m = modules.get(str(nxt.target)) if nxt.op == "call_module" else None
-            once = m is not None and calls[str(nxt.target)] == 1
-            if once and isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) \
-                    and m.num_features == c and _bn_ok(m):
-                if bn is None and not ops and not mids:
-                    bn = str(nxt.target)  # folded into the producer
-                else:
-                    mids.append(str(nxt.target))  # selected with the channels
-                    ops.append(_describe(nxt, modules))
-                cur = nxt
-                continue
-            if once and is_depthwise(m) and m.in_channels == c and groups != 1:
-                reason = f"a depthwise conv {nxt.target} follows a grouped producer"
-                break
-            if once and is_depthwise(m) and m.in_channels == c and not flat:
-                mids.append(str(nxt.target))
-                ops.append(_describe(nxt, modules))
-                cur = nxt
-                continue
-            if m is not None and isinstance(m, PRODUCERS) and once:
-                if isinstance(m, nn.Conv2d) and m.groups != 1:
-                    if c % m.groups or m.groups == c or groups not in (1, m.groups) or mids:
-                        reason = (f"consumer {nxt.target} is a grouped conv (groups={m.groups})"
-                                  f" that cannot keep equal groups of these {c} channels")
-                        break
-                    groups = m.groups
-                if isinstance(m, nn.Conv2d) and flat:
-                    reason = f"consumer {nxt.target} is a conv after a flatten"
-                    break
-                in_feat = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
-                if in_feat % c:
-                    reason = f"consumer {nxt.target} reads {in_feat} features from {c} channels"
-                    break
-                if isinstance(m, nn.Linear) and isinstance(prod, nn.Conv2d) and not flat \
-                        and in_feat != c:
-                    reason = f"consumer {nxt.target} is a Linear on an unflattened feature map"
-                    break
-                sites.append(Site(name, str(nxt.target), c, bn, in_feat // c, ops, mids=mids,
-                                  groups=groups, gates=gates))
-                break
-            if _is_channelwise(nxt, modules):
-                ops.append(_describe(nxt, modules))
-                cur = nxt
-                continue
-            if _is_flatten(nxt, modules) and not flat:
-                flat = True
-                ops.append(_describe(nxt, modules))
-                cur = nxt
-                continue
-            if nxt.op == "call_function" and nxt.target in (operator.add, torch.add, torch.cat):
-                reason = f"feeds {_describe(nxt, modules)} (a residual addition or concatenation)"
-            elif nxt.op == "output":
-                reason = "is the model output"
-            else:
-                reason = f"feeds {_describe(nxt, modules)}, which is not channel-wise"
-            break
-        if reason is not None:
-            skipped[name] = reason
+        found = _Chain(node, modules, calls).follow()
+        if isinstance(found, Site):
+            sites.append(found)
+        else:
+            skipped[str(node.target)] = found
     return SiteReport(sites, skipped)
+
+
+class _Chain:
+    """One producer's output followed through channel-wise work to its consumer: `follow()`
+    is the Site, or why there is none."""
+
+    def __init__(self, node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]
+                 ) -> None:
+        self.node, self.modules, self.calls = node, modules, calls
+        self.name = str(node.target)
+        self.prod = modules[self.name]
+        self.groups = self.prod.groups if isinstance(self.prod, nn.Conv2d) else 1
+        self.c = _out_channels(self.prod)
+        self.bn: str | None = None
+        self.ops: list[str] = []
+        self.mids: list[str] = []
+        self.gates: list[tuple[str, str]] = []
+        self.flat = False
+
+    def follow(self) -> Site | str:
+        if is_depthwise(self.prod):
+            return (f"depthwise conv (groups={self.groups}): narrowed only with the site "
+                    f"that feeds it")
+        if self.calls[self.name] != 1:
+            return "module is called more than once"
+        cur = self.node
+        while True:
+            nxt = self._gate(cur)
+            if nxt is None:
+                users = list(cur.users)
+                if len(users) != 1:
+                    return (f"output of {_describe(cur, self.modules)} has {len(users)} "
+                            f"readers" + (" (a residual or concatenation)" if len(users) > 1
+                                          else ""))
+                nxt = users[0]
+                step = self._step(cur, nxt)
+                if step is not None:
+                    return step
+            cur = nxt
+
+    def _gate(self, cur: fx.Node) -> fx.Node | None:
+        """A squeeze-excitation gate on the channels (selected with the site): its multiply."""
+        users = list(cur.users)
+        if len(users) != 2 or self.flat or self.groups != 1:
+            return None
+        gate = _gate(cur, users, self.modules, self.calls, self.c)
+        if gate is None:
+            return None
+        mul, reader, writer = gate
+        self.gates.append((reader, writer))
+        self.ops.append(f"gate {reader}->{writer}")
+        return mul
+
+    def _step(self, cur: fx.Node, nxt: fx.Node) -> Site | str | None:
+        """Take `nxt` into the chain (None: go on), or end it: the Site, or why not."""
+        if nxt.op == "call_function" and nxt.target is torch.cat:
+            return f"feeds {_describe(nxt, self.modules)} (a concatenation)"
+        if nxt.args[:1] != (cur,):
+            return f"feeds {_describe(nxt, self.modules)} as a non-first argument"
+        m = self.modules.get(str(nxt.target)) if nxt.op == "call_module" else None
+        once = m is not None and self.calls[str(nxt.target)] == 1
+        if once and isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) \
+                and m.num_features == self.c and _bn_ok(m):
+            if self.bn is None and not self.ops and not self.mids:
+                self.bn = str(nxt.target)  # folded into the producer
+            else:
+                self.mids.append(str(nxt.target))  # selected with the channels
+                self.ops.append(_describe(nxt, self.modules))
+            return None
+        if once and is_depthwise(m) and m.in_channels == self.c:  # type: ignore[union-attr]
+            if self.groups != 1:
+                return f"a depthwise conv {nxt.target} follows a grouped producer"
+            if not self.flat:
+                self.mids.append(str(nxt.target))
+                self.ops.append(_describe(nxt, self.modules))
+                return None
+        if m is not None and isinstance(m, PRODUCERS) and once:
+            return self._consumer(nxt, m)
+        if _is_channelwise(nxt, self.modules):
+            self.ops.append(_describe(nxt, self.modules))
+            return None
+        if _is_flatten(nxt, self.modules) and not self.flat:
+            self.flat = True
+            self.ops.append(_describe(nxt, self.modules))
+            return None
+        if nxt.op == "call_function" and nxt.target in (operator.add, torch.add, torch.cat):
+            return f"feeds {_describe(nxt, self.modules)} (a residual addition or concatenation)"
+        if nxt.op == "output":
+            return "is the model output"
+        return f"feeds {_describe(nxt, self.modules)}, which is not channel-wise"
+
+    def _consumer(self, nxt: fx.Node, m: nn.Module) -> Site | str:
+        """The layer that reads the channels: the Site, or why it cannot be one."""
+        c = self.c
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            if c % m.groups or m.groups == c or self.groups not in (1, m.groups) or self.mids:
+                return (f"consumer {nxt.target} is a grouped conv (groups={m.groups}) that "
+                        f"cannot keep equal groups of these {c} channels")
+            self.groups = m.groups
+        if isinstance(m, nn.Conv2d) and self.flat:
+            return f"consumer {nxt.target} is a conv after a flatten"
+        in_feat = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+        if in_feat % c:
+            return f"consumer {nxt.target} reads {in_feat} features from {c} channels"
+        if isinstance(m, nn.Linear) and isinstance(self.prod, nn.Conv2d) and not self.flat \
+                and in_feat != c:
+            return f"consumer {nxt.target} is a Linear on an unflattened feature map"
+        return Site(self.name, str(nxt.target), c, self.bn, in_feat // c, self.ops,
+                    mids=self.mids, groups=self.groups, gates=self.gates)
 
 
 def require_sites(model: nn.Module, stream: bool = False) -> list[Site]:

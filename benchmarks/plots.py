@@ -44,6 +44,21 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def finish(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """The two plots' common axes, legend and file."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 95)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def accuracy_vs_macs(path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -63,15 +78,8 @@ def accuracy_vs_macs(path: Path) -> None:
                         label=f"{label}, {when}")
     ax.set_xscale("log", base=2)
     ax.set_xticks([0.125, 0.25, 0.5], ["12.5 %", "25 %", "50 %"])
-    ax.set_xlabel("MACs kept (ResNet-56, CIFAR-10; original 89.95 %)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 95)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("caproj against Torch-Pruning, equal training images (3 seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, "MACs kept (ResNet-56, CIFAR-10; original 89.95 %)",
+           "caproj against Torch-Pruning, equal training images (3 seeds)")
 
 
 def anytime(path: Path, folder: str = "deep/r56-0.25-lr0.02") -> None:
@@ -94,15 +102,8 @@ def anytime(path: Path, folder: str = "deep/r56-0.25-lr0.02") -> None:
         xs = curves[0][0]
         ys = [statistics.fmean(v) for v in zip(*(y for _, y in curves), strict=True)]
         ax.plot([x / 1000 for x in xs], ys, "o-", label=f"{label} (n={len(curves)})")
-    ax.set_xlabel("training images spent, thousands (CaP's steps + fine-tuning)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 95)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("ResNet-56 at 25 % MACs: accuracy against training images", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, "training images spent, thousands (CaP's steps + fine-tuning)",
+           "ResNet-56 at 25 % MACs: accuracy against training images")
 
 
 def main() -> None:

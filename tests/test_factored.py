@@ -61,7 +61,7 @@ def test_starts_as_the_original_and_merges_exactly_after_training():
     # only the end network trained: the original consumer is the gradient-free remainder
     assert f.net[3].parametrizations.weight.original.grad is None
     assert f.net[3].parametrizations.weight[0].target.grad is not None
-    assert f.pairs[0].b.grad is not None
+    assert f.compactors[0].b.grad is not None
     small = f.merge()
     assert [m.out_channels for m in small if isinstance(m, nn.Conv2d)] == [4, 6]
     assert small[8].in_features == 24  # the Linear after flatten reads 6 x 2 x 2
@@ -79,7 +79,7 @@ def test_resnet_merge_is_exact_with_cap_projections_and_skips_whole_sites():
     ps = [_orthonormal(s.channels, s.channels if i == 0 else s.channels // 4, i)
           for i, s in enumerate(plan.sites)]
     f = Factored(model, plan.sites, ps, ramp_steps=2)
-    assert len(f.pairs) == len(plan.sites) - 1  # a site kept whole gets no compactors
+    assert len(f.compactors) == len(plan.sites) - 1  # a site kept whole gets no compactors
     _train(f, 2, (3, 32, 32))
     x = torch.randn(4, 3, 32, 32)
     small = f.merge()
@@ -102,7 +102,7 @@ def test_compactors_are_not_weight_decayed():
     f = Factored(model, plan.sites, [_orthonormal(s.channels, 2, 0) for s in plan.sites], 3)
     opt = make_optimizer(f, caproj.TrainConfig())
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert all(id(p) not in decayed for p in f.pairs.parameters())
+    assert all(id(p) not in decayed for p in f.compactors.parameters())
     assert id(f.net[0].weight) in decayed
 
 

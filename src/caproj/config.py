@@ -211,9 +211,9 @@ class TrainConfig:
     augment: bool = _train(False, "--augment", "label-free batches only: random shifts and "
                            "flips, labelled by the teacher")
 
-    # factored fine-tuning (caproj.factored): train at the original width with a compactor pair
-    # per site that starts at the identity and narrows to the method's projection over the
-    # first `factored_ramp` of the steps, then merge exactly into the narrow network
+    # factored fine-tuning (caproj.factored): train at the original width with a compactor per
+    # site; the forward starts as the original and narrows to the method's projection over the
+    # first `factored_ramp` of the steps, then merges exactly into the narrow network
     factored: bool = _train(False, "--factored", "fine-tune at the original width, narrowing "
                             "from the identity to the projection while training, and merge "
                             "exactly at the end (ResRep's way; cap, cp, pca and selections)")

@@ -11,10 +11,11 @@ becomes a blend:
     W(t) = E_S(W') + (1 - a) sg(W_c - E_S(W'))       W' (out x k) on the input channels S
 
 with a = t / ramp_steps and sg a stop-gradient. B starts at P^T (the site's projection:
-CaP's, a PCA's, a selection's), W_c is the original consumer and W' the method's narrow
-consumer (its least-squares refit; W_c P where there is none). So the forward starts as
-exactly the original and narrows smoothly, while the gradient only ever trains the end
-network (the producer's own filters and BN at their original scale, B, W'): the part being
+CaP's, a PCA's, a selection's), W_c is the original consumer and W' starts at W_c P, the
+original consumer read through P at its own scale (not a least-squares refit, whose 1.7-7x
+scale is what makes narrow fine-tuning fragile). So the forward starts as the original and
+narrows smoothly, while the gradient only ever trains the end network (the producer's own
+filters and BN at their original scale, B, W'): the part being
 removed fades on schedule and cannot be kept alive by SGD, which is what ResRep's masked
 compactor gradients ensure. The k rows S are where P's channels are placed so the end is as
 near the identity as possible (column j of P goes to the row it weighs most; a selection keeps
@@ -60,7 +61,7 @@ def placement(p: torch.Tensor) -> list[int]:
 
 
 def check_site(s: Site) -> None:
-    """The sites a compactor pair can sit in: one producer, one consumer, no depthwise layer,
+    """The sites a compactor can sit in: one producer, one consumer, no depthwise layer,
     gate or channel map between, not grouped."""
     if s.tied or s.selection or s.groups != 1:
         raise CaprojError(f"factored fine-tuning needs plain sites (one producer, one "
@@ -70,7 +71,7 @@ def check_site(s: Site) -> None:
                           param="factored")
 
 
-class Compactors(nn.Module):
+class Compactor(nn.Module):
     """One site's compactor (`after` is a bound method, so a deep copy, as EMA makes, rebinds
     it to the copy's own B)."""
 
@@ -130,14 +131,10 @@ class ConsumerBlend(nn.Module):
 class Factored(nn.Module):
     """`model`'s copy with a compactor and a consumer blend per narrowed site (see the module
     docstring). The blend advances one step per training-mode forward with gradients; `merge()`
-    returns the narrow network once it has reached the end (`done`).
-
-    consumer_weights[name]: the method's narrow consumer (original output space, projected
-    input space, as `caproj.surgery.compressed_tensors` takes it); default W_c P."""
+    returns the narrow network once it has reached the end (`done`)."""
 
     def __init__(self, model: nn.Module, sites: list[Site], projections: list[torch.Tensor],
-                 ramp_steps: int, consumer_weights: dict[str, torch.Tensor] | None = None
-                 ) -> None:
+                 ramp_steps: int) -> None:
         super().__init__()
         if ramp_steps < 1:
             raise CaprojError(f"factored fine-tuning needs at least one step to narrow over, "
@@ -151,17 +148,18 @@ class Factored(nn.Module):
         self.skeleton = [copy.deepcopy(model)]
         mods = dict(self.net.named_modules())
         self.sites = [s for s, _ in kept]
-        self.pairs = nn.ModuleList(
-            Compactors(p.to(mods[s.producer].weight.device),
+        self.compactors = nn.ModuleList(
+            Compactor(p.to(mods[s.producer].weight.device),
                        1 if isinstance(mods[s.producer], nn.Conv2d) else -1) for s, p in kept)
-        for (s, p), pair in zip(kept, self.pairs, strict=True):
+        for (s, p), comp in zip(kept, self.compactors, strict=True):
             w = mods[s.consumer].weight  # type: ignore[union-attr]
-            given = (consumer_weights or {}).get(s.consumer)
-            target = given if given is not None else project_in(w.detach(), p.to(w), s)
-            blend = ConsumerBlend(target.to(w), pair.rows, s.channels, s.spatial)
+            blend = ConsumerBlend(project_in(w.detach(), p.to(w), s), comp.rows, s.channels,
+                                  s.spatial)
             parametrize.register_parametrization(mods[s.consumer], "weight", blend)
             # only the end network trains: the original consumer is the fading remainder
             mods[s.consumer].parametrizations.weight.original.requires_grad_(False)
+        # what the blend is set on before each forward (a deep copy maps these to its own)
+        self.blended = [m for m in self.modules() if isinstance(m, (Compactor, ConsumerBlend))]
         self.ramp_steps = int(ramp_steps)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -169,12 +167,12 @@ class Factored(nn.Module):
 
     def _install(self) -> None:
         mods = dict(self.net.named_modules())
-        self.hooks = [mods[s.bn or s.producer].register_forward_hook(pair.after)
-                      for s, pair in zip(self.sites, self.pairs, strict=True)]
+        self.hooks = [mods[s.bn or s.producer].register_forward_hook(comp.after)
+                      for s, comp in zip(self.sites, self.compactors, strict=True)]
 
     def no_weight_decay(self) -> set[str]:
         """The compactors are not decayed (timm's convention, read by the optimiser)."""
-        return {f"pairs.{n}" for n, _ in self.pairs.named_parameters()}
+        return {f"compactors.{n}" for n, _ in self.compactors.named_parameters()}
 
     @property
     def blend(self) -> float:
@@ -188,9 +186,8 @@ class Factored(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.step += 1
         a = self.blend
-        for m in self.modules():
-            if isinstance(m, (Compactors, ConsumerBlend)):
-                m.blend = a
+        for m in self.blended:
+            m.blend = a
         return self.net(*args, **kwargs)
 
     @torch.no_grad()
@@ -208,7 +205,7 @@ class Factored(nn.Module):
         mods = dict(self.net.named_modules())
         cons = {s.consumer: mods[s.consumer].parametrizations.weight[0].target.detach()
                 for s in self.sites}  # type: ignore[index,union-attr]
-        ps = [pair.b.detach().T.to(base[f"{s.producer}.weight"])
-              for s, pair in zip(self.sites, self.pairs, strict=True)]
+        ps = [comp.b.detach().T.to(base[f"{s.producer}.weight"])
+              for s, comp in zip(self.sites, self.compactors, strict=True)]
         t = compressed_tensors(self.skeleton[0], self.sites, base, ps, cons)
         return load_tensors(narrow_like(self.skeleton[0], t), t).eval()

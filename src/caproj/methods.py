@@ -82,8 +82,7 @@ class Job:
 class Method(Protocol):
     """A compression method: `method(job)` returns the compressed nn.Module for `job`'s sites
     and widths (`caproj.Job`); `name` is how the registry, reports and bench call it. A method
-    that has projections sets `job.projections` (and `job.consumer_weights`), which factored
-    fine-tuning narrows to."""
+    that has projections sets `job.projections`, which factored fine-tuning narrows to."""
 
     name: str
 

@@ -46,7 +46,7 @@ from caproj.resume import Checkpointer
 from caproj.surgery import match_weight_scale
 from caproj.synth import synthesize
 from caproj.train import evaluate as evaluate_model
-from caproj.train import feature_layers_of, fit, model_device
+from caproj.train import feature_layers_of, fit, model_device, planned_steps
 
 log = logging.getLogger(__name__)
 EVALUATIONS = 10  # fine-tuning over many short epochs (a small set) is evaluated this often
@@ -442,17 +442,13 @@ def fine_tune(small: nn.Module, model: nn.Module, inputs: Inputs, ft: TrainConfi
 
 def factored_start(model: nn.Module, inputs: Inputs, ft: TrainConfig, job: Job | None
                    ) -> Factored:
-    """The original with a compactor pair per site, narrowing over `ft.factored_ramp` of the
-    fine-tune's steps to the projections the method found."""
+    """The original with a compactor per site, narrowing over `ft.factored_ramp` of the
+    fine-tune's steps (as `fit` will count them) to the projections the method found."""
     if job is None or job.projections is None:
         raise CaprojError("factored fine-tuning narrows to a method's projections: use cap, "
                           "cp, pca or a channel selection (l1, fpgm, taylor), or leave "
                           "factored off", param="factored")
-    steps = B.steps_per_pass(inputs.data) or inputs.steps_per_epoch
-    if steps is None:
-        raise CaprojError("factored fine-tuning needs to know the fine-tune's length: give "
-                          "data with len() or max_steps", param="factored")
-    total = steps * ft.epochs if ft.max_steps is None else min(steps * ft.epochs, ft.max_steps)
+    _, total = planned_steps(inputs.data, ft)
     ramp = max(1, round(ft.factored_ramp * total))
     log.info("factored fine-tuning: narrowing over %d of %d steps", ramp, total)
     return Factored(model, job.sites, job.projections, ramp).to(model_device(model))

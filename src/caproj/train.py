@@ -157,6 +157,18 @@ def feature_layers_of(model: nn.Module, teacher: nn.Module) -> list[str]:
     return out
 
 
+def planned_steps(data: Iterable, cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per pass over `data`, steps `fit` will take with `cfg`): a re-iterable without
+    len() is counted by one pass."""
+    steps = B.steps_per_pass(data)
+    if steps is None:
+        steps = sum(1 for _ in data)
+    if steps == 0:
+        raise CaprojError("training data is empty: it yielded no batch", param="data")
+    total = steps * cfg.epochs
+    return steps, total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
 def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Module | None = None,
         eval_data: Iterable | None = None, loss_fn: LossFn | None = None,
         output_transform: OutputTransform | None = None,
@@ -242,14 +254,7 @@ class Fit:
         self.bf16 = bf16_supported(self.device) if cfg.bf16 is None else cfg.bf16
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        steps = B.steps_per_pass(data)
-        if steps is None:  # a re-iterable without len(): count one pass
-            steps = sum(1 for _ in data)
-        if steps == 0:
-            raise CaprojError("training data is empty: it yielded no batch", param="data")
-        self.steps_per_epoch = steps
-        self.total = steps * cfg.epochs if cfg.max_steps is None else \
-            min(steps * cfg.epochs, cfg.max_steps)
+        self.steps_per_epoch, self.total = planned_steps(data, cfg)
         self.opt = make_optimizer(model, cfg)
         self.sched = make_scheduler(self.opt, cfg, self.total)
         if dist.world() > 1:  # torchrun: each rank trains on its shard of the global batch

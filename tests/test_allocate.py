@@ -5,6 +5,7 @@ chosen widths reach the checkpoint."""
 import pytest
 import torch
 from test_cap import batches, randomise_bn
+from torch import nn
 
 from caproj.allocate import allocate, site_profiles
 from caproj.budget import MacModel, predict_macs
@@ -106,3 +107,26 @@ def test_a_target_the_widths_cannot_meet_takes_the_nearest_budget_below(caplog):
     assert res.report["macs_fraction"] == pytest.approx(
         res.report["macs_after"] / res.report["macs_before"])
     assert res.report["macs_fraction"] <= 0.33
+
+
+def test_refitted_damage_does_not_count_what_least_squares_recovers():
+    """Channels 4-7 copy channels 0-3: keeping 0-3 loses nothing a refit of the consumer cannot
+    restore exactly (W'[:, j] = W[:, j] + W[:, j + 4]), while merely masking 4-7 does lose."""
+    from caproj.allocate import Damage, Refit
+    from caproj.plan import Plan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with torch.no_grad():
+        net[0].weight[4:] = net[0].weight[:4]
+        net[0].bias[4:] = net[0].bias[:4]
+    sites = Plan.of(net, (3, 8, 8), keep=0.5).sites
+    assert len(sites) == 1 and sites[0].consumer == "3"
+    calib = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    keep = torch.arange(4)
+    before = net[3].weight.clone()
+    refitted = Damage(net, sites, calib, 64, Refit())(sites[0], keep)
+    masked = Damage(net, sites, calib, 64, None)(sites[0], keep)
+    assert refitted < 1e-6 and masked > 1e-3
+    assert torch.equal(net[3].weight, before)  # the consumer's weight is put back

@@ -5,13 +5,15 @@ few channels carry and in how much the network's output cares. Here each site ge
 
 1. a *spectrum*: its channels ranked by the selection score CaP starts from (post-nonlinearity
    energy x consumer weight norm), so e_s(k) = the score mass outside the top k, as a fraction;
-2. a *sensitivity*: the KL divergence of the network's output from the original's when this
-   site alone keeps its top half (channels masked at the consumer input, on a few hundred
-   calibration images), divided by e_s(half) — how much output damage a unit of lost score
-   costs at this site.
+2. a *damage curve*: the KL divergence of the network's output from the original's when this
+   site alone keeps its top half, then its top quarter (channels masked at the consumer input,
+   on a few hundred calibration images), as a function of e_s: piecewise linear through
+   (0, 0) and the two measurements, extended with the last slope. Two points, because damage
+   accelerates: a classifier's input loses little at half and everything at an eighth, and one
+   point extrapolated linearly once cut MobileNetV2's last 1,280 channels to 152.
 
 Widths then grow greedily from each site's minimum, one channel step at a time, always where
-sensitivity x drop in e_s per extra MAC is largest, until the MACs target is met to within 1 %
+the drop in damage per extra MAC is largest, until the MACs target is met to within 1 %
 (single channels, then one-for-one channel trades between sites, finish the job if whole steps
 cannot get there). The chosen widths are printed
 and stored in the checkpoint like uniform ones. Keep = 1.0 (target 1.0) keeps every channel.
@@ -22,63 +24,186 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caproj import projection
+from caproj import dist, projection, refit
 from caproj.budget import MacModel, predict_macs, site_steps, site_units, solve
+from caproj.config import CapConfig
 from caproj.errors import CaprojError
 from caproj.sites import Site
+from caproj.utils import run_with_hooks
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor],
-                  sensitivity_images: int = 500) -> tuple[list[torch.Tensor], list[float]]:
-    """Per site: e_s(k) for k = 0..c (a tensor of c+1 fractions) and the sensitivity."""
-    model.eval()
-    stats = projection.collect_stats(model, sites, calib)
-    weights = dict(model.named_parameters())
-    scores = [projection.selection_scores(st, weights, s) for s, st in zip(sites, stats,
-                                                                           strict=True)]
-    curves = []
-    for score in scores:
-        kept = torch.cat([score.new_zeros(1).double(),
-                          score.double().sort(descending=True).values.cumsum(0)])
-        curves.append((1 - kept / kept[-1].clamp_min(1e-30)).clamp_min(0).float().cpu())
-    xs, n = [], 0
-    for x in calib:
-        if n >= sensitivity_images:
-            break
-        xs.append(x[: sensitivity_images - n])
-        n += len(xs[-1])
-    ref = [F.log_softmax(model(x).float(), 1) for x in xs]
-    mods = dict(model.named_modules())
-    sens = []
-    for s, score, curve in zip(sites, scores, curves, strict=True):
-        half = max(1, s.channels // 2)
-        mask = torch.zeros(s.channels, device=score.device)
-        mask[torch.topk(score, half).indices] = 1.0
+MAX_GRAM_BYTES = 2 * 2**30  # the consumers' Gram matrices kept for refitted damage, in all
 
-        def pre(m, inp, spatial, mask=mask):
+
+@dataclass
+class Refit:
+    """How the damage of a narrowed site is measured with its consumers refitted, as CaP's
+    least squares does (`caproj.refit.solve`): the ridge, and the damping toward W P."""
+
+    ridge: float = 1e-4
+    damping: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: CapConfig) -> Refit | None:
+        """What CaP's settings will refit (None: CaP does not refit, damage is masking)."""
+        return cls(cfg.ridge, cfg.damping) if cfg.refit else None
+
+
+class Damage:
+    """The output damage of one site narrowed alone: the mean KL of the network's output from
+    the original's on the sensitivity images, the site reading only the channels kept. With a
+    `Refit`, each consumer whose least-squares system is small enough is refitted on the kept
+    channels (from the Gram matrix of its input on the calibration images, one pass for all
+    sites) instead of merely losing the rest: what CaP's refit will recover is not counted as
+    damage."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], calib: list[torch.Tensor],
+                 images: int, refit_with: Refit | None) -> None:
+        self.model, self.xs, n = model, [], 0
+        for x in calib:
+            if n >= images:
+                break
+            self.xs.append(x[: images - n])
+            n += len(self.xs[-1])
+        self.n = n
+        self.ref = [F.log_softmax(model(x).float(), 1) for x in self.xs]
+        self.mods = dict(model.named_modules())
+        self.refit_with = refit_with
+        self.grams = consumer_grams(model, sites, calib) if refit_with is not None else {}
+
+    def __call__(self, site: Site, keep: torch.Tensor) -> float:
+        mask = torch.zeros(site.channels, device=keep.device)
+        mask[keep] = 1.0
+
+        def pre(m, inp, spatial):
             x = inp[0]
             if isinstance(m, nn.Linear):  # after flatten (channels x spatial), or on tokens
                 return (x * mask.repeat_interleave(spatial),)
             return (x * mask.view(1, -1, *([1] * (x.dim() - 2))),)
 
-        hs = [mods[c].register_forward_pre_hook(lambda m, i, sp=sp, f=pre: f(m, i, sp))
-              for c, sp in s.consumers]
+        hooks, swapped = [], []
+        for c, sp in site.consumers:
+            m = self.mods[c]
+            if c in self.grams and self.refit_with is not None:
+                swapped.append((m, m.weight.data))
+                m.weight.data = refitted_weight(m, *self.grams[c], keep, site.channels,
+                                                self.refit_with)
+            else:
+                hooks.append(m.register_forward_pre_hook(lambda m, i, sp=sp: pre(m, i, sp)))
         try:
-            kl = sum(F.kl_div(F.log_softmax(model(x).float(), 1), r, log_target=True,
-                              reduction="sum").item() for x, r in zip(xs, ref, strict=True)) / n
+            return sum(F.kl_div(F.log_softmax(self.model(x).float(), 1), r, log_target=True,
+                                reduction="sum").item()
+                       for x, r in zip(self.xs, self.ref, strict=True)) / self.n
         finally:
-            for h in hs:
+            for h in hooks:
                 h.remove()
-        sens.append(max(kl, 1e-12) / max(curve[half].item(), 1e-6))
+            for m, w in swapped:
+                m.weight.data = w
+
+
+def consumer_grams(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
+                   ) -> dict[str, tuple[torch.Tensor, int]]:
+    """{consumer: (the Gram matrix of its least-squares system, its rows)} for every ungrouped
+    Conv2d or Linear consumer, in call order while they fit in MAX_GRAM_BYTES (float64)."""
+    mods = dict(model.named_modules())
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    hooks, used = [], 0
+    for s in sites:
+        for c, _ in s.consumers:
+            m = mods[c]
+            if c in out or not (isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d)
+                                and m.groups == 1):
+                continue
+            d = m.weight[0].numel()
+            if used + 8 * d * d > MAX_GRAM_BYTES:
+                continue
+            used += 8 * d * d
+            out[c] = (torch.zeros(d, d, dtype=torch.float64, device=m.weight.device), 0)
+
+            def add(mod, inp, c=c) -> None:
+                g, rows = refit.gram(mod, inp[0])
+                out[c] = (out[c][0].add_(g), out[c][1] + rows)
+
+            hooks.append(m.register_forward_pre_hook(add))
+    run_with_hooks(model, calib, hooks)
+    for c, (g, rows) in out.items():
+        dist.all_reduce_(g)
+        out[c] = (g, int(dist.all_reduce_(torch.tensor(float(rows))).item()))
+    return out
+
+
+def refitted_weight(m: nn.Module, gram: torch.Tensor, rows: int, keep: torch.Tensor,
+                    channels: int, how: Refit) -> torch.Tensor:
+    """`m`'s weight refitted by least squares to read only channels `keep` of its `channels`
+    inputs (the others' columns zero), reproducing its output on the calibration images."""
+    w = m.weight.detach()
+    per = w[0].numel() // channels  # columns per channel: k x k, or the spatial positions
+    cols = (keep.view(-1, 1) * per + torch.arange(per, device=keep.device)).reshape(-1)
+    flat = w.reshape(w.shape[0], -1).double()
+    kept = w.reshape(w.shape[0], channels, -1)[:, keep]
+    kept = kept.reshape(w.shape[0], len(keep), *w.shape[2:]) if w.dim() == 4 else \
+        kept.reshape(w.shape[0], -1)
+    sub = gram[cols][:, cols][None]
+    sol = refit.solve(sub, (gram[cols] @ flat.T)[None], kept, how.ridge, None, anchor=kept,
+                      anchor_weight=how.damping * len(cols) / max(rows, 1))
+    full = torch.zeros_like(w).reshape(w.shape[0], channels, -1)
+    full[:, keep] = sol.reshape(w.shape[0], len(keep), -1).to(w.dtype)
+    return full.reshape(w.shape)
+
+
+@torch.no_grad()
+def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor],
+                  sensitivity_images: int = 500, refit_with: Refit | None = None
+                  ) -> tuple[list[torch.Tensor], list[float]]:
+    """Per site: its damage curve (k = 0..c, from 1 to 0) and scale (the sensitivity); with
+    `refit_with`, damage as CaP's least-squares refit leaves it (`Damage`)."""
+    model.eval()
+    stats = projection.collect_stats(model, sites, calib)
+    weights = dict(model.named_parameters())
+    scores = [projection.selection_scores(st, weights, s) for s, st in zip(sites, stats,
+                                                                           strict=True)]
+    damage = Damage(model, sites, calib, sensitivity_images, refit_with)
+    curves, sens = [], []
+    for s, score in zip(sites, scores, strict=True):
+        kept = torch.cat([score.new_zeros(1).double(),
+                          score.double().sort(descending=True).values.cumsum(0)])
+        lost = (1 - kept / kept[-1].clamp_min(1e-30)).clamp_min(0).float().cpu()
+        order = score.argsort(descending=True)
+        points = [(lost[k].item(), max(damage(s, order[:k]), 1e-12))
+                  for k in sorted({max(1, s.channels // 2), max(1, s.channels // 4)})]
+        d = damage_curve(lost, points)  # KL against channels kept
+        sens.append(max(d[0].item(), 1e-12))  # the scale; the curve keeps its shape in [0, 1]
+        curves.append(d / sens[-1])
     return curves, sens
+
+
+def damage_curve(lost: torch.Tensor, points: list[tuple[float, float]]) -> torch.Tensor:
+    """The output damage (KL) as a function of the score mass lost, through (0, 0) and the
+    measured `points` (lost, KL), ordered by lost mass; piecewise linear, extended with the last
+    segment's slope, which is never below the one before (damage accelerates as channels go)."""
+    xs, ys, slope = [0.0], [0.0], 0.0
+    for e, kl in sorted(points):
+        if e <= xs[-1] + 1e-9:
+            continue
+        slope = max(slope, (kl - ys[-1]) / (e - xs[-1]))
+        xs.append(e)
+        ys.append(ys[-1] + slope * (e - xs[-2]))
+    if len(xs) == 1:  # nothing measured beyond zero loss: proportional to the mass lost
+        return lost.clone()
+    out = torch.empty_like(lost)
+    for j, e in enumerate(lost.tolist()):
+        seg = min(max(sum(1 for x in xs[1:] if x < e), 0), len(xs) - 2)
+        x0, y0, x1, y1 = xs[seg], ys[seg], xs[seg + 1], ys[seg + 1]
+        out[j] = y0 + (y1 - y0) / (x1 - x0) * (e - x0)
+    return out
 
 
 def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: list[float],

@@ -33,6 +33,7 @@ from caproj import batches as B
 from caproj import latency as L
 from caproj import metrics
 from caproj import stages as S
+from caproj.allocate import Refit
 from caproj.cap import input_shape_of
 from caproj.config import FINETUNE, SAVE_EVERY, CapConfig, JobFacts, Preset, TrainConfig
 from caproj.errors import CaprojError
@@ -240,7 +241,8 @@ def _plan_and_settle(model: nn.Module, inputs: S.Inputs, shape: tuple[int, ...],
     t0 = time.perf_counter()
     facts = JobFacts(None, S.finetune_epochs_of(finetune), inputs.labelled, inputs.images,
                      synthetic=inputs.synthetic is not None,
-                     target_latency=where.target_latency is not None)
+                     target_latency=where.target_latency is not None,
+                     budget_images=budget_images)
     first, _ = S.pick_preset(preset, facts, method)
     where = where.with_preset(first) if first is not None else where
     plan = S.plan_job(model, shape, where)
@@ -262,7 +264,7 @@ def _plan_and_settle(model: nn.Module, inputs: S.Inputs, shape: tuple[int, ...],
                                                                            ()):
         plan = S.plan_job(model, shape, where.with_preset(settings.preset))
     if getattr(settings.method, "uses_widths", True):
-        plan.resolve(model, calib)
+        plan.resolve(model, calib, Refit.of(settings.cap))
         log.info("%d sites; widths %s; predicted MACs %.2f M (%.3f of %.2f M)",
                  len(plan.sites), plan.widths, plan.predicted_macs() / 1e6,
                  plan.predicted_macs() / plan.mm.total, plan.mm.total / 1e6)

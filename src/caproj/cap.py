@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from caproj import batches as B
 from caproj import dist, projection, refit, surgery
+from caproj.allocate import Refit
 from caproj.capopt import MixtureLoss, ProjectionOptimiser, run_steps
 from caproj.config import CapConfig
 from caproj.errors import CaprojError
@@ -160,7 +161,7 @@ class CaP:
         torch.manual_seed(self.cfg.seed)
         calib = B.take(batches, self.cfg.calib_images, self.device)
         self.calib = calib[dist.rank()::dist.world()]  # torchrun: statistics are all-reduced
-        self.plan.resolve(self.orig, self.calib)
+        self.plan.resolve(self.orig, self.calib, Refit.of(self._config))
         self._resolve()
         self.timings["calibrate_s"] = time.perf_counter() - t0
         if self._pending is not None:  # resumed: P and weights come from the saved state
@@ -199,7 +200,8 @@ class CaP:
         surgery.load_tensors(self.narrow, self.tensors())
         order = refit.cascade(self.orig, self.narrow, self.calib, names, ridge=self.cfg.ridge,
                               prior=prior if self.cfg.ridge_to == "projected" else None,
-                              solved=solved)
+                              solved=solved, block_targets=self.cfg.refit_target == "block",
+                              damping=self.cfg.damping, projected=prior)
         self.timings["refit_s"] = time.perf_counter() - t0
         return order
 

@@ -101,6 +101,17 @@ class CapConfig:
                         "diagonal")
     ridge_to: str = _cap("zero", "--ridge-to", "what the refit's ridge pulls toward: zero, or "
                          "the original consumer read through P (W P)", ("zero", "projected"))
+    # what each consumer's refit reproduces: its own output in the original ("layer"), or, for a
+    # consumer that closes a residual block, the original's block output ("block": it also
+    # absorbs the error already accumulated in the stream)
+    refit_target: str = _cap("layer", "--refit-target", "what the refit of a consumer that "
+                             "closes a residual block reproduces: its own original output, or "
+                             "the original block's output", ("layer", "block"))
+    # a second pull of the refit toward the original consumer read through P, worth `damping`
+    # samples per input of the system: negligible with many samples per unknown (a conv over
+    # the calibration images' positions), decisive with few (a classifier after pooling)
+    damping: float = _cap(0.0, "--damping", "the refit's pull toward the original consumer "
+                          "read through P, in samples per input of the least-squares system")
     # after any method: rescale each layer that feeds a BN to the original layer's weight size
     # (eval function unchanged; fine-tuning's effective step size restored), see
     # caproj.surgery.match_weight_scale
@@ -128,7 +139,7 @@ class CapConfig:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise CaprojError(f"batch_size must be >= 1, got {self.batch_size}",
                               param="batch_size")
-        for name in ("lr", "weight_lr", "recon_weight", "ridge", "kd_temperature"):
+        for name in ("lr", "weight_lr", "recon_weight", "ridge", "damping", "kd_temperature"):
             v = getattr(self, name)
             if v is None and name in ("lr", "weight_lr"):
                 continue
@@ -380,6 +391,7 @@ class Preset:
     cap: tuple[tuple[str, Any], ...] = ()
     finetune: tuple[tuple[str, Any], ...] = ()
     compress: tuple[tuple[str, Any], ...] = ()
+    trains: bool = True  # False: no training budget of its own (CaP's share is not spent)
 
     def __post_init__(self) -> None:
         CAP.replace(**dict(self.cap))  # a preset's fields are checked when it is declared
@@ -388,7 +400,7 @@ class Preset:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "job": self.job, "method": self.method,
                 "cap": dict(self.cap), "finetune": dict(self.finetune),
-                "compress": dict(self.compress),
+                "compress": dict(self.compress), "trains": self.trains,
                 "measured": dataclasses.asdict(self.measured)}
 
 
@@ -449,6 +461,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                      "benchmarks/out/label-free/resnet56-0.5-labelled-50000-seed1.json",
                      "benchmarks/out/label-free/resnet56-0.5-labelled-50000-seed2.json"),
                     "Torch-Pruning as pruned: 43.86")),
+    Preset("calibration", "no training at all (budget_images=0), e.g. a few hundred unlabeled "
+           "images of a large model: calibration only; widths by measured output damage, "
+           "least squares toward the original's block outputs, a refit with few samples per "
+           "unknown held near W P", "cap",
+           Measured("mobilenet_v2 (ImageNet)", 0.7, 0, False, 500, 72.2, None, (0,), 83.2,
+                    "python benchmarks/mobilenet_imagenet.py --targets 0.7,0.5 --allocations "
+                    "auto --steps 0 --cap refit_target=block,damping=1 "
+                    "--out benchmarks/out/mnv2/calibration-preset.json",
+                    ("benchmarks/out/mnv2/calibration-preset.json",),
+                    "caproj's plain defaults (uniform widths, layer targets, undamped): 47.0; "
+                    "Torch-Pruning at the same widths: 0.0 (1.0 with its BN statistics "
+                    "re-estimated); 580 s on 2 CPU cores"),
+           cap=(("steps", 0), ("refit_target", "block"), ("damping", 1.0)),
+           compress=(("allocation", "auto"),), trains=False),
     Preset("label-free", f"unlabeled data, at most {SMALL_SET:,} images: calibration "
            "(no steps), rescaled, then CaP's share of the budget distils from the original "
            "(lr 0.005, KD + the consumers' reconstruction, batches shifted and flipped)", "cap",
@@ -488,8 +514,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 
 # `choose_preset`'s rules, in the order they are tried; PRESETS lists the presets so too
-RULE_ORDER = ("data-free", "latency", "label-free", "post-training", "learn", "deep", "long",
-              "shallow")
+RULE_ORDER = ("data-free", "latency", "calibration", "label-free", "post-training", "learn",
+              "deep", "long", "shallow")
 PRESETS = {name: PRESETS[name] for name in RULE_ORDER}
 """The measured presets by name, in the order `choose_preset` tries them (`caproj presets`
 prints each with its measured row, command and JSON)."""
@@ -506,6 +532,7 @@ class JobFacts:
     synthetic: bool = False
     target_latency: bool = False
     fits: bool | None = None  # the original fits the training data (None: not measured)
+    budget_images: int | None = None  # the training budget the user gave (None: not given)
 
 
 def choose_preset(job: JobFacts) -> tuple[str, str]:
@@ -514,6 +541,8 @@ def choose_preset(job: JobFacts) -> tuple[str, str]:
         return "data-free", "no data: images synthesised from the model"
     if job.target_latency:
         return "latency", "a latency target"
+    if job.budget_images == 0:
+        return "calibration", "budget_images=0: no training"
     if not job.labels and job.images is not None and job.images <= SMALL_SET:
         return "label-free", f"{job.images:,} unlabeled images (at most {SMALL_SET:,})"
     if job.finetune_epochs <= 0:

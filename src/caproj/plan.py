@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from caproj import latency as L
-from caproj.allocate import allocate, site_profiles
+from caproj.allocate import Refit, allocate, site_profiles
 from caproj.budget import (
     MacModel,
     predict_macs,
@@ -130,10 +130,12 @@ class Plan:
                                   f"{s.groups} groups", param="widths")
         return widths
 
-    def resolve(self, model: nn.Module, calib: list[torch.Tensor]) -> list[int]:
-        """The widths, computing the automatic allocation on `calib` if it is still open."""
+    def resolve(self, model: nn.Module, calib: list[torch.Tensor],
+                refit_with: Refit | None = None) -> list[int]:
+        """The widths, computing the automatic allocation on `calib` if it is still open
+        (`refit_with`: the damage measured after the consumers' least-squares refit)."""
         if self.widths is None:
-            self._profiles = site_profiles(model, self.sites, calib)
+            self._profiles = site_profiles(model, self.sites, calib, refit_with=refit_with)
             if self.latency is not None:
                 self.widths = self._first_latency_widths(model)
                 self._verify_latency(model)

@@ -7,6 +7,12 @@ consumers are already refitted: the cascade) and Y its output in the original on
 or a prior (the original consumer read through P). Consumers are refitted in the order the
 network runs them.
 
+With `block_targets`, a consumer whose output reaches a residual addition only through
+BatchNorms is fitted to the original's *block* output instead: Y + (s - s') / a, where s and s'
+are the addition's other operand (the skip) in the original and the narrow network and a the
+BNs' per-channel scale. The consumer then also absorbs the error the narrow network has
+accumulated in the stream so far (GPTQ's error feedback, at the block level).
+
 Both networks are run node by node through their torch.fx graphs (`Walk`), one batch state per
 calibration batch, paused at each consumer: the refit costs one forward pass of each network
 when the paused activations fit in memory (GPTQ's sequential calibration), and falls back to
@@ -93,10 +99,58 @@ class Walk:
         self.advance(c, i + 1)
         return c.env[self.nodes[i]]  # type: ignore[return-value]
 
+    def value_of(self, c: Cursor, node: fx.Node) -> torch.Tensor:
+        """`node`'s value for `c`'s batch without moving `c`: from its live values, or, when the
+        graph computes it later (a shortcut after the block's body), by running a copy."""
+        if node in c.env:
+            return c.env[node]  # type: ignore[return-value]
+        ahead = Cursor(c.x, dict(c.env), c.at)
+        self.advance(ahead, self.nodes.index(node) + 1)
+        return ahead.env[node]  # type: ignore[return-value]
+
     def peak_bytes(self, x: torch.Tensor) -> int:
         peak = [0]
         self.advance(Cursor(x), len(self.nodes), peak)
         return peak[0]
+
+
+def residual_skip(walk: Walk, name: str) -> tuple[str, list[str]] | None:
+    """(the skip's node name, the BatchNorms in between) when module `name`'s only path out is
+    BatchNorms then a residual addition; None otherwise."""
+    mods = dict(walk.gm.named_modules())
+    node, bns = walk.nodes[walk.first_call[name]], []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and isinstance(mods[str(user.target)], nn.modules.batchnorm
+                                                   ._BatchNorm):
+            node = user
+            bns.append(str(user.target))
+            continue
+        if user.op == "call_function" and user.target in sites.ADD_FUNCTIONS:
+            others = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not node]
+            return (others[0].name, bns) if len(others) == 1 and len(user.args) == 2 else None
+        return None
+    return None
+
+
+def bn_scale(bns: Sequence[nn.Module]) -> torch.Tensor | float:
+    """The per-channel slope of BatchNorms in eval mode, applied one after the other."""
+    scale: torch.Tensor | float = 1.0
+    for m in bns:
+        a = torch.rsqrt(m.running_var + m.eps)  # type: ignore[operator]
+        scale = scale * (a * m.weight if m.weight is not None else a)
+    return scale
+
+
+def gram(module: nn.Module, xin: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """X^T X of one batch for an ungrouped Conv2d (over the unfolded patches) or a Linear, in
+    float64, and the rows it adds (`samples`)."""
+    xin = xin.float()
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(xin, module.kernel_size, module.dilation, module.padding, module.stride)
+        return torch.einsum("nkl,njl->kj", cols, cols).double(), cols.shape[0] * cols.shape[-1]
+    x = xin.reshape(-1, xin.shape[-1])
+    return (x.T @ x).double(), x.shape[0]
 
 
 def normal_equations(module: nn.Module, xin: torch.Tensor, y: torch.Tensor
@@ -135,15 +189,23 @@ def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def solve(gram: torch.Tensor, cross: torch.Tensor, w_old: torch.Tensor, ridge: float,
-          prior: torch.Tensor | None = None) -> torch.Tensor:
+          prior: torch.Tensor | None = None, *, anchor: torch.Tensor | None = None,
+          anchor_weight: float = 0.0) -> torch.Tensor:
     """The ridge solution in `w_old`'s layout (out, in/G, k, k); the ridge is relative to the
-    mean Gram diagonal and pulls toward `prior` (same layout as the solution) or zero."""
+    mean Gram diagonal and pulls toward `prior` (same layout as the solution) or zero.
+    `anchor_weight` (also relative to the mean diagonal) adds a second pull, toward `anchor`."""
     d = gram.shape[-1]
-    trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
-    lam = (ridge * trace / d + 1e-12)[:, None, None]
+    mean_diag = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[:, None, None] / d
+
+    def layout(w: torch.Tensor) -> torch.Tensor:  # G x d x o/G
+        return w.double().reshape(gram.shape[0], -1, d).transpose(1, 2)
+
+    lam = ridge * mean_diag + 1e-12
     if prior is not None:
-        w0 = prior.double().reshape(gram.shape[0], -1, d).transpose(1, 2)  # G x d x o/G
-        cross = cross + lam * w0
+        cross = cross + lam * layout(prior)
+    if anchor is not None and anchor_weight > 0:
+        lam2 = anchor_weight * mean_diag
+        cross, lam = cross + lam2 * layout(anchor), lam + lam2
     sol = spd_solve(gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device), cross)
     w = sol.transpose(1, 2).reshape(-1, d).float()  # (G o) x (c'/G k k)
     if w_old.dim() == 4:
@@ -151,14 +213,27 @@ def solve(gram: torch.Tensor, cross: torch.Tensor, w_old: torch.Tensor, ridge: f
     return w.contiguous()
 
 
+def samples(module: nn.Module, y: torch.Tensor) -> int:
+    """How many rows a batch adds to `module`'s least-squares system (`normal_equations`)."""
+    if isinstance(module, nn.Conv2d):
+        return y.shape[0] * y[0, 0].numel()
+    return y.numel() // y.shape[-1]
+
+
 @torch.no_grad()
 def cascade(original: nn.Module, narrow: nn.Module, calib: Sequence[torch.Tensor],
             consumers: set[str], *, ridge: float,
             prior: Callable[[str], torch.Tensor] | None,
-            solved: Callable[[str, torch.Tensor], Mapping[str, torch.Tensor]]) -> list[str]:
+            solved: Callable[[str, torch.Tensor], Mapping[str, torch.Tensor]],
+            block_targets: bool = False, damping: float = 0.0,
+            projected: Callable[[str], torch.Tensor] | None = None) -> list[str]:
     """Refit every module of `consumers` in call order. `narrow` holds the current narrow
     weights; `solved(name, w)` records a solution and returns the narrow network's tensors
-    with it, which are loaded before the walk goes on. Returns the order."""
+    with it, which are loaded before the walk goes on. `block_targets`: fit consumers that
+    close a residual block to the original's block output (module docstring). `damping`: the
+    pull toward `projected(name)` (the original consumer read through P) counts as `damping`
+    samples per input of the system, so a system with few samples per unknown (a classifier
+    refitted from a few hundred pooled images) stays near the original. Returns the order."""
     from caproj.surgery import load_tensors
 
     with sites.traced_on(calib[0]):  # forwards that branch on their input's shape
@@ -172,19 +247,37 @@ def cascade(original: nn.Module, narrow: nn.Module, calib: Sequence[torch.Tensor
         log.info("refit: the paused activations would take %.1f GB; re-running each prefix",
                  need / 2**30)
     cursors = [(Cursor(x), Cursor(x)) for x in calib] if keep else None
+    named_n = {n.name: n for n in walk_n.nodes}
+    named_o = {n.name: n for n in walk_o.nodes}
     for name in order:
         raise_if_stopped("the least-squares refit")
+        skip = residual_skip(walk_o, name) if block_targets else None
         gram = cross = None
+        rows = 0
         for k, x in enumerate(calib):
             cn, co = cursors[k] if cursors is not None else (Cursor(x), Cursor(x))
-            g, c = normal_equations(omods[name], walk_n.input_of(cn, name),
-                                    walk_o.output_of(co, name))
+            xin, y = walk_n.input_of(cn, name), walk_o.output_of(co, name)
+            if skip is not None:
+                s_n = walk_n.value_of(cn, named_n[skip[0]])
+                s_o = walk_o.value_of(co, named_o[skip[0]])
+                if s_n.shape == s_o.shape == y.shape:
+                    a = bn_scale([omods[b] for b in skip[1]])
+                    if isinstance(a, torch.Tensor):
+                        a = a.view(1, -1, *([1] * (y.dim() - 2)))
+                    y = y + (s_o - s_n) / a
+            g, c = normal_equations(omods[name], xin, y)
+            rows += samples(omods[name], y)
             gram = g if gram is None else gram + g
             cross = c if cross is None else cross + c
         assert gram is not None and cross is not None
         dist.all_reduce_(gram)
         dist.all_reduce_(cross)
         w_old = omods[name].weight
-        w = solve(gram, cross, w_old, ridge, prior(name) if prior is not None else None)
+        rows = int(dist.all_reduce_(torch.tensor(float(rows), dtype=torch.float64,
+                                                  device=gram.device)).item())
+        damped = damping > 0 and projected is not None
+        w = solve(gram, cross, w_old, ridge, prior(name) if prior is not None else None,
+                  anchor=projected(name) if damped else None,
+                  anchor_weight=damping * gram.shape[-1] / max(rows, 1) if damped else 0.0)
         load_tensors(narrow, solved(name, w))
     return order

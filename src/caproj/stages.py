@@ -327,7 +327,8 @@ def resolve_settings(*, preset: str | Preset | None, facts: JobFacts, method: st
     steps = cap_steps_of(m, cap)
     # the share of the budget reserved for CaP's steps: the steps the user asked for, else
     # CaP's default (a preset without steps spends it fine-tuning)
-    default_cap = options.get("steps", CAP.steps) * cap.batch_size
+    default_cap = options.get("steps", CAP.steps if chosen is None or chosen.trains else 0
+                              ) * cap.batch_size
     if budget_images is not None:
         if isinstance(budget_images, bool) or not isinstance(budget_images, int) \
                 or budget_images < 0:

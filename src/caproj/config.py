@@ -506,7 +506,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "r56-inductor-b64-rescale.json",
                     ("benchmarks/out/latency/r56-inductor-b64-rescale.json",),
                     "--target-latency 0.5, inductor batch 64: 2.11x measured; Torch-Pruning "
-                    "1.94x at 82.47 %"),
+                    "1.94x at 82.47 %; measured when the widths' damage was one masked "
+                    "measurement per site (before the refitted, two-width damage of issue 35), "
+                    "not re-measured since"),
            cap=(("match_scale", True),),
            finetune=(("lr", FINETUNE.lr), ("kd_weight", FINETUNE.kd_weight)),
            compress=(("allocation", "auto"), ("stream_projection", True))),

@@ -142,36 +142,40 @@ def bn_scale(bns: Sequence[nn.Module]) -> torch.Tensor | float:
     return scale
 
 
-def gram(module: nn.Module, xin: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """X^T X of one batch for an ungrouped Conv2d (over the unfolded patches) or a Linear, in
-    float64, and the rows it adds (`samples`)."""
+def design(module: nn.Module, xin: torch.Tensor) -> torch.Tensor:
+    """One batch's least-squares inputs as N x G x d x L: a Conv2d's unfolded patches
+    (channel-major, one system per group), a Linear's rows (every leading dimension a sample)
+    as 1 x 1 x d x rows."""
     xin = xin.float()
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(xin, module.kernel_size, module.dilation, module.padding, module.stride)
-        return torch.einsum("nkl,njl->kj", cols, cols).double(), cols.shape[0] * cols.shape[-1]
-    x = xin.reshape(-1, xin.shape[-1])
-    return (x.T @ x).double(), x.shape[0]
+        return cols.reshape(cols.shape[0], module.groups, -1, cols.shape[-1])
+    return xin.reshape(-1, xin.shape[-1]).T[None, None]
+
+
+def gram(module: nn.Module, xin: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """X^T X of one batch for an ungrouped Conv2d or a Linear (`design`), in float64, and the
+    rows it adds."""
+    cols = design(module, xin)
+    return (torch.einsum("ngkl,ngjl->kj", cols, cols).double(),
+            cols.shape[0] * cols.shape[-1])
 
 
 def normal_equations(module: nn.Module, xin: torch.Tensor, y: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X^T X, X^T Y) of one batch for a Conv2d (one system per group, over the unfolded
-    patches) or a Linear (every leading dimension a sample), float64, the bias taken out."""
-    xin, y = xin.float(), y.float()
+    """(X^T X, X^T Y) of one batch (`design`: one system per group of a Conv2d), float64, the
+    bias taken out."""
+    y = y.float()
     if getattr(module, "bias", None) is not None:
         y = y - (module.bias if isinstance(module, nn.Linear) else
                  module.bias.view(1, -1, *([1] * (y.dim() - 2))))
+    cols = design(module, xin)
     if isinstance(module, nn.Conv2d):
-        groups = module.groups
-        cols = F.unfold(xin, module.kernel_size, module.dilation, module.padding,
-                        module.stride)  # N x (c' k k) x L, channel-major
-        cols = cols.reshape(cols.shape[0], groups, -1, cols.shape[-1])
-        yy = y.reshape(y.shape[0], groups, y.shape[1] // groups, -1)  # N G o L
-        g = torch.einsum("ngkl,ngjl->gkj", cols, cols)
-        c = torch.einsum("ngkl,ngol->gko", cols, yy)
+        yy = y.reshape(y.shape[0], module.groups, y.shape[1] // module.groups, -1)  # N G o L
     else:
-        xin, y = xin.reshape(-1, xin.shape[-1]), y.reshape(-1, y.shape[-1])
-        g, c = (xin.T @ xin)[None], (xin.T @ y)[None]
+        yy = y.reshape(-1, y.shape[-1]).T[None, None]
+    g = torch.einsum("ngkl,ngjl->gkj", cols, cols)
+    c = torch.einsum("ngkl,ngol->gko", cols, yy)
     return g.double(), c.double()
 
 

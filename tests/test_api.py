@@ -306,6 +306,18 @@ def test_rebatch_regroups_and_keeps_a_short_pass():
     assert [len(x) for x, _ in unl] == [8, 8] and unl[0][1] is None
 
 
+def test_fit_chunks_bounds_the_largest_activation_of_a_calibration_batch():
+    """An image's largest activation here is 64 x 8 x 8 floats (16 KiB, the widening conv);
+    with 40 KiB per batch, 250-image batches become batches of 2, in order, and batches that
+    already fit are returned as they are."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 4, 1)).train()
+    xs = [torch.randn(5, 3, 8, 8), torch.randn(3, 3, 8, 8)]
+    out = B.fit_chunks(model, xs, max_bytes=40 << 10)
+    assert [len(x) for x in out] == [2, 2, 1, 2, 1]
+    assert torch.equal(torch.cat(out), torch.cat(xs)) and model.training
+    assert B.fit_chunks(model, xs, max_bytes=5 * (16 << 10)) is xs
+
+
 def test_load_rebuilds_zoo_architectures_from_metadata(tmp_path):
     model = build_model("resnet20").eval()
     res = caproj.compress(model, loader(n=16, batch=8, shape=(3, 32, 32), classes=10),

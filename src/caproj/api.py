@@ -250,6 +250,7 @@ def _plan_and_settle(model: nn.Module, inputs: S.Inputs, shape: tuple[int, ...],
     calib = B.take(inputs.calib_data if inputs.calib_data is not None else inputs.data,
                    calib_cfg.calib_images, model_device(model))
     S.check_forward(model, calib, eval_kw["output_transform"])
+    calib = B.fit_chunks(model, calib)
     fit_report = None
     if preset == "auto" and inputs.labelled and facts.finetune_epochs > 0:
         fit_report = S.measure_fit(model, inputs.calib_data if inputs.calib_data is not None

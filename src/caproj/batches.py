@@ -11,7 +11,8 @@ job label-free (distillation from the original model only).
 - `split` turns one batch into `(x, y or None)` on a device;
 - `rebatch` regroups a pass into batches of exactly `size` images (CaP's optimisation runs at a
   fixed batch; a short tail is dropped unless the whole pass is shorter than one batch);
-- `take` collects the first `n` images (calibration);
+- `take` collects the first `n` images (calibration), `fit_chunks` splits them so that
+  no activation of one batch grows past `CHUNK_BYTES`;
 - `endless` runs pass after pass, calling the data's `set_epoch(epoch)` (or its sampler's, as
   `DistributedSampler` wants) before each, and skips the first batches of a resumed pass.
 """
@@ -174,6 +175,41 @@ def take(data: Iterable, n: int, device: torch.device | None = None,
     if not out:
         raise CaprojError("data is empty: it yielded no batch", param="data")
     return out
+
+
+CHUNK_BYTES = 256 << 20  # the largest activation one calibration batch may make
+
+
+@torch.no_grad()
+def fit_chunks(model: torch.nn.Module, xs: list[torch.Tensor],
+               max_bytes: int = CHUNK_BYTES) -> list[torch.Tensor]:
+    """`xs` (`take`'s batches) re-split so that no module's output for one batch exceeds
+    `max_bytes`. On the CPU a tensor above glibc's mmap threshold (1 GiB with
+    `utils.steady_allocator`) is mapped from the OS and faulted in anew on every forward:
+    MobileNetV2 at 224 x 224 in batches of 250 makes 1.2 GB in its first expansion, and its
+    automatic allocation spent 70 % of its time in the kernel. One image's forward sizes it."""
+    if not xs:
+        return xs
+    largest = [1]
+
+    def hook(m: torch.nn.Module, i: Any, o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            largest[0] = max(largest[0], o.numel() * o.element_size())
+
+    was = model.training
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if next(m.children(), None) is None]
+    try:
+        model.eval()
+        model(xs[0][:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    size = max(1, max_bytes // largest[0])
+    if all(len(x) <= size for x in xs):
+        return xs
+    return [c for x in xs for c in x.split(size)]
 
 
 def set_epoch(data: Any, epoch: int, start: int = 0) -> int:

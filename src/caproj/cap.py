@@ -159,7 +159,8 @@ class CaP:
         After `load_state_dict` only the calibration images are kept (for BN re-estimation)."""
         t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
-        calib = B.take(batches, self.cfg.calib_images, self.device)
+        calib = B.fit_chunks(self.orig, B.take(batches, self.cfg.calib_images,
+                                                self.device))
         self.calib = calib[dist.rank()::dist.world()]  # torchrun: statistics are all-reduced
         self.plan.resolve(self.orig, self.calib, Refit.of(self._config))
         self._resolve()

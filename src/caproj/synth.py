@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,31 +159,12 @@ def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Si
     SIGTERM/SIGINT, at the end of the batch); `resume=True` continues from it. `cache`: keep
     the finished set in caproj's cache dir and reuse it. `progress`: a bar on a terminal.
     The model is left as it was."""
-    if not isinstance(model, nn.Module):
-        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
-                          param="model")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise CaprojError(f"the number of synthetic images must be an integer >= 1, got {n}",
-                          param="synthetic")
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise CaprojError(f"input_shape must be (C, H, W), got {tuple(input_shape)}",
-                          param="input_shape")
+    shape, layers = _checked(model, n, input_shape)
     cfg = (config or SynthConfig()).replace(**options)
-    layers = _bn_layers(model)
-    if not layers:
-        raise CaprojError("data-free synthesis matches BatchNorm running statistics, and the "
-                          "model has no BatchNorm layer that tracks them; pass real (even "
-                          "unlabeled) images instead", param="model")
     key = _fingerprint(model, n, shape, cfg) if cache or state_path is not None else None
     cached = data_cache_dir() / "synthetic" / f"{key}.pt"
-    if cache and cached.is_file():
-        try:
-            d = torch.load(cached, weights_only=True)
-            log.info("synthetic images: %d from the cache (%s)", n, cached)
-            return Synthetic(d["images"], d["report"])
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never trusted
-            cached.unlink(missing_ok=True)
+    if cache and (hit := _from_cache(cached)) is not None:
+        return hit
     dev = model_device(model)
     was_training = model.training
     model.eval()
@@ -220,14 +202,48 @@ def synthesize(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Si
     images = torch.cat(done)
     report = {"n": n, "input_shape": list(shape), "classes": classes, "config": cfg.as_dict(),
               "seconds": sum(b["seconds"] for b in batches),
-              "bn_loss_start": sum(b["bn_loss_start"] * b["n"] for b in batches) / n,
-              "bn_loss_end": sum(b["bn_loss_end"] * b["n"] for b in batches) / n,
-              "batches": batches}
+              **{k: sum(b[k] * b["n"] for b in batches) / n
+                 for k in ("bn_loss_start", "bn_loss_end")}, "batches": batches}
     if cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"images": images, "report": report}, cached)
     ck.finish()
     return Synthetic(images, report)
+
+
+def _checked(model: nn.Module, n: int, input_shape: tuple[int, ...] | torch.Size
+             ) -> tuple[tuple[int, ...], list[nn.modules.batchnorm._BatchNorm]]:
+    """synthesize's arguments checked: (the shape as ints, the BatchNorms to match)."""
+    if not isinstance(model, nn.Module):
+        raise CaprojError(f"model must be an nn.Module, got {type(model).__name__}",
+                          param="model")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise CaprojError(f"the number of synthetic images must be an integer >= 1, got {n}",
+                          param="synthetic")
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise CaprojError(f"input_shape must be (C, H, W), got {tuple(input_shape)}",
+                          param="input_shape")
+    layers = _bn_layers(model)
+    if not layers:
+        raise CaprojError("data-free synthesis matches BatchNorm running statistics, and the "
+                          "model has no BatchNorm layer that tracks them; pass real (even "
+                          "unlabeled) images instead", param="model")
+    return shape, layers
+
+
+def _from_cache(cached: Path) -> Synthetic | None:
+    """A finished set from caproj's cache; None if absent or corrupt (then it is removed)."""
+    if not cached.is_file():
+        return None
+    try:
+        d = torch.load(cached, weights_only=True)
+        hit = Synthetic(d["images"], d["report"])
+    except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never trusted
+        cached.unlink(missing_ok=True)
+        return None
+    log.info("synthetic images: %d from the cache (%s)", len(hit.images), cached)
+    return hit
 
 
 def _one_batch(model: nn.Module, hooks: _StatsHooks, size: int, shape: tuple[int, ...],

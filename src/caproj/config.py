@@ -472,7 +472,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     ("benchmarks/out/mnv2/calibration-preset.json",),
                     "caproj's plain defaults (uniform widths, layer targets, undamped): 47.0; "
                     "Torch-Pruning at the same widths: 0.0 (1.0 with its BN statistics "
-                    "re-estimated); 580 s on 2 CPU cores"),
+                    "re-estimated); 201 s on 2 CPU cores"),
            cap=(("steps", 0), ("refit_target", "block"), ("damping", 1.0)),
            compress=(("allocation", "auto"),), trains=False),
     Preset("label-free", f"unlabeled data, at most {SMALL_SET:,} images: calibration "

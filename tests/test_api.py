@@ -402,7 +402,10 @@ def test_compress_takes_the_preset_it_chose_and_the_options_given():
         caproj.evaluate(net, test, progress=False)["loss"])  # the one evaluation of the original
     assert (auto["finetune_config"]["lr"], auto["finetune_config"]["kd_weight"]) == \
         (dict(learn.finetune)["lr"], dict(learn.finetune)["kd_weight"])
-    assert auto["cap_config"]["kd"] == dict(learn.cap)["kd"]  # CaP distils as FT does
+    # the selection, refitted and rescaled, no CaP steps (measured best on such starts;
+    # steps=2 given here overrides them)
+    assert auto["cap_config"]["match_scale"] is True and dict(learn.cap)["steps"] == 0
+    assert auto["preset"]["overridden"] == ["steps"]
     fits = caproj.compress(net, _labelled_by(net, 0), finetune={"epochs": 1, "max_steps": 1},
                            eval_data=test, **common).report
     assert fits["preset"]["name"] == "shallow"
@@ -412,7 +415,8 @@ def test_compress_takes_the_preset_it_chose_and_the_options_given():
     mine = caproj.compress(net, _labelled_by(None, 2), preset="learn", kd=0.25, eval_data=test,
                            finetune={"epochs": 1, "max_steps": 1, "lr": 0.01}, **common).report
     assert mine["preset"]["name"] == "learn" and mine["preset"]["reason"] == "chosen by name"
-    assert mine["finetune_config"]["lr"] == 0.01 and mine["preset"]["overridden"] == ["kd", "lr"]
+    assert mine["finetune_config"]["lr"] == 0.01
+    assert mine["preset"]["overridden"] == ["lr", "steps"]  # kd: not a setting of learn
     assert mine["cap_config"]["kd"] == 0.25 and mine["finetune_config"]["kd_weight"] == 0.0
     # a TrainConfig is used as given: no preset recipe, no budget split
     given = caproj.compress(net, _labelled_by(None, 2), eval_data=test, **common,

@@ -369,5 +369,5 @@ for _m in (CaPMethod("cap"), CaPMethod("cp", {"init": "select", "refit": True, "
            # BN, the channels outside the kept ones faded to zero over the first half of the
            # fine-tune (a schedule where ResRep uses masked gradients and group lasso over
            # hundreds of epochs), merged at the end; channels ranked by BN-folded filter norm
-           Selection(bn_l2_scores, "resrep", {"factored": True})):
+           Selection(bn_l2_scores, "resrep", {"factored": True, "factored_ramp": 0.5})):
     register_method(_m.name, _m)

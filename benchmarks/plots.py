@@ -19,12 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 
 # (label, cell-name prefix, folder) per depth; caproj's rows are the `deep` / `shallow`
-# presets' measured configurations (RESULTS.md, "After fine-tuning")
+# presets' measured configurations, Torch-Pruning's its best measured lr (RESULTS.md, "After
+# fine-tuning"; at 50 % its three lr-0.02 seeds ran on an H200, one folder each)
 SERIES = {
-    "caproj (preset)": {0.5: ("cap-0.5-s", "deep/r56-0.5-lr0.005"),
+    "caproj (preset)": {0.5: ("cp+match-scale+ridge-to=projected+ridge=0.1-0.5-s",
+                              "factored/r56-0.5-lr0.02-cpu"),
                         0.25: ("cp+prior+rescale-0.25-s", "deep/r56-0.25-lr0.02"),
                         0.125: ("cp+rescale-0.125-s", "deep/r56-0.125-lr0.02")},
-    "Torch-Pruning (tp-l2)": {0.5: ("tp-l2-0.5-s", "deep/r56-0.5-lr0.005"),
+    "Torch-Pruning (tp-l2)": {0.5: ("r56-tp-0.5-lr0.02-s*/tp-l2-0.5-s", "factored/h200-grid"),
                               0.25: ("tp-l2-0.25-s", "deep/r56-0.25-lr0.02"),
                               0.125: ("tp-l2-0.125-s", "deep/r56-0.125-lr0.02")},
 }

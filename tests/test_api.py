@@ -409,7 +409,11 @@ def test_compress_takes_the_preset_it_chose_and_the_options_given():
     fits = caproj.compress(net, _labelled_by(net, 0), finetune={"epochs": 1, "max_steps": 1},
                            eval_data=test, **common).report
     assert fits["preset"]["name"] == "shallow"
-    assert fits["finetune_config"]["lr"] == caproj.FINETUNE.lr
+    # issue 36: at 50 % MACs no CaP steps + lr 0.02 beat CaP's steps + the polish recipe
+    assert (fits["finetune_config"]["lr"], fits["finetune_config"]["kd_weight"]) == (0.02, 0.5)
+    assert dict(caproj.PRESETS["shallow"].cap)["steps"] == 0  # steps=2 given here wins
+    assert fits["preset"]["overridden"] == ["steps"] and fits["cap_config"]["match_scale"] is True
+    assert fits["cap_config"]["ridge_to"] == "projected"
     assert fits["cap_config"]["kd"] == caproj.CAP.kd
     # options given win over the preset's, and the report names them
     mine = caproj.compress(net, _labelled_by(None, 2), preset="learn", kd=0.25, eval_data=test,

@@ -410,7 +410,7 @@ _DEEP = "benchmarks/out/deep"
 _FAC = "benchmarks/out/factored"
 # The recipe of the deep and shallow presets: no CaP steps, the selection refitted toward W P
 # and rescaled; every image fine-tunes at lr 0.02 with KD 0.5 (issue 36: at 50 % MACs it beat
-# CaP's 600 steps + lr 0.005 by 0.63, three seeds each).
+# CaP's 600 steps + lr 0.005 by 0.63, three seeds each). The long preset fine-tunes the same.
 _NO_STEPS = (("steps", 0), ("match_scale", True), ("ridge_to", "projected"), ("ridge", 0.1))
 _LR02_KD = (("lr", 0.02), ("kd_weight", 0.5))
 _BENCH = ("caproj bench --arch resnet56 --weights ../shared/models/resnet56-cifar10jpeg.th "
@@ -452,7 +452,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     (f"{_DEEP}/r56-15ep-lr0.02-cpu/cap+rescale-0.5-s0-eq.json",),
                     "plain cap 89.75 (H100), Torch-Pruning 89.68 on the same CPU (the cell "
                     "carries the bench's earlier name, cap+rescale)"),
-           cap=(("match_scale", True),), finetune=(("lr", 0.02), ("kd_weight", 0.5))),
+           cap=(("match_scale", True),), finetune=_LR02_KD),
     Preset("learn", "labelled data, fine-tuning, an original that does not fit the training "
            "data (trained on other data or preprocessing): selection + least squares (no CaP "
            "steps), rescaled; every image fine-tunes at lr 0.02, no KD", "cap",
@@ -461,12 +461,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "resnet56-4bfd9763.th --data ../shared/data/cifar10-jpeg.tar.gz "
                     "--methods cp:match-scale,tp-l2 --finetune-epochs 3 --targets 0.5 "
                     "--seeds 0 --no-latency --lr 0.02 --kd 0 --threads 2 "
-                    "--out-dir benchmarks/out/factored/r56png-0.5-3ep (seed 1: --seeds 1 "
-                    "--out-dir benchmarks/out/factored/r56png-0.5-3ep-s1; seed 2 on an H200: "
-                    "benchmarks/out/factored/h200-grid/grid.sh)",
-                    ("benchmarks/out/factored/r56png-0.5-3ep/cp+match-scale-0.5-s0.json",
-                     "benchmarks/out/factored/r56png-0.5-3ep-s1/cp+match-scale-0.5-s1.json",
-                     "benchmarks/out/factored/h200-grid/r56png-3ep-s2/cp+match-scale-0.5-s2.json"),
+                    f"--out-dir {_FAC}/r56png-0.5-3ep (seed 1: --seeds 1 "
+                    f"--out-dir {_FAC}/r56png-0.5-3ep-s1; seed 2 on an H200: "
+                    f"{_FAC}/h200-grid/grid.sh)",
+                    (f"{_FAC}/r56png-0.5-3ep/cp+match-scale-0.5-s0.json",
+                     f"{_FAC}/r56png-0.5-3ep-s1/cp+match-scale-0.5-s1.json",
+                     f"{_FAC}/h200-grid/r56png-3ep-s2/cp+match-scale-0.5-s2.json"),
                     "Torch-Pruning, same images and recipe: 88.16 ± 0.11 (88.29 / 88.10 / "
                     "88.09); before (CaP's 600 steps without KD, 76,800 more images, H100, "
                     "seed 0): 87.27"),

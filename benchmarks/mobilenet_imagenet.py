@@ -15,6 +15,11 @@ Per target: the site widths for the MACs target (uniform, depthwise expansion si
 from the model's BatchNorm statistics (`caproj.synthesize`, `--synth-steps` per batch of
 `--synth-batch`; kept in caproj's cache and re-used) instead of the 500 real ones; the held-out
 500 real images are still the test set, so the rows compare with the real-image ones.
+`--distil-epochs E` adds caproj's label-free distillation after the calibration
+(`caproj.finetune` with the teacher, `--ft` TrainConfig overrides, e.g.
+optimizer=adam,lr=1e-4,freeze_bn=true,mixup=1): `--holdout K` of the calibration images are kept
+out of both the calibration and the distillation, and the weights that distil best onto them
+(the calibrated start's included) are kept. The evaluation half is never looked at.
 Inputs: ../shared/models/mobilenet_v2-imagenet-int8dq.pt, ../shared/data/imagenet-sample-1000.tar.gz
 (images resized to short side 256, centre crop 224: torchvision's eval transform).
 """
@@ -84,6 +89,14 @@ def main() -> None:
     ap.add_argument("--cap", default="", help="CapConfig overrides for caproj, e.g. "
                     "relax=consumer,weight_lr=1e-5")
     ap.add_argument("--no-tp", action="store_true", help="caproj rows only")
+    ap.add_argument("--distil-epochs", type=int, default=0,
+                    help="label-free distillation epochs after the calibration (caproj.finetune)")
+    ap.add_argument("--distil", default="caproj,tp-l2",
+                    help="which methods' networks get the distillation")
+    ap.add_argument("--ft", default="", help="TrainConfig overrides for the distillation")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="calibration images kept out of calibration and distillation, on which "
+                    "the best distilled weights are chosen")
     ap.add_argument("--synthetic", type=int, default=0,
                     help="calibrate on this many synthetic images instead of the real ones")
     ap.add_argument("--synth-steps", type=int, default=caproj.SYNTH.steps)
@@ -105,9 +118,16 @@ def main() -> None:
     model = torchvision.models.mobilenet_v2()
     model.load_state_dict(torch.load(a.weights, weights_only=True))
     model = model.to(dev).eval()
-    calib = Batches(data.train_x, data.train_y, a.batch_size, data.mean, data.std, train=True,
+    cx = data.train_x
+    held = None
+    if a.holdout:  # a seeded slice of the calibration images, never the evaluation half
+        perm = torch.randperm(len(cx), generator=torch.Generator().manual_seed(a.seed))
+        held = WithoutLabels(Batches(cx[perm[:a.holdout]], None, 100, data.mean, data.std,
+                                     device=dev))
+        cx = cx[perm[a.holdout:]]
+    calib = Batches(cx, None, a.batch_size, data.mean, data.std, train=True,
                     flip=True, seed=a.seed, device=dev)  # flips only (no crop at 224)
-    calib_eval = Batches(data.train_x, data.train_y, 100, data.mean, data.std, device=dev)
+    calib_eval = Batches(cx, None, 100, data.mean, data.std, device=dev)
     test = Batches(data.test_x, data.test_y, 100, data.mean, data.std, device=dev)
     unlabeled, calib_bare = WithoutLabels(calib), WithoutLabels(calib_eval)
     shape = (3, 224, 224)
@@ -124,7 +144,7 @@ def main() -> None:
         calib_bare = syn.batches(100, device=dev)
         print(f"{a.synthetic} synthetic images ({a.synth_steps} steps): "
               f"{time.perf_counter() - t1:.0f} s", flush=True)
-    n_calib = a.synthetic or a.split
+    n_calib = a.synthetic or len(cx)
     base = measure(model, test, None)
     ref = base.pop("preds")
     rows = [{"method": "original", "target": 1.0, "macs": 1.0, **base, "seconds": 0.0}]
@@ -133,6 +153,7 @@ def main() -> None:
     total = count_macs(model, shape)
     overrides = {k: _value(v) for k, v in (kv.split("=") for kv in a.cap.split(",") if kv)}
     ft_epochs = max(1, math.ceil(a.steps * a.batch_size / n_calib))
+    ft = {k: _value(v) for k, v in (kv.split("=") for kv in a.ft.split(",") if kv)}
     def write() -> None:  # after every row: a run stopped early keeps what it measured
         out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
                             steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs,
@@ -162,6 +183,23 @@ def main() -> None:
         print(f"{t:.2f} {alloc} caproj calib-only: {r['top1']:.1f} % (agree {r['agree']:.1f}) "
               f"macs {macs:.3f} {secs:.0f} s", flush=True)
         write()
+        if a.distil_epochs and "caproj" in a.distil.split(","):
+            t1 = time.perf_counter()
+            hist = caproj.finetune(small, unlabeled, epochs=a.distil_epochs, teacher=model,
+                                   holdout=held, progress=False, seed=a.seed, **ft)
+            dsecs = time.perf_counter() - t1
+            r = measure(small, test, ref)
+            r.pop("preds")
+            rows.append({"method": "caproj", "stage": f"+{a.distil_epochs} label-free "
+                         "distillation epochs", "cap": overrides, "finetune": ft,
+                         "holdout": a.holdout, "target": t, "allocation": alloc,
+                         "macs": count_macs(small, shape) / total, **r,
+                         "seconds": secs + dsecs, "distil_seconds": dsecs,
+                         "train_images": a.distil_epochs * len(cx), "history": hist})
+            print(f"{t:.2f} {alloc} caproj +{a.distil_epochs} distillation epochs: "
+                  f"{r['top1']:.1f} % (agree {r['agree']:.1f}) {secs + dsecs:.0f} s "
+                  f"(best epoch {hist[-1].get('holdout_best_epoch')})", flush=True)
+            write()
         if a.steps:
             t1 = time.perf_counter()
             cap.optimise(unlabeled)
@@ -199,6 +237,22 @@ def main() -> None:
         print(f"{t:.2f} {alloc} tp-l2: {rows[-2]['top1']:.1f} % / BN {r['top1']:.1f} % "
               f"(agree {r['agree']:.1f}) macs {macs:.3f}", flush=True)
         write()
+        if a.distil_epochs and "tp-l2" in a.distil.split(","):  # the same recipe and choice
+            t1 = time.perf_counter()
+            hist = caproj.finetune(tp, unlabeled, epochs=a.distil_epochs, teacher=model,
+                                   holdout=held, progress=False, seed=a.seed, **ft)
+            dsecs = time.perf_counter() - t1
+            r = measure(tp, test, ref)
+            r.pop("preds")
+            rows.append({"method": "tp-l2", "stage": f"+{a.distil_epochs} label-free "
+                         "distillation epochs", "finetune": ft, "holdout": a.holdout,
+                         "target": t, "allocation": alloc, "macs": macs, **r,
+                         "seconds": secs + dsecs, "distil_seconds": dsecs,
+                         "train_images": a.distil_epochs * len(cx), "history": hist})
+            print(f"{t:.2f} {alloc} tp-l2 +{a.distil_epochs} distillation epochs: "
+                  f"{r['top1']:.1f} % (agree {r['agree']:.1f}) "
+                  f"(best epoch {hist[-1].get('holdout_best_epoch')})", flush=True)
+            write()
         if a.steps:
             t1 = time.perf_counter()
             caproj.finetune(tp, unlabeled, epochs=ft_epochs, teacher=model, progress=False,

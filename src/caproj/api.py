@@ -307,15 +307,20 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int,
              loss_fn: LossFn | None = None, output_transform: OutputTransform | None = None,
              seed: int = 0, progress: bool = True, state_path: str | os.PathLike | None = None,
              resume: bool = False, save_every: int = SAVE_EVERY, input_key: str | None = None,
-             target_key: str | None = None, **recipe: Any) -> list[dict]:
+             target_key: str | None = None, holdout: Iterable | None = None,
+             **recipe: Any) -> list[dict]:
     """Fine-tune `model` in place on `data` for `epochs` passes with the measured recipe
     (`caproj.FINETUNE`: SGD nesterov, one-cycle peak lr 0.005, KD 0.5 from `teacher`; without a
     teacher plain cross-entropy), `**recipe` overriding any `caproj.TrainConfig` field.
     Returns one record per epoch (test accuracy too when `eval_data` is given); the model is
-    left in eval mode. Models, data and keys as `compress` takes them."""
+    left in eval mode. Models, data and keys as `compress` takes them. `holdout`: batches
+    kept out of `data` (a slice of a few hundred calibration images, say); the weights that
+    distil best onto them (the start's included) are kept, so fine-tuning never returns a
+    network worse on them than the one it was given."""
     model = _module(model)
     data, eval_data = B.keyed(data, input_key, target_key), \
         B.keyed(eval_data, input_key, target_key)
+    holdout = B.keyed(holdout, input_key, target_key)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise CaprojError(f"epochs must be an integer >= 0, got {epochs!r}", param="epochs")
     cfg = FINETUNE.replace(**{"seed": seed, **({} if teacher is not None else
@@ -334,7 +339,8 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int,
         ck = Checkpointer(f"{state_path}.ft-state.pt", {"finetune": cfg.as_dict()}, save_every,
                           resume)
     hist = fit(model, data, cfg, teacher=teacher, eval_data=eval_data, loss_fn=loss_fn,
-               output_transform=output_transform, checkpoint=ck, progress_bar=progress)
+               output_transform=output_transform, checkpoint=ck, progress_bar=progress,
+               holdout=holdout)
     if ck is not None:
         ck.finish()
     model.eval()  # handed back ready for inference, as compress hands back its result

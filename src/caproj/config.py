@@ -221,6 +221,12 @@ class TrainConfig:
     # adds no augmentation to labelled data (it cannot know what keeps a label).
     augment: bool = _train(False, "--augment", "label-free batches only: random shifts and "
                            "flips, labelled by the teacher")
+    # label-free batches of images only: each image blended with another of the batch (mixup,
+    # its share drawn from Beta(mixup, mixup)), labelled by the teacher, so a few hundred images
+    # give inputs the student has not memorised (issue 35; "function matching", Beyer et al.)
+    mixup: float = _train(0.0, "--mixup", "label-free batches only: blend each image with "
+                          "another of the batch, share ~ Beta(a, a), labelled by the teacher "
+                          "(0: off)")
 
     # factored fine-tuning (caproj.factored): train at the original width with a compactor per
     # site; the forward starts as the original and narrows to the method's projection over the
@@ -255,6 +261,8 @@ class TrainConfig:
         if not 0 <= self.kd_weight <= 1:
             raise CaprojError(f"kd_weight must be in [0, 1], got {self.kd_weight}",
                               param="kd_weight")
+        if not (isinstance(self.mixup, (int, float)) and 0 <= self.mixup < math.inf):
+            raise CaprojError(f"mixup must be a number >= 0, got {self.mixup}", param="mixup")
         if not 0 <= self.ema < 1:
             raise CaprojError(f"ema must be in [0, 1), got {self.ema}", param="ema")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -9,8 +9,10 @@ float32 so reported accuracies are exact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import random
 import sys
 import time
 from collections.abc import Iterable
@@ -34,6 +36,7 @@ from caproj.losses import (
     Taps,
     check_finite,
     check_targets,
+    kd_loss,
     outputs_of,
     reconstruction,
     task_loss,
@@ -114,6 +117,72 @@ def augment_images(x: torch.Tensor, seed: int) -> torch.Tensor:
     return random_flip(random_crop(x, max(1, min(x.shape[-2:]) // 8), g), g)
 
 
+def mix_images(x: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
+    """Each image of a float batch (N, C, H, W) blended with the image at the mirrored place
+    in the batch (mixup), its own share drawn from Beta(alpha, alpha); seeded, so a resumed
+    run sees the same batches."""
+    r = random.Random(seed)
+    lam = torch.tensor([r.betavariate(alpha, alpha) for _ in range(len(x))], dtype=x.dtype,
+                       device=x.device).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x.flip(0)
+
+
+class BestOnHoldout:
+    """Keeps the weights that do best on held-out batches: their mean distillation loss from
+    the teacher (KL at temperature 1), or without a teacher their task loss, measured at the
+    start and after every epoch. `restore` loads the best (the start's included), so training
+    never hands back a network worse on the held-out images than the one it was given."""
+
+    def __init__(self, holdout: Iterable, teacher: nn.Module | None,
+                 loss_fn: LossFn | None, output_transform: OutputTransform | None) -> None:
+        B.check_iterable(holdout)
+        self.holdout, self.teacher = holdout, teacher
+        self.loss_fn, self.output_transform = loss_fn, output_transform
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.start: float | None = None  # the given network's score
+
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> float:
+        was, total, n = model.training, 0.0, 0
+        model.eval()
+        dev = model_device(model)
+        try:
+            for x, y in B.iterate(self.holdout, dev):
+                out = outputs_of(model, x, self.output_transform).float()
+                if self.teacher is not None:
+                    t_out = outputs_of(self.teacher, x, self.output_transform).float()
+                    loss = kd_loss(out, t_out, 1.0)
+                elif y is not None:
+                    loss = self.loss_fn(out, y) if self.loss_fn is not None else \
+                        F.cross_entropy(out, y)
+                else:
+                    raise CaprojError("holdout batches have no labels and there is no teacher "
+                                      "to distil from", param="holdout")
+                total, n = total + float(loss) * len(x), n + len(x)
+        finally:
+            model.train(was)
+        if n == 0:
+            raise CaprojError("holdout data is empty: it yielded no batch", param="holdout")
+        return total / n
+
+    def offer(self, model: nn.Module, epoch: int) -> float:
+        """Score `model` after `epoch` epochs (0: the start) and keep it if it is the best."""
+        s = self.score(model)
+        if epoch == 0:
+            self.start = s
+        if self.best is None or s < self.best[0]:
+            self.best = (s, epoch, copy.deepcopy(model.state_dict()))
+        return s
+
+    def restore(self, model: nn.Module) -> int:
+        """Load the best weights into `model`; the epoch they were taken after."""
+        assert self.best is not None
+        model.load_state_dict(self.best[2])
+        log.info("held-out distillation loss: best %.4f after epoch %d", self.best[0],
+                 self.best[1])
+        return self.best[1]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The recipe's optimiser over `model`'s trainable parameters: weight decay on weights
     (dim > 1) only, and not on those the model's `no_weight_decay()` names (timm's
@@ -173,7 +242,8 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
         eval_data: Iterable | None = None, loss_fn: LossFn | None = None,
         output_transform: OutputTransform | None = None,
         checkpoint: Checkpointer | None = None, progress_bar: bool = True,
-        feature_layers: list[str] | None = None, eval_every: int = 1) -> list[dict]:
+        feature_layers: list[str] | None = None, eval_every: int = 1,
+        holdout: Iterable | None = None) -> list[dict]:
     """Train `model` in place on the batches of `data`, `cfg.epochs` passes. Returns one
     record per epoch (train loss/accuracy, time, and test accuracy/loss when `eval_data`: after
     every `eval_every`-th epoch and the last).
@@ -182,6 +252,8 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     `teacher` by `cfg.kd_weight`; batches without labels are distilled only (label-free).
     With `cfg.feature_weight` > 0, CaP's reconstruction term is added: the outputs of
     `feature_layers` (default `feature_layers_of(model, teacher)`) matched to the teacher's.
+    With `holdout` (batches kept out of `data`), the weights that do best on it are returned,
+    the start's included (`BestOnHoldout`); each record gets its `holdout_loss`.
     With a `checkpoint`, the whole training state is saved every `checkpoint.every` steps and
     on SIGTERM/SIGINT, and a resumed call continues from the saved step to the same result.
     On the CPU (glibc) it fixes the process's malloc thresholds (`utils.steady_allocator`):
@@ -207,7 +279,9 @@ def fit(model: nn.Module, data: Iterable, cfg: TrainConfig, *, teacher: nn.Modul
     try:
         return Fit(model, data, cfg, teacher=teacher, loss_fn=loss_fn,
                    output_transform=output_transform, checkpoint=checkpoint,
-                   progress_bar=progress_bar, taps=taps).run(eval_data, max(1, int(eval_every)))
+                   progress_bar=progress_bar, taps=taps,
+                   keeper=BestOnHoldout(holdout, teacher, loss_fn, output_transform)
+                   if holdout is not None else None).run(eval_data, max(1, int(eval_every)))
     finally:
         if taps is not None:
             taps.remove()
@@ -243,11 +317,13 @@ class Fit:
     def __init__(self, model: nn.Module, data: Iterable, cfg: TrainConfig, *,
                  teacher: nn.Module | None, loss_fn: LossFn | None,
                  output_transform: OutputTransform | None, checkpoint: Checkpointer | None,
-                 progress_bar: bool, taps: Taps | None) -> None:
+                 progress_bar: bool, taps: Taps | None,
+                 keeper: BestOnHoldout | None = None) -> None:
         seed_everything(cfg.seed)
         self.model, self.data, self.cfg, self.teacher = model, data, cfg, teacher
         self.loss_fn, self.output_transform = loss_fn, output_transform
         self.checkpoint, self.progress_bar, self.taps = checkpoint, progress_bar, taps
+        self.keeper = keeper
         self.device = model_device(model)
         if self.device.type == "cpu":
             steady_allocator()
@@ -279,6 +355,8 @@ class Fit:
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         set_rng_state(st["rng"])
+        if self.keeper is not None:
+            self.keeper.best, self.keeper.start = st.get("best"), st.get("holdout_start")
         return FitState(st["step"], st["epoch"], st["batch"], st["history"],
                         Tally(**{"labelled": st["partial"]["seen"], **st["partial"]}))
 
@@ -289,12 +367,16 @@ class Fit:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "sched": self.sched.state_dict(), "history": st.history, "epoch": st.epoch,
             "batch": st.batch, "rng": rng_state(),
+            "best": self.keeper.best if self.keeper is not None else None,
+            "holdout_start": self.keeper.start if self.keeper is not None else None,
             "partial": dataclasses.asdict(dataclasses.replace(
                 st.tally, seconds=time.perf_counter() - t0))})
 
     def run(self, eval_data: Iterable | None, eval_every: int) -> list[dict]:
         st = self.restore()
         first_epoch = st.epoch
+        if self.keeper is not None and self.keeper.best is None:
+            self.keeper.offer(self.averaged(), 0)
         for epoch in range(first_epoch, self.cfg.epochs):
             if st.step >= self.total:
                 break
@@ -305,6 +387,8 @@ class Fit:
             if eval_data is not None and ((epoch + 1) % eval_every == 0 or
                                           st.step >= self.total or epoch + 1 == self.cfg.epochs):
                 rec.update(self.test(eval_data))
+            if self.keeper is not None:
+                rec["holdout_loss"] = self.keeper.offer(self.averaged(), epoch + 1)
             st.history.append(rec)
             log.info("epoch %d: train loss %.4f%s%s%s (%.0f s, %.0f img/s)", epoch + 1,
                      rec["train_loss"],
@@ -314,9 +398,18 @@ class Fit:
                      else "", rec["seconds"], rec["images_per_s"])
         if self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
+        if self.keeper is not None and self.keeper.best is not None:
+            best = self.keeper.restore(self.model)
+            if st.history:
+                st.history[-1].update(holdout_best_epoch=best,
+                                      holdout_start_loss=self.keeper.start)
         if self.cfg.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
         return st.history  # the caller removes the checkpoint's state once the result is saved
+
+    def averaged(self) -> nn.Module:
+        """The network training hands back: the average with `ema`, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     def epoch(self, st: FitState) -> dict[str, Any]:
         """Train from `st` to the end of its epoch (or the step budget); the epoch's record."""
@@ -368,6 +461,8 @@ class Fit:
         cfg = self.cfg
         if cfg.augment and y is None and x.dim() == 4:
             x = augment_images(x, cfg.seed * 1_000_003 + st.step)
+        if cfg.mixup > 0 and y is None and x.dim() >= 2 and x.is_floating_point():
+            x = mix_images(x, cfg.mixup, cfg.seed * 1_000_033 + st.step)
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -23,21 +23,14 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mobilenet_imagenet import _value  # noqa: E402  (this folder is on the path)
+
 import caproj  # noqa: E402
 from caproj.data import Batches, load_data  # noqa: E402
 from caproj.plan import Plan  # noqa: E402
 from caproj.utils import seed_everything  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def main() -> None:

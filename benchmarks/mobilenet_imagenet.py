@@ -162,6 +162,24 @@ def main() -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(out, indent=1), Path(a.out))
 
+    def distil(net, method: str, t: float, alloc: str, secs: float, **extra) -> None:
+        """The label-free distillation of `net` (in place), choosing on the held-out slice."""
+        t1 = time.perf_counter()
+        hist = caproj.finetune(net, unlabeled, epochs=a.distil_epochs, teacher=model,
+                               holdout=held, progress=False, seed=a.seed, **ft)
+        dsecs = time.perf_counter() - t1
+        r = measure(net, test, ref)
+        r.pop("preds")
+        rows.append({"method": method, "stage": f"+{a.distil_epochs} label-free distillation "
+                     "epochs", **extra, "finetune": ft, "holdout": a.holdout, "target": t,
+                     "allocation": alloc, "macs": count_macs(net, shape) / total, **r,
+                     "seconds": secs + dsecs, "distil_seconds": dsecs,
+                     "train_images": a.distil_epochs * len(cx), "history": hist})
+        print(f"{t:.2f} {alloc} {method} +{a.distil_epochs} distillation epochs: "
+              f"{r['top1']:.1f} % (agree {r['agree']:.1f}) {secs + dsecs:.0f} s "
+              f"(best epoch {hist[-1].get('holdout_best_epoch')})", flush=True)
+        write()
+
     for t, alloc in [(float(v), al) for v in a.targets.split(",")
                      for al in a.allocations.split(",")]:
         plan = Plan.of(model, shape, target_macs=t, allocation=alloc)
@@ -184,22 +202,7 @@ def main() -> None:
               f"macs {macs:.3f} {secs:.0f} s", flush=True)
         write()
         if a.distil_epochs and "caproj" in a.distil.split(","):
-            t1 = time.perf_counter()
-            hist = caproj.finetune(small, unlabeled, epochs=a.distil_epochs, teacher=model,
-                                   holdout=held, progress=False, seed=a.seed, **ft)
-            dsecs = time.perf_counter() - t1
-            r = measure(small, test, ref)
-            r.pop("preds")
-            rows.append({"method": "caproj", "stage": f"+{a.distil_epochs} label-free "
-                         "distillation epochs", "cap": overrides, "finetune": ft,
-                         "holdout": a.holdout, "target": t, "allocation": alloc,
-                         "macs": count_macs(small, shape) / total, **r,
-                         "seconds": secs + dsecs, "distil_seconds": dsecs,
-                         "train_images": a.distil_epochs * len(cx), "history": hist})
-            print(f"{t:.2f} {alloc} caproj +{a.distil_epochs} distillation epochs: "
-                  f"{r['top1']:.1f} % (agree {r['agree']:.1f}) {secs + dsecs:.0f} s "
-                  f"(best epoch {hist[-1].get('holdout_best_epoch')})", flush=True)
-            write()
+            distil(small, "caproj", t, alloc, secs, cap=overrides)
         if a.steps:
             t1 = time.perf_counter()
             cap.optimise(unlabeled)
@@ -238,21 +241,7 @@ def main() -> None:
               f"(agree {r['agree']:.1f}) macs {macs:.3f}", flush=True)
         write()
         if a.distil_epochs and "tp-l2" in a.distil.split(","):  # the same recipe and choice
-            t1 = time.perf_counter()
-            hist = caproj.finetune(tp, unlabeled, epochs=a.distil_epochs, teacher=model,
-                                   holdout=held, progress=False, seed=a.seed, **ft)
-            dsecs = time.perf_counter() - t1
-            r = measure(tp, test, ref)
-            r.pop("preds")
-            rows.append({"method": "tp-l2", "stage": f"+{a.distil_epochs} label-free "
-                         "distillation epochs", "finetune": ft, "holdout": a.holdout,
-                         "target": t, "allocation": alloc, "macs": macs, **r,
-                         "seconds": secs + dsecs, "distil_seconds": dsecs,
-                         "train_images": a.distil_epochs * len(cx), "history": hist})
-            print(f"{t:.2f} {alloc} tp-l2 +{a.distil_epochs} distillation epochs: "
-                  f"{r['top1']:.1f} % (agree {r['agree']:.1f}) "
-                  f"(best epoch {hist[-1].get('holdout_best_epoch')})", flush=True)
-            write()
+            distil(tp, "tp-l2", t, alloc, secs)
         if a.steps:
             t1 = time.perf_counter()
             caproj.finetune(tp, unlabeled, epochs=ft_epochs, teacher=model, progress=False,

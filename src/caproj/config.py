@@ -117,7 +117,8 @@ class CapConfig:
     # caproj.surgery.match_weight_scale
     match_scale: bool = _cap(False, "--match-scale", "rescale each layer that feeds a BN to "
                              "the original layer's weight size (same outputs; fine-tuning then "
-                             "steps as the original's recipe expects)")
+                             "steps as the original's recipe expects; skipped when the "
+                             "fine-tuning freezes BN)")
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None

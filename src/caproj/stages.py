@@ -281,11 +281,9 @@ def finetune_for(images: int, ft: TrainConfig, epoch_images: int) -> TrainConfig
     return ft.replace(epochs=max(1, math.ceil(images / epoch_images)), max_steps=steps)
 
 
-def user_cap(steps: int | None, ft: TrainConfig) -> int | None:
-    """`steps`, or the recipe's own `max_steps` where that is lower (or `steps` is None)."""
-    if ft.max_steps is None:
-        return steps
-    return ft.max_steps if steps is None else min(steps, ft.max_steps)
+def user_cap(steps: int, ft: TrainConfig) -> int:
+    """`steps`, or the recipe's own `max_steps` where that is lower."""
+    return steps if ft.max_steps is None else min(steps, ft.max_steps)
 
 
 def split_budget(total: int, cap_images: int, ft: TrainConfig, inputs: Inputs

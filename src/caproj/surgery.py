@@ -222,6 +222,9 @@ def match_weight_scale(model: nn.Module, original: nn.Module,
     decay acts on |W|). CaP's folded producers come out 0.2-0.4x and its least-squares-refitted
     consumers 1.3-7x the original size (ResNet-56, RESULTS.md), so fine-tuning a fresh CaP
     network with the original's recipe over-steps the ones and under-steps the others.
+    That holds for BN in training mode only: behind a frozen BN (running statistics) a layer
+    shrunk by r steps r^2 further relative to its weights, so `compress` skips this when its
+    fine-tuning freezes BN.
 
     pairs: (layer, BN) names, default `caproj.sites.conv_bn_pairs(model)`; layers whose shape
     or size is unchanged are left alone. Returns {layer: size ratio before rescaling}."""

@@ -143,22 +143,16 @@ class BestOnHoldout:
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> float:
+        if self.teacher is None:  # labelled held-out batches: their task loss
+            return evaluate(model, self.holdout, loss_fn=self.loss_fn,
+                            output_transform=self.output_transform, progress_bar=False)["loss"]
         was, total, n = model.training, 0.0, 0
         model.eval()
-        dev = model_device(model)
         try:
-            for x, y in B.iterate(self.holdout, dev):
+            for x, _ in B.iterate(self.holdout, model_device(model)):
                 out = outputs_of(model, x, self.output_transform).float()
-                if self.teacher is not None:
-                    t_out = outputs_of(self.teacher, x, self.output_transform).float()
-                    loss = kd_loss(out, t_out, 1.0)
-                elif y is not None:
-                    loss = self.loss_fn(out, y) if self.loss_fn is not None else \
-                        F.cross_entropy(out, y)
-                else:
-                    raise CaprojError("holdout batches have no labels and there is no teacher "
-                                      "to distil from", param="holdout")
-                total, n = total + float(loss) * len(x), n + len(x)
+                t_out = outputs_of(self.teacher, x, self.output_transform).float()
+                total, n = total + float(kd_loss(out, t_out, 1.0)) * len(x), n + len(x)
         finally:
             model.train(was)
         if n == 0:

@@ -118,3 +118,38 @@ def test_unknown_method(model, digits):
 
     with pytest.raises(CaprojError, match="unknown method 'magic'"):
         caproj.compress(model, loaders(digits)[0], method="magic")
+
+
+@pytest.mark.skipif(not HAS_TP, reason="torch-pruning is not installed (pip install -e '.[bench]')")
+def test_magnitude_init_keeps_the_channels_torch_pruning_keeps():
+    """init="magnitude" ranks channels as Torch-Pruning's GroupMagnitudeImportance(p=2) does
+    (producer filters + BN weight + the consumer columns reading them): on ResNet-20 with random
+    weights and BN, every narrowed site keeps exactly the channels tp-l2 keeps."""
+    model = randomise_bn(build_model("resnet20")).eval()
+    x = [torch.randn(32, 3, 32, 32)]
+    res = caproj.compress(model, x, target_macs=0.3, method="cp", init="magnitude",
+                          progress=False, seed=0)
+    widths = [p.shape[1] for p in res.projections]
+    tp = methods.torch_pruning_l2(model, res.sites, widths, (3, 32, 32))
+    om, tm = dict(model.named_modules()), dict(tp.named_modules())
+    narrowed = 0
+    for s, p in zip(res.sites, res.projections, strict=True):
+        if p.shape[0] == p.shape[1]:
+            continue
+        w = om[s.producer].weight.reshape(s.channels, -1)
+        kept = torch.cdist(tm[s.producer].weight.reshape(p.shape[1], -1), w).argmin(1)
+        assert kept.sort().values.tolist() == p.argmax(0).sort().values.tolist(), s.producer
+        narrowed += 1
+    assert narrowed >= 3
+
+
+def test_a_setting_the_method_fixes_is_refused_not_dropped(model, digits):
+    """cp is selection + least squares: refit=False used to be silently replaced by True."""
+    train, calib, _ = loaders(digits, 64, 256)
+    with pytest.raises(caproj.CaprojError, match="fixes refit") as e:
+        caproj.compress(model, train, keep=0.5, method="cp", refit=False, calib_data=calib,
+                        progress=False)
+    assert e.value.param == "refit"
+    with pytest.raises(caproj.CaprojError, match="fixes init"):
+        caproj.compress(model, train, keep=0.5, method="pca", init="magnitude",
+                        calib_data=calib, progress=False)

@@ -195,7 +195,8 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         rep.update(job.report)
         rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
                                    + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
-        rep.update(S.post_process(small, model, job.config, settings.finetune))
+        rep.update(S.post_process(small, model, job.config, settings.finetune,
+                                  S.producer_projections(job)))
         rep.update(S.measure(model, small, job.plan, shape, eval_data,
                              name=settings.method_name, progress=progress,
                              uses_widths=getattr(settings.method, "uses_widths", True),

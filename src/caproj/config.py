@@ -67,8 +67,10 @@ def _finite_nonneg(name: str, v: Any) -> None:
 class CapConfig:
     """Cascaded Projection's settings (see caproj.cap)."""
 
-    init: str = _cap("select", "--init", "initial projection: select (a channel selection: "
-                     "the best measured start) or pca", ("select", "pca"))
+    init: str = _cap("select", "--init", "initial projection: select (a channel selection by "
+                     "post-nonlinearity energy x consumer weight norm), magnitude (a selection "
+                     "by group-L2 weight norm, Torch-Pruning's ranking) or pca",
+                     ("select", "magnitude", "pca"))
     calib_images: int = _cap(2000, "--calib-images", "calibration images for statistics and "
                              "least squares")
     steps: int = _cap(600, "--cap-steps", "projection optimisation steps (0 = closed form only)")
@@ -119,6 +121,9 @@ class CapConfig:
                              "the original layer's weight size (same outputs; fine-tuning then "
                              "steps as the original's recipe expects; skipped when the "
                              "fine-tuning freezes BN)")
+    match_scale_by: str = _cap("layer", "--match-scale-by", "match_scale per layer (one ratio "
+                               "each) or per channel (each filter to its own original size, "
+                               "the form pruning keeps)", ("layer", "channel"))
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None

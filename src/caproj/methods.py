@@ -98,6 +98,12 @@ class CaPMethod:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, job: Job) -> nn.Module:
+        default = CapConfig()
+        for k, v in self.overrides.items():  # a setting the method fixes is not silently lost
+            given = getattr(job.config, k)
+            if given != v and given != getattr(default, k):
+                raise CaprojError(f"method {self.name} fixes {k}={v!r}; {k}={given!r} does "
+                                  f"not apply to it", param=k)
         cap = CaP(job.model, job.example_inputs, plan=job.plan,
                   config=job.config.replace(**self.overrides), loss_fn=job.loss_fn,
                   output_transform=job.output_transform, teacher=job.teacher,
@@ -361,7 +367,7 @@ def method_name(method: str | Method) -> str:
     return method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
 
 
-for _m in (CaPMethod("cap"), CaPMethod("cp", {"init": "select", "refit": True, "steps": 0}),
+for _m in (CaPMethod("cap"), CaPMethod("cp", {"refit": True, "steps": 0}),
            CaPMethod("pca", {"init": "pca", "refit": False, "steps": 0}),
            Selection(l1_scores, "l1"), Selection(fpgm_scores, "fpgm"), Taylor(), SVD(),
            TorchPruningL2(),

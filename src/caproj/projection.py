@@ -148,6 +148,20 @@ def selection_scores(st: SiteStats, weights: Mapping[str, torch.Tensor], site: S
     return (st.energy / max(st.count_in, 1)).float() * norms  # type: ignore[operator]
 
 
+def magnitude_scores(weights: Mapping[str, torch.Tensor], site: Site) -> torch.Tensor:
+    """Group-L2 magnitude of each channel, as Torch-Pruning's GroupMagnitudeImportance(p=2)
+    ranks it: the squared norms of its producer filters (unfolded), its BN weight and the
+    consumer weights reading it, summed over every producer and consumer of the site."""
+    total = sum(consumer_column_norms(weights[f"{c}.weight"], site, sp)
+                for c, sp in site.consumers)
+    for prod, bn in site.producers:
+        w = weights[f"{prod}.weight"].detach().float()
+        total = total + w.reshape(w.shape[0], -1).pow(2).sum(1)
+        if bn and f"{bn}.weight" in weights:
+            total = total + weights[f"{bn}.weight"].detach().float().pow(2)
+    return total.float()  # type: ignore[union-attr]
+
+
 def init_select(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
     """The columns of the identity of the top-k channels (k/groups from each equal group)."""
     if groups > 1:
@@ -188,7 +202,7 @@ def initial(model: nn.Module, sites: list[Site], widths: list[int],
             batches: Iterable[torch.Tensor], weights: Mapping[str, torch.Tensor],
             init: str = "select") -> list[torch.Tensor]:
     """Each site's first P from the calibration statistics: the identity where the site stays
-    whole, else `init` ("select" or "pca"; a site with a depthwise conv inside keeps a
+    whole, else `init` ("select", "magnitude" or "pca"; a site with a depthwise conv inside keeps a
     selection)."""
     device = next(model.parameters()).device
     ps = []
@@ -197,6 +211,8 @@ def initial(model: nn.Module, sites: list[Site], widths: list[int],
             p = torch.eye(k, device=device)  # nothing to compress: exact identity
         elif init == "pca" and not s.selection:
             p = init_pca(st, k, s.groups)
+        elif init == "magnitude":
+            p = init_select(magnitude_scores(weights, s).to(device), k, s.groups)
         else:
             p = init_select(selection_scores(st, weights, s), k, s.groups)
         ps.append(p.to(device))

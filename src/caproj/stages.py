@@ -370,8 +370,17 @@ def run_method(job: Job, settings: Settings) -> nn.Module:
     return small.eval()
 
 
+def producer_projections(job: Job) -> dict[str, torch.Tensor]:
+    """{producer name: its site's projection} where the method has projections."""
+    if job.projections is None:
+        return {}
+    return {prod: p for s, p in zip(job.sites, job.projections, strict=True)
+            for prod, _ in s.producers}
+
+
 def post_process(small: nn.Module, model: nn.Module, cfg: CapConfig,
-                 finetune: TrainConfig | None = None) -> dict[str, Any]:
+                 finetune: TrainConfig | None = None,
+                 projections: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """What runs after any method: `match_scale` (each layer that feeds a BN rescaled to the
     original layer's weight size, same outputs), unless the fine-tuning freezes BN: a frozen
     BN divides by its stored statistics, so a layer shrunk by r steps r^2 times further
@@ -382,7 +391,7 @@ def post_process(small: nn.Module, model: nn.Module, cfg: CapConfig,
         log.warning("match_scale skipped: the fine-tuning freezes BN (freeze_bn), and behind a "
                     "frozen BN rescaling a layer changes its step size")
         return {"match_scale_skipped": "freeze_bn"}
-    ratios = match_weight_scale(small, model)
+    ratios = match_weight_scale(small, model, by=cfg.match_scale_by, projections=projections)
     if ratios:
         log.info("rescaled %d layers to the original weight size (ratios %.2f-%.2f)",
                  len(ratios), min(ratios.values()), max(ratios.values()))

@@ -275,6 +275,9 @@ def test_bench_method_options_and_a_folders_budget(trained, tmp_path):
     r = caproj("bench", "--methods", "cap:ridge=-1", "--weights", trained, "--data", "digits",
                "--out-dir", tmp_path / "bad")
     assert r.returncode == 2 and "ridge" in r.stderr and not (tmp_path / "bad").exists()
+    r = caproj("bench", "--methods", "cp:refit=false", "--weights", trained, "--data",
+               "digits", "--no-latency", "--finetune-epochs", "0", "--out-dir", tmp_path / "fx")
+    assert r.returncode == 2 and "cp fixes refit to True" in r.stderr  # not silently run with it
     cp = "cp:ridge-to=projected:ridge=0.1:match-scale"
     name = cp.replace(":", "+")
     out = tmp_path / "options"
@@ -287,6 +290,9 @@ def test_bench_method_options_and_a_folders_budget(trained, tmp_path):
     assert cells["cap"]["compress_images"] == 4 * 128
     assert cells[name]["compress_images"] == 0
     assert cells[name]["match_scale"]
+    # each cell records the settings it ran with (the cell's options; cp's own steps = 0)
+    assert cells[name]["cap_config"]["ridge_to"] == "projected"
+    assert cells[name]["cap_config"]["steps"] == 0 and cells["cap"]["cap_config"]["steps"] == 4
     budget = {c["train_images"] for c in cells.values()}
     assert len(budget) == 1  # the same images for every row
     # a later run without a CaP method keeps the folder's budget (CaP's steps included)

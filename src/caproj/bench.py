@@ -112,14 +112,18 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     spec = parse_method(method)
     ft = ft.replace(**spec.finetune)
     torch.manual_seed(ft.seed)
+    # the bench's CaP settings go to every method, except those a method fixes (cp's steps):
+    # only the cell's own options may ask a method for something it refuses
+    fixed = getattr(METHODS[spec.name], "overrides", {})
+    cap_run = CapConfig(**{k: v for k, v in cap_cfg.as_dict().items() if k not in fixed}
+                        ).replace(**spec.cap)
     res = compress(model, train, preset=None, target_macs=target, method=spec.name,
                    calib_data=calib, eval_data=test, finetune=ft if ft.epochs else None,
                    seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
                    state_path=None if state_path is None else str(state_path),
                    resume=state_path is not None,
                    **spec.compress,
-                   **{k: v for k, v in cap_cfg.replace(**spec.cap).as_dict().items()
-                      if k != "seed"})
+                   **{k: v for k, v in cap_run.as_dict().items() if k != "seed"})
     rep = res.report
     shape = tuple(rep["input_shape"])
     small = res.model.eval()
@@ -135,6 +139,7 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
         "finetune_history": rep.get("finetune", []),
         "acc_after_finetune": rep.get("acc_after_finetune", rep["acc_after_compress"]),
         "compress_images": cap_steps * cap_cfg.batch_size,
+        "cap_config": rep.get("cap_config", rep["cap_config_requested"]),  # as this cell ran
     }
     if ft.feature_weight:
         rec["finetune_feature_weight"] = ft.feature_weight
@@ -212,7 +217,6 @@ def run(model: nn.Module, train: Iterable | Callable[[int], Iterable], calib: It
                                state_path=path.with_suffix(""))  # a stopped cell resumes
                 ft_steps = min(ft_m.epochs * spe, ft_m.max_steps or ft_m.epochs * spe)
                 rec.update(arch=arch, target=target, finetune_config=ft_m.as_dict(),
-                           cap_config=cap_cfg.replace(seed=s).as_dict(),
                            finetune_epochs=ft_m.epochs, finetune_steps=ft_steps,
                            finetune_images=ft_steps * ft_m.batch_size,
                            train_images=rec["compress_images"] + ft_steps * ft_m.batch_size,

@@ -102,8 +102,8 @@ class CaPMethod:
         for k, v in self.overrides.items():  # a setting the method fixes is not silently lost
             given = getattr(job.config, k)
             if given != v and given != getattr(default, k):
-                raise CaprojError(f"method {self.name} fixes {k}={v!r}; {k}={given!r} does "
-                                  f"not apply to it", param=k)
+                raise CaprojError(f"method {self.name} fixes {k} to {v!r}; {k}={given!r} "
+                                  f"does not apply to it", param=k)
         cap = CaP(job.model, job.example_inputs, plan=job.plan,
                   config=job.config.replace(**self.overrides), loss_fn=job.loss_fn,
                   output_transform=job.output_transform, teacher=job.teacher,

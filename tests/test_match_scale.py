@@ -3,6 +3,8 @@ layer's weight size back, and the network computes exactly what it did."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,30 @@ def test_frozen_bn_fine_tuning_skips_match_scale_and_a_given_max_steps_caps_the_
     free = caproj.compress(caproj.load(trained), train,
                            finetune={"epochs": 1, "max_steps": 20}, **kw)
     assert free.report["match_scale"] and "match_scale_skipped" not in free.report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
+                    reason="torch-pruning is not installed (pip install -e '.[bench]')")
+def test_pruned_form_without_refit_is_torch_pruning_network():
+    """pruned_form: a selection's kept channels get their original filters and BNs back, so
+    Torch-Pruning's ranking without a refit is Torch-Pruning's network: the same parameters,
+    and in training mode (batch statistics) the same outputs. Its BN statistics are
+    re-estimated on the calibration images, where Torch-Pruning keeps the stale ones."""
+    import copy
+
+    from caproj.methods import torch_pruning_l2
+
+    model = randomise_bn(build_model("resnet20")).eval()
+    data = _cifar_batches()
+    res = caproj.compress(model, data, target_macs=0.4, method="cap", steps=0,
+                          init="magnitude", refit=False, pruned_form=True, calib_images=128,
+                          preset=None, match_scale=False, progress=False, seed=0)
+    assert res.report["pruned_form"]
+    tp = torch_pruning_l2(model, res.sites, res.widths, (3, 32, 32))
+    ours = dict(res.model.named_parameters())
+    for name, t in tp.named_parameters():
+        torch.testing.assert_close(ours[name], t, rtol=1e-5, atol=1e-6, msg=name)
+    x = next(iter(_cifar_batches(32, 32, seed=1)))
+    a, b = copy.deepcopy(res.model).train(), copy.deepcopy(tp).train()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)

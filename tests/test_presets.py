@@ -215,3 +215,17 @@ def test_every_recommended_command_parses():
             if e.code != 0:
                 bad.append(f"{where}: {cmd}")
     assert not bad, bad
+
+
+@pytest.mark.parametrize("name", ["deep", "shallow"])
+def test_the_deep_recipe_is_what_its_cells_ran(name):
+    """The cells behind the deep and shallow presets' rows ran the preset's own CaP settings
+    (their bench method spec parses to them; cp is CaP with no steps)."""
+    from caproj.bench import parse_method
+
+    p = PRESETS[name]
+    want = {k: v for k, v in p.cap if k != "steps"}
+    assert dict(p.cap)["steps"] == 0
+    for path in p.measured.json:
+        spec = parse_method(json.loads((ROOT / path).read_text())["method"])
+        assert spec.name == "cp" and spec.cap == want, path

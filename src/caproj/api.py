@@ -103,6 +103,7 @@ class Report(TypedDict, total=False):
     finetune_config: dict[str, Any]
     match_scale: dict[str, float]  # each rescaled layer's size ratio before rescaling
     match_scale_skipped: str  # why match_scale did not run ("freeze_bn")
+    pruned_form: list[str]  # producers given their original filters and BNs back
     latency: dict[str, Any]
     fit: dict[str, Any]  # whether the original fits its training data (measure_fit)
 
@@ -195,8 +196,7 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
         rep.update(job.report)
         rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
                                    + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
-        rep.update(S.post_process(small, model, job.config, settings.finetune,
-                                  S.producer_projections(job)))
+        rep.update(S.post_process(small, model, job.config, settings.finetune, job))
         rep.update(S.measure(model, small, job.plan, shape, eval_data,
                              name=settings.method_name, progress=progress,
                              uses_widths=getattr(settings.method, "uses_widths", True),

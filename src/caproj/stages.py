@@ -43,7 +43,7 @@ from caproj.losses import LossFn, OutputTransform, outputs_of
 from caproj.methods import CaPMethod, Job, Method, get_method, method_name
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
-from caproj.surgery import match_weight_scale
+from caproj.surgery import match_weight_scale, restore_pruned_form
 from caproj.synth import synthesize
 from caproj.train import evaluate as evaluate_model
 from caproj.train import feature_layers_of, fit, model_device, planned_steps
@@ -370,32 +370,39 @@ def run_method(job: Job, settings: Settings) -> nn.Module:
     return small.eval()
 
 
-def producer_projections(job: Job) -> dict[str, torch.Tensor]:
+def producer_projections(job: Job | None) -> dict[str, torch.Tensor]:
     """{producer name: its site's projection} where the method has projections."""
-    if job.projections is None:
+    if job is None or job.projections is None:
         return {}
     return {prod: p for s, p in zip(job.sites, job.projections, strict=True)
             for prod, _ in s.producers}
 
 
 def post_process(small: nn.Module, model: nn.Module, cfg: CapConfig,
-                 finetune: TrainConfig | None = None,
-                 projections: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """What runs after any method: `match_scale` (each layer that feeds a BN rescaled to the
-    original layer's weight size, same outputs), unless the fine-tuning freezes BN: a frozen
-    BN divides by its stored statistics, so a layer shrunk by r steps r^2 times further
-    relative to its weights (a digits CNN fine-tuned so fell from 96 to 12 %)."""
+                 finetune: TrainConfig | None = None, job: Job | None = None
+                 ) -> dict[str, Any]:
+    """What runs after any method: `pruned_form` (a selection's kept channels get their
+    original filters and BNs back, `caproj.surgery.restore_pruned_form`), then `match_scale`
+    (each layer that feeds a BN rescaled to the original layer's weight size, same outputs),
+    unless the fine-tuning freezes BN: a frozen BN divides by its stored statistics, so a
+    layer shrunk by r steps r^2 times further relative to its weights (a digits CNN
+    fine-tuned so fell from 96 to 12 %)."""
+    rep: dict[str, Any] = {}
+    if cfg.pruned_form and job is not None and job.projections is not None:
+        rep["pruned_form"] = restore_pruned_form(small, model, job.sites, job.projections,
+                                                 job.calib)
     if not cfg.match_scale:
-        return {}
+        return rep
     if finetune is not None and finetune.freeze_bn and finetune.epochs > 0:
         log.warning("match_scale skipped: the fine-tuning freezes BN (freeze_bn), and behind a "
                     "frozen BN rescaling a layer changes its step size")
-        return {"match_scale_skipped": "freeze_bn"}
-    ratios = match_weight_scale(small, model, by=cfg.match_scale_by, projections=projections)
+        return rep | {"match_scale_skipped": "freeze_bn"}
+    ratios = match_weight_scale(small, model, by=cfg.match_scale_by,
+                                projections=producer_projections(job))
     if ratios:
         log.info("rescaled %d layers to the original weight size (ratios %.2f-%.2f)",
                  len(ratios), min(ratios.values()), max(ratios.values()))
-    return {"match_scale": ratios}
+    return rep | {"match_scale": ratios}
 
 
 # ----------------------------------------------------------------------------- 6: measure

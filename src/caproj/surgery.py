@@ -210,6 +210,46 @@ def reestimate_bn(model: nn.Module, sites: list[Site], batches: Iterable[torch.T
         bn.bias.add_(m)
 
 
+def selected_channels(p: torch.Tensor) -> torch.Tensor | None:
+    """The original channel each column of P keeps, if P is a channel selection (one 1 per
+    column, zeros elsewhere) that drops something; else None."""
+    if p.shape[0] == p.shape[1] or not bool(((p == 0) | (p == 1)).all()) \
+            or not bool((p.sum(0) == 1).all()):
+        return None
+    return p.argmax(0)
+
+
+@torch.no_grad()
+def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site],
+                        projections: list[torch.Tensor],
+                        calib: Iterable[torch.Tensor] | None = None) -> list[str]:
+    """Give every channel a selection kept its original filter, bias and BN (weight, bias and
+    running statistics), as pruning keeps them, instead of the folded filter and the fresh BN
+    that reproduce the compressed network's function; consumers keep what the method gave them
+    (a refit stays). The function changes: a BN in training mode then puts each kept channel
+    back at its original scale and shift (gamma, beta) whatever its new input statistics.
+    With `calib`, every BN's running statistics are then re-estimated on those images.
+    Returns the producers restored (projections that are not selections are left alone)."""
+    om, mods = dict(original.named_modules()), dict(model.named_modules())
+    done = []
+    for s, p in zip(sites, projections, strict=True):
+        keep = selected_channels(p)
+        if keep is None:
+            continue
+        for prod, bn in s.producers:
+            if not bn:
+                continue
+            keep = keep.to(mods[prod].weight.device)
+            for name in (prod, bn):
+                for k, t in list(om[name].named_parameters()) + list(om[name].named_buffers()):
+                    if t.dim() >= 1 and t.shape[0] == s.channels:
+                        getattr(mods[name], k).copy_(t[keep])
+            done.append(prod)
+    if calib is not None and done:
+        recalibrate_bn(model, calib)
+    return done
+
+
 def row_rms(w: torch.Tensor) -> torch.Tensor:
     """The root-mean-square size of each output row (filter) of a conv or Linear weight."""
     return w.detach().float().reshape(w.shape[0], -1).pow(2).mean(1).sqrt()

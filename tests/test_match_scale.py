@@ -88,35 +88,6 @@ def test_compress_match_scale_changes_sizes_not_outputs():
     assert scaled.report["cap_config_requested"]["match_scale"] is True
 
 
-def test_per_channel_matching_gives_a_selection_the_pruned_form_and_keeps_outputs():
-    """match_scale_by="channel": every filter of a layer that feeds a BN gets its own original
-    size; for a selection (`l1`) each kept producer filter is the original filter again (up to
-    the sign of its BN's gamma), as pruning keeps it, and its BN the original's gain. The
-    network computes what it did."""
-    model = randomise_bn(build_model("resnet20")).eval()
-    data = _cifar_batches()
-    kw = dict(target_macs=0.5, method="l1", calib_images=128, progress=False, seed=0)
-    plain = caproj.compress(model, data, **kw)
-    rows = caproj.compress(model, data, match_scale=True, match_scale_by="channel", **kw)
-    om, sm = dict(model.named_modules()), dict(rows.model.named_modules())
-    sites = {s.producer: s for s in rows.sites}
-    assert rows.sites and rows.projections is not None
-    for s, p in zip(rows.sites, rows.projections, strict=True):
-        if p.shape[0] == p.shape[1]:
-            continue
-        keep = p.argmax(0)
-        w, ref = sm[s.producer].weight, om[s.producer].weight[keep]
-        sign = torch.sign(om[s.bn].weight[keep]).reshape(-1, 1, 1, 1)
-        torch.testing.assert_close(w, ref * sign, rtol=1e-4, atol=1e-6)
-        gain = [(b.weight / torch.sqrt(b.running_var + b.eps)).abs() for b in (sm[s.bn],
-                                                                                om[s.bn])]
-        torch.testing.assert_close(gain[0], gain[1][keep], rtol=1e-4, atol=1e-6)
-    assert sites
-    x = next(iter(_cifar_batches(32, 32, seed=1)))
-    with torch.no_grad():
-        torch.testing.assert_close(rows.model(x), plain.model(x), rtol=1e-3, atol=1e-4)
-
-
 def test_frozen_bn_fine_tuning_skips_match_scale_and_a_given_max_steps_caps_the_budget(trained):
     """Behind a frozen BN a layer shrunk by r steps r^2 further relative to its weights: the
     digits CNN, rescaled and fine-tuned with BN frozen, fell from 96 to 12 % (and two torchrun
@@ -166,3 +137,4 @@ def test_pruned_form_without_refit_is_torch_pruning_network():
     a, b = copy.deepcopy(res.model).train(), copy.deepcopy(tp).train()
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
+

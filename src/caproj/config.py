@@ -127,9 +127,6 @@ class CapConfig:
                              "kept channel its original filter and BN (as pruning keeps them; "
                              "BN statistics re-estimated): the function changes, consumers keep "
                              "their refit; for fine-tuning")
-    match_scale_by: str = _cap("layer", "--match-scale-by", "match_scale per layer (one ratio "
-                               "each) or per channel (each filter to its own original size, "
-                               "the form pruning keeps)", ("layer", "channel"))
     # distinct training images the optimisation draws from (compress fills it in from the
     # data when it can tell); with default rates, many passes over few images lower them
     train_images: int | None = None

@@ -370,14 +370,6 @@ def run_method(job: Job, settings: Settings) -> nn.Module:
     return small.eval()
 
 
-def producer_projections(job: Job | None) -> dict[str, torch.Tensor]:
-    """{producer name: its site's projection} where the method has projections."""
-    if job is None or job.projections is None:
-        return {}
-    return {prod: p for s, p in zip(job.sites, job.projections, strict=True)
-            for prod, _ in s.producers}
-
-
 def post_process(small: nn.Module, model: nn.Module, cfg: CapConfig,
                  finetune: TrainConfig | None = None, job: Job | None = None
                  ) -> dict[str, Any]:
@@ -397,8 +389,7 @@ def post_process(small: nn.Module, model: nn.Module, cfg: CapConfig,
         log.warning("match_scale skipped: the fine-tuning freezes BN (freeze_bn), and behind a "
                     "frozen BN rescaling a layer changes its step size")
         return rep | {"match_scale_skipped": "freeze_bn"}
-    ratios = match_weight_scale(small, model, by=cfg.match_scale_by,
-                                projections=producer_projections(job))
+    ratios = match_weight_scale(small, model)
     if ratios:
         log.info("rescaled %d layers to the original weight size (ratios %.2f-%.2f)",
                  len(ratios), min(ratios.values()), max(ratios.values()))

@@ -250,29 +250,9 @@ def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site]
     return done
 
 
-def row_rms(w: torch.Tensor) -> torch.Tensor:
-    """The root-mean-square size of each output row (filter) of a conv or Linear weight."""
-    return w.detach().float().reshape(w.shape[0], -1).pow(2).mean(1).sqrt()
-
-
-def target_rows(w: torch.Tensor, ref: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    """Per-row RMS size `w`'s rows should have, from the original layer's weight `ref`: the
-    same row's where the row count is unchanged; where a projection P (c x c') made row j a
-    combination of the original rows, sqrt(sum_k P_kj^2 rms_k^2) (for a selection: exactly
-    the selected row's size); otherwise the original layer's RMS size for every row."""
-    r = row_rms(ref)
-    if ref.shape[0] == w.shape[0]:
-        return r
-    if p is not None and p.shape == (ref.shape[0], w.shape[0]):
-        return (p.detach().float().to(r.device).pow(2).T @ r.pow(2)).sqrt()
-    return ref.detach().float().pow(2).mean().sqrt().expand(w.shape[0])
-
-
 @torch.no_grad()
 def match_weight_scale(model: nn.Module, original: nn.Module,
-                       pairs: list[tuple[str, str]] | None = None, *, by: str = "layer",
-                       projections: Mapping[str, torch.Tensor] | None = None
-                       ) -> dict[str, float]:
+                       pairs: list[tuple[str, str]] | None = None) -> dict[str, float]:
     """Rescale each conv (or Linear) that feeds a BN to the root-mean-square size of the same
     layer in `original`, moving the scale into that BN's running statistics, so the eval
     function stays the same (exactly: the BN's weight absorbs its eps term).
@@ -286,12 +266,11 @@ def match_weight_scale(model: nn.Module, original: nn.Module,
     shrunk by r steps r^2 further relative to its weights, so `compress` skips this when its
     fine-tuning freezes BN.
 
-    by: "layer" (one ratio per layer) or "channel" (each row to its own size in `original`,
-    see `target_rows`; `projections` {producer name: P} tells which original rows a narrowed
-    producer's row combines; folding a BN scales each filter by its own gamma / sigma).
     pairs: (layer, BN) names, default `caproj.sites.conv_bn_pairs(model)`; layers whose shape
-    or size is unchanged are left alone. Returns {layer: size ratio before rescaling} (the
-    RMS ratio over the layer)."""
+    or size is unchanged are left alone. Returns {layer: size ratio before rescaling}.
+
+    (One ratio per layer: rescaling each filter to its own original size instead did not
+    change the end of fine-tuning, benchmarks/RESULTS.md, "Which channels, which form".)"""
     om, mods = dict(original.named_modules()), dict(model.named_modules())
     ratios: dict[str, float] = {}
     for name, bn_name in conv_bn_pairs(model) if pairs is None else pairs:
@@ -299,18 +278,12 @@ def match_weight_scale(model: nn.Module, original: nn.Module,
         w = mods[name].weight
         if not isinstance(ref, torch.Tensor) or ref.dim() != w.dim():
             continue
-        rw = float(w.detach().float().pow(2).mean().sqrt()
-                   / ref.detach().float().pow(2).mean().sqrt().clamp_min(1e-30))
-        if by == "channel":
-            p = None if projections is None else projections.get(name)
-            r = (row_rms(w) / target_rows(w, ref, p).clamp_min(1e-30)).to(w.device, w.dtype)
-            r = torch.where((r > 0) & torch.isfinite(r), r, torch.ones_like(r))
-        else:
-            r = torch.full((w.shape[0],), rw, dtype=w.dtype, device=w.device)
-        if not (rw > 0 and rw < float("inf")) or bool(((r - 1).abs() <= 1e-6).all()):
+        r = float(w.detach().float().pow(2).mean().sqrt()
+                  / ref.detach().float().pow(2).mean().sqrt().clamp_min(1e-30))
+        if not (r > 0 and abs(r - 1) > 1e-6 and r < float("inf")):
             continue
-        ratios[name] = rw
-        w.div_(r.reshape(-1, *([1] * (w.dim() - 1))))
+        ratios[name] = r
+        w.div_(r)
         if mods[name].bias is not None:
             mods[name].bias.div_(r)
         bn: nn.BatchNorm2d = mods[bn_name]  # type: ignore[assignment]
@@ -326,7 +299,6 @@ def match_weight_scale(model: nn.Module, original: nn.Module,
     return ratios
 
 
-@torch.no_grad()
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Replace every BN's running statistics by those of this network's own features (a

@@ -138,3 +138,25 @@ def test_pruned_form_without_refit_is_torch_pruning_network():
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
 
+
+
+def test_pruned_form_unfolds_a_producer_that_is_also_a_refitted_consumer():
+    """In a plain CNN a layer is a site's producer and the previous site's consumer: its rows
+    keep the input side the refit gave them, only the BN fold is undone (row x gamma / sigma
+    is the function-preserving row), and its BN is the original's for the kept channels."""
+    model = randomise_bn(build_model("digits-cnn")).eval()
+    calib = [torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(i))
+             for i in range(2)]
+    kw = dict(keep=0.5, method="cp", preset=None, match_scale=False, progress=False, seed=0)
+    plain = caproj.compress(model, calib, **kw)
+    pf = caproj.compress(model, calib, pruned_form=True, **kw)
+    om, a, b = (dict(m.named_modules()) for m in (model, plain.model, pf.model))
+    assert len(pf.report["pruned_form"]) == len(pf.sites) >= 2
+    for s, p in zip(pf.sites, pf.projections, strict=True):
+        keep = p.argmax(0)
+        bn = om[s.bn]
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps))[keep]
+        torch.testing.assert_close(b[s.producer].weight * scale.reshape(-1, 1, 1, 1),
+                                   a[s.producer].weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[s.bn].weight, bn.weight[keep])
+        torch.testing.assert_close(b[s.bn].bias, bn.bias[keep])

@@ -223,11 +223,12 @@ def selected_channels(p: torch.Tensor) -> torch.Tensor | None:
 def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site],
                         projections: list[torch.Tensor],
                         calib: Iterable[torch.Tensor] | None = None) -> list[str]:
-    """Give every channel a selection kept its original filter, bias and BN (weight, bias and
-    running statistics), as pruning keeps them, instead of the folded filter and the fresh BN
-    that reproduce the compressed network's function; consumers keep what the method gave them
-    (a refit stays). The function changes: a BN in training mode then puts each kept channel
-    back at its original scale and shift (gamma, beta) whatever its new input statistics.
+    """Give every channel a selection kept its original filter (unfolded: its input side stays
+    as the method left it, a refit included), bias and BN (weight, bias and running
+    statistics), as pruning keeps them, instead of the folded filter and the fresh BN that
+    reproduce the compressed network's function; consumers keep what the method gave them.
+    The function changes: a BN in training mode then puts each kept channel back at its
+    original scale and shift (gamma, beta) whatever its new input statistics.
     With `calib`, every BN's running statistics are then re-estimated on those images.
     Returns the producers restored (projections that are not selections are left alone)."""
     om, mods = dict(original.named_modules()), dict(model.named_modules())
@@ -240,10 +241,16 @@ def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site]
             if not bn:
                 continue
             keep = keep.to(mods[prod].weight.device)
-            for name in (prod, bn):
-                for k, t in list(om[name].named_parameters()) + list(om[name].named_buffers()):
-                    if t.dim() >= 1 and t.shape[0] == s.channels:
-                        getattr(mods[name], k).copy_(t[keep])
+            obn = om[bn]
+            scale = (obn.weight / torch.sqrt(obn.running_var + obn.eps))[keep]  # type: ignore
+            scale = torch.where(scale.abs() > 1e-12, scale, torch.ones_like(scale))
+            w = mods[prod].weight  # the folded row: (its input side as the method left it) x scale
+            w.div_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w))
+            if mods[prod].bias is not None:
+                mods[prod].bias.copy_(om[prod].bias[keep])
+            for k, t in list(obn.named_parameters()) + list(obn.named_buffers()):
+                if t.dim() >= 1 and t.shape[0] == s.channels:
+                    getattr(mods[bn], k).copy_(t[keep])
             done.append(prod)
     if calib is not None and done:
         recalibrate_bn(model, calib)

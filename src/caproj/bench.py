@@ -115,15 +115,15 @@ def run_cell(model: nn.Module, train: Iterable, calib: Iterable, test: Iterable,
     # the bench's CaP settings go to every method, except those a method fixes (cp's steps):
     # only the cell's own options may ask a method for something it refuses
     fixed = getattr(METHODS[spec.name], "overrides", {})
-    cap_run = CapConfig(**{k: v for k, v in cap_cfg.as_dict().items() if k not in fixed}
-                        ).replace(**spec.cap)
+    cap_opts = {k: v for k, v in cap_cfg.replace(**spec.cap).as_dict().items()
+                if k != "seed" and (k not in fixed or k in spec.cap)}
     res = compress(model, train, preset=None, target_macs=target, method=spec.name,
                    calib_data=calib, eval_data=test, finetune=ft if ft.epochs else None,
                    seed=cap_cfg.seed, channel_multiple=channel_multiple, progress=False,
                    state_path=None if state_path is None else str(state_path),
                    resume=state_path is not None,
                    **spec.compress,
-                   **{k: v for k, v in cap_run.as_dict().items() if k != "seed"})
+                   **cap_opts)
     rep = res.report
     shape = tuple(rep["input_shape"])
     small = res.model.eval()

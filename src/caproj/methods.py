@@ -92,18 +92,13 @@ class Method(Protocol):
 # ----------------------------------------------------------------------------- CaP family
 @dataclass
 class CaPMethod:
-    """CaP with settings fixed on top of the job's (cp and pca are CaP without optimisation)."""
+    """CaP with settings fixed on top of the job's (cp and pca are CaP without optimisation).
+    `compress` refuses a user's option that contradicts one of them (`refuse_fixed`)."""
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, job: Job) -> nn.Module:
-        default = CapConfig()
-        for k, v in self.overrides.items():  # a setting the method fixes is not silently lost
-            given = getattr(job.config, k)
-            if given != v and given != getattr(default, k):
-                raise CaprojError(f"method {self.name} fixes {k} to {v!r}; {k}={given!r} "
-                                  f"does not apply to it", param=k)
         cap = CaP(job.model, job.example_inputs, plan=job.plan,
                   config=job.config.replace(**self.overrides), loss_fn=job.loss_fn,
                   output_transform=job.output_transform, teacher=job.teacher,
@@ -117,6 +112,17 @@ class CaPMethod:
                           orthonormality_error=cap.max_orthonormality_error())
         job.projections = [p.detach() for p in cap.projections()]
         return small
+
+
+def refuse_fixed(method: Method, options: dict[str, Any]) -> None:
+    """A CaPMethod fixes some settings (cp: steps 0, the refit): an option the user gave that
+    contradicts one is refused rather than silently replaced (`cp` with refit=False used to run
+    with the refit). A preset's values are not the user's: the method's win over them."""
+    fixed = getattr(method, "overrides", {})
+    for k, v in options.items():
+        if k in fixed and v != fixed[k]:
+            raise CaprojError(f"method {method.name} fixes {k} to {fixed[k]!r}; {k}={v!r} "
+                              f"does not apply to it", param=k)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -40,7 +40,7 @@ from caproj.config import (
 from caproj.errors import CaprojError
 from caproj.factored import Factored
 from caproj.losses import LossFn, OutputTransform, outputs_of
-from caproj.methods import CaPMethod, Job, Method, get_method, method_name
+from caproj.methods import CaPMethod, Job, Method, get_method, method_name, refuse_fixed
 from caproj.plan import Plan
 from caproj.resume import Checkpointer
 from caproj.surgery import match_weight_scale, restore_pruned_form
@@ -315,6 +315,7 @@ def resolve_settings(*, preset: str | Preset | None, facts: JobFacts, method: st
     p_cap = dict(chosen.cap) if chosen else {}
     p_ft = dict(chosen.finetune) if chosen else {}
     m = get_method(method if method is not None else (chosen.method if chosen else "cap"))
+    refuse_fixed(m, options)
     overridden = sorted({k for k in options if k in p_cap}
                         | ({"method"} if chosen and method is not None
                            and method_name(method) != chosen.method else set()))

@@ -146,7 +146,8 @@ def test_magnitude_init_keeps_the_channels_torch_pruning_keeps():
 
 
 def test_a_setting_the_method_fixes_is_refused_not_dropped(model, digits):
-    """cp is selection + least squares: refit=False used to be silently replaced by True."""
+    """cp is selection + least squares: refit=False used to be silently replaced by True. Now
+    an option the user gives against a method's fixed setting is refused."""
     train, calib, _ = loaders(digits, 64, 256)
     with pytest.raises(caproj.CaprojError, match="fixes refit") as e:
         caproj.compress(model, train, keep=0.5, method="cp", refit=False, calib_data=calib,
@@ -155,3 +156,7 @@ def test_a_setting_the_method_fixes_is_refused_not_dropped(model, digits):
     with pytest.raises(caproj.CaprojError, match="fixes init"):
         caproj.compress(model, train, keep=0.5, method="pca", init="magnitude",
                         calib_data=calib, progress=False)
+    # a preset's value is not the user's: the method's fixed one wins (deep sets init)
+    res = caproj.compress(model, train, keep=0.5, method="pca", preset="deep",
+                          calib_data=calib, progress=False)
+    assert res.report["cap_config"]["init"] == "pca"

@@ -21,7 +21,6 @@ from torch import nn
 
 from caproj import dist
 from caproj.projection import blocks
-from caproj.refit import bn_scale
 from caproj.sites import Site, conv_bn_pairs, is_depthwise
 from caproj.utils import run_with_hooks
 
@@ -243,7 +242,7 @@ def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site]
                 continue
             keep = keep.to(mods[prod].weight.device)
             obn = om[bn]
-            scale = torch.as_tensor(bn_scale([obn]))[keep]  # the fold's slope per channel
+            scale = (obn.weight / torch.sqrt(obn.running_var + obn.eps))[keep]  # type: ignore
             scale = torch.where(scale.abs() > 1e-12, scale, torch.ones_like(scale))
             w = mods[prod].weight  # the folded row: (its input side as the method left it) x scale
             w.div_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w))

@@ -333,3 +333,50 @@ def test_refit_lowers_the_consumer_error_on_every_pattern(init, narrowed):
     assert errs[True].keys() == errs[False].keys() and len(errs[True]) == len(narrowed)
     for name, e in errs[True].items():
         assert e < errs[False][name], (name, errs)
+
+
+class NonAffineBN(nn.Module):
+    """BatchNorms without affine parameters (affine=False): one folded into the producer, one
+    after a depthwise conv inside the site (selected with the channels)."""
+
+    def __init__(self, track: bool = True):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16, affine=False, track_running_stats=track)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16, affine=False)
+        self.b = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn2(self.dw(torch.relu(self.bn(self.a(x)))))))
+
+
+def test_batchnorm_without_affine_parameters_folds_as_identity_affine():
+    idx = [1, 2, 5, 6, 8, 11, 13, 14]
+    f = nn.functional
+
+    def hand(m, x):
+        scale = torch.rsqrt(m.bn.running_var + m.bn.eps)
+        w, b = m.a.weight * scale.view(-1, 1, 1, 1), -m.bn.running_mean * scale
+        h = torch.relu(f.conv2d(x, w[idx], b[idx], padding=1))
+        h = f.conv2d(h, m.dw.weight[idx], padding=1, groups=len(idx))
+        h = f.batch_norm(h, m.bn2.running_mean[idx], m.bn2.running_var[idx], eps=m.bn2.eps)
+        return f.conv2d(torch.relu(h), m.b.weight[:, idx], m.b.bias)
+
+    x = torch.randn(2, 3, 8, 8)
+    sites, narrow = _check(NonAffineBN(), lambda s: _sel(16, idx), hand, x)
+    assert narrow.bn.num_features == 8 and narrow.bn.affine  # holds the folded bias
+    assert narrow.bn2.num_features == 8 and not narrow.bn2.affine
+    # pruning's form: the original's statistics, gamma 1, beta 0; the same function
+    original = randomise_bn(NonAffineBN()).eval()
+    narrow = surgery.apply(original, sites, [_sel(16, idx)])
+    with torch.no_grad():
+        assert surgery.restore_pruned_form(narrow, original, sites, [_sel(16, idx)]) == ["a"]
+        assert torch.equal(narrow.bn.running_mean, original.bn.running_mean[idx])
+        assert torch.allclose(narrow(x), hand(original, x), atol=1e-5, rtol=1e-4)
+
+
+def test_batchnorm_with_batch_statistics_is_not_folded():
+    report = find_sites(NonAffineBN(track=False).eval())
+    assert not report.sites
+    assert any("batch statistics" in why for why in report.skipped.values()), report.skipped

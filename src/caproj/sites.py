@@ -143,6 +143,8 @@ def _fused_act(m: nn.Module) -> nn.Module | None:
 def _bn_ok(m: nn.Module) -> bool:
     """A BN a site may fold: plain, or followed inside the module by a channel-wise activation
     (per-channel parameters such as PReLU(c) would have to be projected too)."""
+    if getattr(m, "running_mean", None) is None:  # batch statistics even in eval: no fold
+        return False
     act = _fused_act(m)
     if act is None:
         return True
@@ -608,6 +610,8 @@ class _Chain:
             return f"feeds {_describe(nxt, self.modules)} as a non-first argument"
         m = self.modules.get(str(nxt.target)) if nxt.op == "call_module" else None
         once = m is not None and self.calls[str(nxt.target)] == 1
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            return f"{nxt.target} normalises with batch statistics (track_running_stats=False)"
         if once and isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) \
                 and m.num_features == self.c and _bn_ok(m):
             if self.bn is None and not self.ops and not self.mids:

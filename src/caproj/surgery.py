@@ -42,10 +42,15 @@ def project_in(w: torch.Tensor, p: torch.Tensor, site: Site, spatial: int | None
 
 def fold_bn(w: torch.Tensor, b: torch.Tensor | None, t: Mapping[str, torch.Tensor], bn: str,
             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = t[f"{bn}.weight"] / torch.sqrt(t[f"{bn}.running_var"] + eps)
+    """The producer (w, b) with the eval-mode BN `bn` (its tensors in `t`) folded in; a BN
+    without affine parameters (affine=False) folds as gamma 1, beta 0."""
+    scale = torch.rsqrt(t[f"{bn}.running_var"] + eps)
+    if f"{bn}.weight" in t:
+        scale = scale * t[f"{bn}.weight"]
     b0 = b if b is not None else torch.zeros_like(scale)
     shape = (-1,) + (1,) * (w.dim() - 1)
-    return w * scale.view(shape), (b0 - t[f"{bn}.running_mean"]) * scale + t[f"{bn}.bias"]
+    b1 = (b0 - t[f"{bn}.running_mean"]) * scale
+    return w * scale.view(shape), b1 + t[f"{bn}.bias"] if f"{bn}.bias" in t else b1
 
 
 def compressed_tensors(model: nn.Module, sites: list[Site], base: Mapping[str, torch.Tensor],
@@ -127,7 +132,7 @@ def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Replace Conv2d/Linear/BatchNorm2d modules whose stored shapes are narrower (compressed
     checkpoints keep the original module names, only widths change)."""
     for name, m in list(model.named_modules()):
-        w = sd.get(f"{name}.weight")
+        w = sd.get(f"{name}.weight", sd.get(f"{name}.running_mean"))
         if w is None:
             continue
         has_bias = f"{name}.bias" in sd
@@ -140,8 +145,10 @@ def resize_to_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         elif isinstance(m, nn.Linear) and (tuple(w.shape) != tuple(m.weight.shape)
                                            or has_bias != (m.bias is not None)):
             new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and w.shape[0] != m.num_features:
-            new = type(m)(w.shape[0], m.eps, m.momentum)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                w.shape[0] != m.num_features or m.affine != (f"{name}.weight" in sd)):
+            # a fresh BN holds a folded bias: affine even where the original was not
+            new = type(m)(w.shape[0], m.eps, m.momentum, affine=f"{name}.weight" in sd)
         elif hasattr(m, "channel_map") and (m.weight is None or m.weight.shape != w.shape):
             m.weight = nn.Parameter(torch.empty_like(w))  # a projected fixed channel map
         if new is not None:
@@ -242,12 +249,17 @@ def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site]
                 continue
             keep = keep.to(mods[prod].weight.device)
             obn = om[bn]
-            scale = (obn.weight / torch.sqrt(obn.running_var + obn.eps))[keep]  # type: ignore
+            scale = torch.rsqrt(obn.running_var + obn.eps)[keep]  # type: ignore[operator]
+            if obn.weight is not None:
+                scale = scale * obn.weight[keep]
             scale = torch.where(scale.abs() > 1e-12, scale, torch.ones_like(scale))
             w = mods[prod].weight  # the folded row: (its input side as the method left it) x scale
             w.div_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w))
             if mods[prod].bias is not None:
                 mods[prod].bias.copy_(om[prod].bias[keep])
+            if not obn.affine and mods[bn].weight is not None:  # the original's identity
+                mods[bn].weight.fill_(1.0)  # type: ignore[union-attr]
+                mods[bn].bias.zero_()  # type: ignore[union-attr]
             for k, t in list(obn.named_parameters()) + list(obn.named_buffers()):
                 if t.dim() >= 1 and t.shape[0] == s.channels:
                     getattr(mods[bn], k).copy_(t[keep])

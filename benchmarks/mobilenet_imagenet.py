@@ -68,6 +68,23 @@ def measure(model, test, ref_top1) -> dict:
             "n": n, "preds": preds}
 
 
+def views(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` views of each image in `x` (uint8 N x C x H x W): the image, its mirror, then seeded
+    random-resized crops (scale 0.35-1, aspect 3/4-4/3, flipped at random) back to H x W."""
+    from torchvision.transforms import v2
+
+    out = [x, x.flip(-1)][:n]
+    g = torch.Generator().manual_seed(seed)
+    crop = v2.RandomResizedCrop(x.shape[-2:], scale=(0.35, 1.0), antialias=True)
+    for _ in range(n - 2):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+        v = torch.stack([crop(im) for im in x])
+        flip = torch.rand(len(x), generator=g) < 0.5
+        v[flip] = v[flip].flip(-1)
+        out.append(v)
+    return torch.cat(out)
+
+
 def _value(v: str):
     for cast in (int, float):
         try:
@@ -101,6 +118,9 @@ def main() -> None:
                     help="calibrate on this many synthetic images instead of the real ones")
     ap.add_argument("--synth-steps", type=int, default=caproj.SYNTH.steps)
     ap.add_argument("--synth-batch", type=int, default=caproj.SYNTH.batch_size)
+    ap.add_argument("--calib-views", type=int, default=1,
+                    help="calibrate on V views of each calibration image: 1 the image, 2 + its "
+                    "mirror, 3.. + seeded random-resized crops (scale 0.35-1, random flips)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,9 +145,10 @@ def main() -> None:
         held = WithoutLabels(Batches(cx[perm[:a.holdout]], None, 100, data.mean, data.std,
                                      device=dev))
         cx = cx[perm[a.holdout:]]
+    cviews = views(cx, a.calib_views, a.seed)
     calib = Batches(cx, None, a.batch_size, data.mean, data.std, train=True,
                     flip=True, seed=a.seed, device=dev)  # flips only (no crop at 224)
-    calib_eval = Batches(cx, None, 100, data.mean, data.std, device=dev)
+    calib_eval = Batches(cviews, None, 100, data.mean, data.std, device=dev)
     test = Batches(data.test_x, data.test_y, 100, data.mean, data.std, device=dev)
     unlabeled, calib_bare = WithoutLabels(calib), WithoutLabels(calib_eval)
     shape = (3, 224, 224)
@@ -144,7 +165,7 @@ def main() -> None:
         calib_bare = syn.batches(100, device=dev)
         print(f"{a.synthetic} synthetic images ({a.synth_steps} steps): "
               f"{time.perf_counter() - t1:.0f} s", flush=True)
-    n_calib = a.synthetic or len(cx)
+    n_calib = a.synthetic or len(cviews)
     base = measure(model, test, None)
     ref = base.pop("preds")
     rows = [{"method": "original", "target": 1.0, "macs": 1.0, **base, "seconds": 0.0}]
@@ -157,6 +178,7 @@ def main() -> None:
     def write() -> None:  # after every row: a run stopped early keeps what it measured
         out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
                             steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs,
+                            calib_views=a.calib_views, calib_images=n_calib,
                             synthetic=synth),
                "rows": rows, "wall_s": time.perf_counter() - t0}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

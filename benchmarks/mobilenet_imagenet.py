@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--calib-views", type=int, default=1,
                     help="calibrate on V views of each calibration image: 1 the image, 2 + its "
                     "mirror, 3.. + seeded random-resized crops (scale 0.35-1, random flips)")
+    ap.add_argument("--stream", action="store_true",
+                    help="narrow the residual streams too (Plan.of(stream_projection=True))")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,6 +181,7 @@ def main() -> None:
         out = {**run_record(a.seed, device=str(dev), split=data.extra.get("split"),
                             steps=a.steps, batch_size=a.batch_size, finetune_epochs=ft_epochs,
                             calib_views=a.calib_views, calib_images=n_calib,
+                            stream_projection=a.stream,
                             synthetic=synth),
                "rows": rows, "wall_s": time.perf_counter() - t0}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +207,8 @@ def main() -> None:
 
     for t, alloc in [(float(v), al) for v in a.targets.split(",")
                      for al in a.allocations.split(",")]:
-        plan = Plan.of(model, shape, target_macs=t, allocation=alloc)
+        plan = Plan.of(model, shape, target_macs=t, allocation=alloc,
+                       stream_projection=a.stream)
         # caproj: calibration only, then label-free CaP steps (same job, staged)
         t1 = time.perf_counter()
         cap = caproj.CaP(model, torch.zeros(1, *shape, device=dev), plan=plan,

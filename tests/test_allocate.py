@@ -130,3 +130,29 @@ def test_refitted_damage_does_not_count_what_least_squares_recovers():
     masked = Damage(net, sites, calib, 64, None)(sites[0], keep)
     assert refitted < 1e-6 and masked > 1e-3
     assert torch.equal(net[3].weight, before)  # the consumer's weight is put back
+
+
+def test_damage_out_of_sample_counts_what_a_refit_from_few_samples_overfits(caplog):
+    """A classifier-like consumer refitted from fewer pooled samples than it has inputs
+    reproduces its own calibration images exactly and nothing else: in sample its damage is
+    nil, measured on the images the refit did not see (`Refit.folds`) it is not. With fewer
+    batches than folds the damage is measured in sample, and said so."""
+    from caproj.allocate import Damage, Refit
+    from caproj.plan import Plan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    randomise_bn(net)
+    sites = Plan.of(net, (3, 8, 8), keep=0.5).sites
+    assert [s.consumer for s in sites] == ["5"]
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(4)]  # 32 pooled samples, 64 inputs
+    keep = torch.arange(40)
+    inside = Damage(net, sites, calib, 64, Refit(ridge=1e-8))(sites[0], keep)
+    outside = Damage(net, sites, calib, 64, Refit(ridge=1e-8, folds=2))(sites[0], keep)
+    assert inside < 1e-4 < outside
+    with caplog.at_level("INFO", logger="caproj.allocate"):
+        one = Damage(net, sites, calib[:1], 64, Refit(ridge=1e-8, folds=2))(sites[0], keep)
+    assert one < 1e-4 and "measured in sample" in caplog.text
+    with pytest.raises(CaprojError, match="damage_folds"):
+        CapConfig(damage_folds=0)

@@ -217,10 +217,10 @@ def test_every_recommended_command_parses():
     assert not bad, bad
 
 
-@pytest.mark.parametrize("name", ["deep", "shallow"])
+@pytest.mark.parametrize("name", ["deep", "shallow", "learn"])
 def test_the_deep_recipe_is_what_its_cells_ran(name):
-    """The cells behind the deep and shallow presets' rows ran the preset's own CaP settings
-    (their bench method spec parses to them; cp is CaP with no steps)."""
+    """The cells behind the deep, shallow and learn presets' rows ran the preset's own CaP
+    settings (their bench method spec parses to them; cp is CaP with no steps)."""
     from caproj.bench import parse_method
 
     p = PRESETS[name]

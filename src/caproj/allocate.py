@@ -50,11 +50,12 @@ class Refit:
 
     ridge: float = 1e-4
     damping: float = 0.0
+    folds: int = 1  # refit on all parts but one of the calibration batches, KL on that one
 
     @classmethod
     def of(cls, cfg: CapConfig) -> Refit | None:
         """What CaP's settings will refit (None: CaP does not refit, damage is masking)."""
-        return cls(cfg.ridge, cfg.damping) if cfg.refit else None
+        return cls(cfg.ridge, cfg.damping, cfg.damage_folds) if cfg.refit else None
 
 
 class Damage:
@@ -63,23 +64,41 @@ class Damage:
     `Refit`, each consumer whose least-squares system is small enough is refitted on the kept
     channels (from the Gram matrix of its input on the calibration images, one pass for all
     sites) instead of merely losing the rest: what CaP's refit will recover is not counted as
-    damage."""
+    damage. With `Refit.folds` = k > 1 the calibration batches are dealt into k parts; each
+    part's KL is taken with the consumers refitted on the other parts (out of sample), and the
+    KLs are averaged over all the parts' images (at most `images` in all)."""
 
     def __init__(self, model: nn.Module, sites: list[Site], calib: list[torch.Tensor],
                  images: int, refit_with: Refit | None) -> None:
-        self.model, self.xs, n = model, [], 0
-        for x in calib:
-            if n >= images:
-                break
-            self.xs.append(x[: images - n])
-            n += len(self.xs[-1])
-        self.n = n
-        self.ref = [F.log_softmax(model(x).float(), 1) for x in self.xs]
-        self.mods = dict(model.named_modules())
-        self.refit_with = refit_with
-        self.grams = consumer_grams(model, sites, calib) if refit_with is not None else {}
+        self.model, self.mods, self.refit_with = model, dict(model.named_modules()), refit_with
+        k = refit_with.folds if refit_with is not None else 1
+        if k > len(calib):
+            log.info("damage: %d calibration batches cannot make %d folds; measured in sample",
+                     len(calib), k)
+            k = 1
+        parts = [calib[i::k] for i in range(k)]
+        if k > 1 and sum(len(x) for x in calib) > images:
+            images = images // k
+        self.folds = [self.Fold(
+            first_images(parts[i], images),
+            consumer_grams(model, sites, calib if k == 1 else
+                           [x for j, p in enumerate(parts) if j != i for x in p])
+            if refit_with is not None else {}, model) for i in range(k)]
+        self.n = sum(f.n for f in self.folds)
+
+    class Fold:
+        """Images the KL is taken on, their original log-probabilities, and the consumers'
+        Gram matrices the refit solves from."""
+
+        def __init__(self, xs: list[torch.Tensor], grams: dict[str, tuple[torch.Tensor, int]],
+                     model: nn.Module) -> None:
+            self.xs, self.grams, self.n = xs, grams, sum(len(x) for x in xs)
+            self.ref = [F.log_softmax(model(x).float(), 1) for x in xs]
 
     def __call__(self, site: Site, keep: torch.Tensor) -> float:
+        return sum(self.kl_sum(f, site, keep) for f in self.folds) / self.n
+
+    def kl_sum(self, fold: Fold, site: Site, keep: torch.Tensor) -> float:
         mask = torch.zeros(site.channels, device=keep.device)
         mask[keep] = 1.0
 
@@ -92,21 +111,32 @@ class Damage:
         hooks, swapped = [], []
         for c, sp in site.consumers:
             m = self.mods[c]
-            if c in self.grams and self.refit_with is not None:
+            if c in fold.grams and self.refit_with is not None:
                 swapped.append((m, m.weight.data))
-                m.weight.data = refitted_weight(m, *self.grams[c], keep, site.channels,
+                m.weight.data = refitted_weight(m, *fold.grams[c], keep, site.channels,
                                                 self.refit_with)
             else:
                 hooks.append(m.register_forward_pre_hook(lambda m, i, sp=sp: pre(m, i, sp)))
         try:
             return sum(F.kl_div(F.log_softmax(self.model(x).float(), 1), r, log_target=True,
                                 reduction="sum").item()
-                       for x, r in zip(self.xs, self.ref, strict=True)) / self.n
+                       for x, r in zip(fold.xs, fold.ref, strict=True))
         finally:
             for h in hooks:
                 h.remove()
             for m, w in swapped:
                 m.weight.data = w
+
+
+def first_images(batches: list[torch.Tensor], images: int) -> list[torch.Tensor]:
+    """The first `images` images of `batches`, as batches."""
+    out, n = [], 0
+    for x in batches:
+        if n >= images:
+            break
+        out.append(x[: images - n])
+        n += len(out[-1])
+    return out
 
 
 def consumer_grams(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]

@@ -92,8 +92,10 @@ def test_frozen_bn_fine_tuning_skips_match_scale_and_a_given_max_steps_caps_the_
     """Behind a frozen BN a layer shrunk by r steps r^2 further relative to its weights: the
     digits CNN, rescaled and fine-tuned with BN frozen, fell from 96 to 12 % (and two torchrun
     processes drifted apart through that fall). compress skips match_scale when its
-    fine-tuning freezes BN, and says so. A max_steps the user gives stays a cap on the
-    fine-tuning a preset plans from the budget (it used to be replaced)."""
+    fine-tuning freezes BN, and says so; pruning's form too (the `learn` preset's, whose BN
+    statistics are re-estimated on the narrowed inputs: it fell from 96.7 to 11 % so). A
+    max_steps the user gives stays a cap on the fine-tuning a preset plans from the budget (it
+    used to be replaced)."""
     from caproj.data import load_data
 
     from conftest import loaders
@@ -105,11 +107,13 @@ def test_frozen_bn_fine_tuning_skips_match_scale_and_a_given_max_steps_caps_the_
                              finetune={"epochs": 1, "freeze_bn": True, "max_steps": 20}, **kw)
     rep = frozen.report
     assert rep["match_scale_skipped"] == "freeze_bn" and "match_scale" not in rep
+    assert rep["pruned_form_skipped"] == "freeze_bn" and "pruned_form" not in rep
     assert rep["finetune_config"]["max_steps"] == 20
     assert rep["acc_after_finetune"] > rep["acc_after_compress"] - 5  # no fall
     free = caproj.compress(caproj.load(trained), train,
                            finetune={"epochs": 1, "max_steps": 20}, **kw)
     assert free.report["match_scale"] and "match_scale_skipped" not in free.report
+    assert free.report["pruned_form"] and "pruned_form_skipped" not in free.report
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,

@@ -377,16 +377,22 @@ def post_process(small: nn.Module, model: nn.Module, cfg: CapConfig,
     """What runs after any method: `pruned_form` (a selection's kept channels get their
     original filters and BNs back, `caproj.surgery.restore_pruned_form`), then `match_scale`
     (each layer that feeds a BN rescaled to the original layer's weight size, same outputs),
-    unless the fine-tuning freezes BN: a frozen BN divides by its stored statistics, so a
+    both unless the fine-tuning freezes BN: a frozen BN divides by its stored statistics, so a
     layer shrunk by r steps r^2 times further relative to its weights (a digits CNN
-    fine-tuned so fell from 96 to 12 %)."""
+    fine-tuned so fell from 96 to 12 %), and pruning's form, whose BN statistics are
+    re-estimated on the narrowed inputs, fell the same way (96.7 to 11 % in 20 steps)."""
     rep: dict[str, Any] = {}
-    if cfg.pruned_form and job is not None and job.projections is not None:
+    frozen = finetune is not None and finetune.freeze_bn and finetune.epochs > 0
+    if cfg.pruned_form and frozen:  # its BNs put channels back at their scale in train mode
+        log.warning("pruned_form skipped: the fine-tuning freezes BN (freeze_bn), and pruning's "
+                    "form relies on BN in training mode to restore each channel's scale")
+        rep["pruned_form_skipped"] = "freeze_bn"
+    elif cfg.pruned_form and job is not None and job.projections is not None:
         rep["pruned_form"] = restore_pruned_form(small, model, job.sites, job.projections,
                                                  job.calib)
     if not cfg.match_scale:
         return rep
-    if finetune is not None and finetune.freeze_bn and finetune.epochs > 0:
+    if frozen:
         log.warning("match_scale skipped: the fine-tuning freezes BN (freeze_bn), and behind a "
                     "frozen BN rescaling a layer changes its step size")
         return rep | {"match_scale_skipped": "freeze_bn"}

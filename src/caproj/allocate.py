@@ -79,11 +79,12 @@ class Damage:
         parts = [calib[i::k] for i in range(k)]
         if k > 1 and sum(len(x) for x in calib) > images:
             images = images // k
-        self.folds = [self.Fold(
-            first_images(parts[i], images),
-            consumer_grams(model, sites, calib if k == 1 else
-                           [x for j, p in enumerate(parts) if j != i for x in p])
-            if refit_with is not None else {}, model) for i in range(k)]
+        # one Gram pass over each part; a fold's refit solves from the sum of the other parts'
+        part = [consumer_grams(model, sites, p) if refit_with is not None else {} for p in parts]
+        self.folds = [self.Fold(first_images(parts[i], images),
+                                part[0] if k == 1 else summed([g for j, g in enumerate(part)
+                                                               if j != i]), model)
+                      for i in range(k)]
         self.n = sum(f.n for f in self.folds)
 
     class Fold:
@@ -126,6 +127,13 @@ class Damage:
                 h.remove()
             for m, w in swapped:
                 m.weight.data = w
+
+
+def summed(grams: list[dict[str, tuple[torch.Tensor, int]]]
+           ) -> dict[str, tuple[torch.Tensor, int]]:
+    """The Gram matrices and row counts of several parts of the images, added per consumer."""
+    return {c: (sum((g[c][0] for g in grams[1:]), grams[0][c][0].clone()),
+                sum(g[c][1] for g in grams)) for c in grams[0]}
 
 
 def first_images(batches: list[torch.Tensor], images: int) -> list[torch.Tensor]:

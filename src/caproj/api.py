@@ -191,16 +191,7 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
             finetune=finetune, budget_images=budget_images, seed=seed, original=original,
             eval_data=eval_data, eval_kw=eval_kw, teacher=teacher, progress=progress,
             state=(state_path, resume, save_every))
-        t1 = time.perf_counter()
-        small = S.run_method(job, settings)
-        rep.update(job.report)
-        rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
-                                   + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
-        rep.update(S.post_process(small, model, job.config, settings.finetune, job))
-        rep.update(S.measure(model, small, job.plan, shape, eval_data,
-                             name=settings.method_name, progress=progress,
-                             uses_widths=getattr(settings.method, "uses_widths", True),
-                             **eval_kw))
+        small = _run_and_measure(model, job, settings, rep, shape, eval_data, eval_kw, progress)
     if settings.finetune is not None:
         small, ft_rep = S.fine_tune(small, model, inputs, settings.finetune, teacher=teacher,
                                     eval_data=eval_data, checkpoint=ft_ck, progress=progress,
@@ -215,6 +206,23 @@ def compress(model: nn.Module, data: Iterable | None = None, *, target_macs: flo
     uses_widths = getattr(settings.method, "uses_widths", True)
     return Result(small, list(job.plan.widths) if uses_widths and job.plan.widths else None,
                   rep, job.plan.sites, job.projections)
+
+
+def _run_and_measure(model: nn.Module, job: Job, settings: S.Settings, rep: dict[str, Any],
+                     shape: tuple[int, ...], eval_data: Iterable | None,
+                     eval_kw: dict[str, Any], progress: bool) -> nn.Module:
+    """The method's run on its settled job, its post-processing (pruning's form, rescaling)
+    and the compressed network measured against the original; the report grows in `rep`."""
+    t1 = time.perf_counter()
+    small = S.run_method(job, settings)
+    rep.update(job.report)
+    rep["compress_seconds"] = (time.perf_counter() - t1 + rep["allocation_seconds"]
+                               + job.report.get("cap_timings", {}).get("earlier_s", 0.0))
+    rep.update(S.post_process(small, model, job.config, settings.finetune, job))
+    rep.update(S.measure(model, small, job.plan, shape, eval_data, name=settings.method_name,
+                         progress=progress,
+                         uses_widths=getattr(settings.method, "uses_widths", True), **eval_kw))
+    return small
 
 
 def _cap_options(options: dict[str, Any], calib_images: int | None, steps: int | None,

@@ -65,7 +65,74 @@ def input_shape_of(example_inputs: torch.Tensor | tuple) -> tuple[int, ...]:
     return tuple(x.shape[1:])
 
 
-class CaP:
+class Resumable:
+    """The resumable state of a CaP job: what a saved state must match, and the state itself
+    (CaP's `state_dict` / `load_state_dict`)."""
+
+    _config: CapConfig
+    _resolved: CapConfig | None
+    _weights_sum: float
+    _opt: ProjectionOptimiser | None
+    _pending: dict[str, Any] | None
+    plan: Plan
+    device: torch.device
+    proxies: list[torch.Tensor]
+    consumer_w: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor]
+    history: list[dict]
+    timings: dict[str, float]
+    step: int
+
+    def _resolve(self) -> None:
+        if self._resolved is None:
+            self._resolved = self._config.resolve(self.plan.streams_narrowed)
+
+    def fingerprint(self) -> dict:
+        """What a saved state must match to be resumed by this job (widths follow from it):
+        settings, plan and the original weights (summed once, at construction)."""
+        return {"format": STATE_FORMAT, "cap": self._config.as_dict(),
+                "plan": {k: v for k, v in self.plan.describe().items()
+                         if k not in ("widths", "macs_fraction")},
+                "weights": self._weights_sum}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the optimisation needs to continue: P proxies, relaxed weights, optimiser
+        states, step, history, RNG (tensors and plain values: loads with weights_only=True)."""
+        if not self.proxies:
+            raise CaprojError("nothing to save before calibrate()", param="state")
+        return {"fingerprint": Checkpointer.encode(self.fingerprint()),
+                "widths": list(self.plan.widths or []),
+                "step": self.step, "timings": dict(self.timings),
+                "proxies": [a.detach().clone() for a in self.proxies],
+                "consumer_w": {n: w.detach().clone() for n, w in self.consumer_w.items()},
+                "base": {k: v.detach().clone() for k, v in self.base.items()
+                         if v.is_floating_point()},
+                "opts": self._opt.state_dict() if self._opt else None,
+                "history": list(self.history), "rng": rng_state()}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        """Continue a saved job: call before `calibrate` (which then keeps the saved P and
+        weights and only collects the calibration images), then `optimise`."""
+        if st.get("fingerprint") != Checkpointer.encode(self.fingerprint()):
+            raise CaprojError("this state was saved by a job with other settings, model or "
+                              "weights", param="state")
+        self.plan.widths = self.plan.check(list(st["widths"]))
+        self._resolve()
+        self.proxies = [v.to(self.device) for v in st["proxies"]]
+        self.consumer_w = {str(n): v.to(self.device) for n, v in st["consumer_w"].items()}
+        for k, v in st["base"].items():
+            self.base[k] = v.to(self.device)
+        self.history = list(st["history"])
+        self.step = int(st["step"])
+        # Wall time already spent by the interrupted run(s): a resumed run reports the total.
+        before = st.get("timings", {})
+        self.timings["earlier_s"] = sum(before.get(k, 0.0) for k in (
+            "earlier_s", "calibrate_s", "init_s", "refit_s", "optimise_s"))
+        self.timings["resumed_at_step"] = self.step
+        self._pending = st
+
+
+class CaP(Resumable):
     """Compress `model` (never modified; traced with torch.fx to find the sites) with Cascaded
     Projection. `example_inputs`: a batch (only its shape is used). The budget: target_macs,
     keep (channels per site) or widths; allocation "uniform" or "auto"; channel_multiple;
@@ -118,10 +185,6 @@ class CaP:
                                 if v.is_floating_point())
         if self.plan.widths is not None:
             self._resolve()
-
-    def _resolve(self) -> None:
-        if self._resolved is None:
-            self._resolved = self._config.resolve(self.plan.streams_narrowed)
 
     @property
     def cfg(self) -> CapConfig:
@@ -281,51 +344,6 @@ class CaP:
         self.calibrate(calib_data if calib_data is not None else data)
         self.optimise(data, checkpoint=checkpoint)
         return self.finalize()  # the caller removes the state once all its work is saved
-
-    # ------------------------------------------------------------------ state
-    def fingerprint(self) -> dict:
-        """What a saved state must match to be resumed by this job (widths follow from it):
-        settings, plan and the original weights (summed once, at construction)."""
-        return {"format": STATE_FORMAT, "cap": self._config.as_dict(),
-                "plan": {k: v for k, v in self.plan.describe().items()
-                         if k not in ("widths", "macs_fraction")},
-                "weights": self._weights_sum}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything the optimisation needs to continue: P proxies, relaxed weights, optimiser
-        states, step, history, RNG (tensors and plain values: loads with weights_only=True)."""
-        if not self.proxies:
-            raise CaprojError("nothing to save before calibrate()", param="state")
-        return {"fingerprint": Checkpointer.encode(self.fingerprint()),
-                "widths": list(self.widths),
-                "step": self.step, "timings": dict(self.timings),
-                "proxies": [a.detach().clone() for a in self.proxies],
-                "consumer_w": {n: w.detach().clone() for n, w in self.consumer_w.items()},
-                "base": {k: v.detach().clone() for k, v in self.base.items()
-                         if v.is_floating_point()},
-                "opts": self._opt.state_dict() if self._opt else None,
-                "history": list(self.history), "rng": rng_state()}
-
-    def load_state_dict(self, st: dict[str, Any]) -> None:
-        """Continue a saved job: call before `calibrate` (which then keeps the saved P and
-        weights and only collects the calibration images), then `optimise`."""
-        if st.get("fingerprint") != Checkpointer.encode(self.fingerprint()):
-            raise CaprojError("this state was saved by a job with other settings, model or "
-                              "weights", param="state")
-        self.plan.widths = self.plan.check(list(st["widths"]))
-        self._resolve()
-        self.proxies = [v.to(self.device) for v in st["proxies"]]
-        self.consumer_w = {str(n): v.to(self.device) for n, v in st["consumer_w"].items()}
-        for k, v in st["base"].items():
-            self.base[k] = v.to(self.device)
-        self.history = list(st["history"])
-        self.step = int(st["step"])
-        # Wall time already spent by the interrupted run(s): a resumed run reports the total.
-        before = st.get("timings", {})
-        self.timings["earlier_s"] = sum(before.get(k, 0.0) for k in (
-            "earlier_s", "calibrate_s", "init_s", "refit_s", "optimise_s"))
-        self.timings["resumed_at_step"] = self.step
-        self._pending = st
 
 
 def with_config(cap: CaP, **changes: Any) -> CaP:

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from caproj import dist, sites
 from caproj.resume import raise_if_stopped
+from caproj.surgery import bn_scale, load_tensors
 from caproj.utils import available_memory
 
 log = logging.getLogger(__name__)
@@ -133,15 +134,6 @@ def residual_skip(walk: Walk, name: str) -> tuple[str, list[str]] | None:
     return None
 
 
-def bn_scale(bns: Sequence[nn.Module]) -> torch.Tensor | float:
-    """The per-channel slope of BatchNorms in eval mode, applied one after the other."""
-    scale: torch.Tensor | float = 1.0
-    for m in bns:
-        a = torch.rsqrt(m.running_var + m.eps)  # type: ignore[operator]
-        scale = scale * (a * m.weight if m.weight is not None else a)
-    return scale
-
-
 def design(module: nn.Module, xin: torch.Tensor) -> torch.Tensor:
     """One batch's least-squares inputs as N x G x d x L: a Conv2d's unfolded patches
     (channel-major, one system per group), a Linear's rows (every leading dimension a sample)
@@ -238,8 +230,6 @@ def cascade(original: nn.Module, narrow: nn.Module, calib: Sequence[torch.Tensor
     pull toward `projected(name)` (the original consumer read through P) counts as `damping`
     samples per input of the system, so a system with few samples per unknown (a classifier
     refitted from a few hundred pooled images) stays near the original. Returns the order."""
-    from caproj.surgery import load_tensors
-
     with sites.traced_on(calib[0]):  # forwards that branch on their input's shape
         walk_n, walk_o = Walk(narrow), Walk(original)
     order = walk_o.call_order(consumers)

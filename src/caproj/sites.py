@@ -143,8 +143,6 @@ def _fused_act(m: nn.Module) -> nn.Module | None:
 def _bn_ok(m: nn.Module) -> bool:
     """A BN a site may fold: plain, or followed inside the module by a channel-wise activation
     (per-channel parameters such as PReLU(c) would have to be projected too)."""
-    if getattr(m, "running_mean", None) is None:  # batch statistics even in eval: no fold
-        return False
     act = _fused_act(m)
     if act is None:
         return True

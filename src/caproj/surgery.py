@@ -40,6 +40,15 @@ def project_in(w: torch.Tensor, p: torch.Tensor, site: Site, spatial: int | None
     return torch.einsum("ocij,cd->odij", w, p)
 
 
+def bn_scale(bns: Iterable[nn.Module]) -> torch.Tensor | float:
+    """The per-channel slope of BatchNorms in eval mode, applied one after the other."""
+    scale: torch.Tensor | float = 1.0
+    for m in bns:
+        a = torch.rsqrt(m.running_var + m.eps)  # type: ignore[operator]
+        scale = scale * (a * m.weight if m.weight is not None else a)
+    return scale
+
+
 def fold_bn(w: torch.Tensor, b: torch.Tensor | None, t: Mapping[str, torch.Tensor], bn: str,
             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The producer (w, b) with the eval-mode BN `bn` (its tensors in `t`) folded in; a BN
@@ -249,9 +258,7 @@ def restore_pruned_form(model: nn.Module, original: nn.Module, sites: list[Site]
                 continue
             keep = keep.to(mods[prod].weight.device)
             obn = om[bn]
-            scale = torch.rsqrt(obn.running_var + obn.eps)[keep]  # type: ignore[operator]
-            if obn.weight is not None:
-                scale = scale * obn.weight[keep]
+            scale = bn_scale([obn])[keep]  # type: ignore[index]
             scale = torch.where(scale.abs() > 1e-12, scale, torch.ones_like(scale))
             w = mods[prod].weight  # the folded row: (its input side as the method left it) x scale
             w.div_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w))

@@ -59,6 +59,7 @@ def main() -> None:
            "acc_original": rep["acc_before"], "acc_after_compress": rep["acc_after_compress"],
            "acc_final": caproj.evaluate(res.model, test, progress=False)["acc"],
            "preset": rep["preset"], "budget": rep["budget"], "widths": res.widths,
+           "allocation": rep.get("allocation"),
            "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
            "cap_config": rep.get("cap_config"), "finetune_config": rep.get("finetune_config"),
            "seconds": time.perf_counter() - t0,

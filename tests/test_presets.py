@@ -112,6 +112,16 @@ def test_compress_reads_the_job_and_reports_its_preset(monkeypatch):
     assert cal["budget"] == {"images": 0, "cap_images": 0, "finetune_images": 0}
     assert cal["cap_config"]["refit_target"] == "block" and cal["cap_config"]["damping"] == 1
     assert cal["allocation"] == "auto"
+    # a preset's automatic widths spread a MACs budget: they yield to the user's keep
+    # (allocation="auto" with keep is an error the user alone can make)
+    kept = caproj.compress(net, _batches(None), keep=0.7, budget_images=0, **KW).report
+    assert kept["preset"]["name"] == "calibration" and kept["allocation"] == "uniform"
+    free = caproj.compress(net, _batches(None), target_macs=0.6, budget_images=64, **KW).report
+    assert free["preset"]["name"] == "label-free" and free["allocation"] == "auto"
+    assert free["cap_config"]["refit_target"] == "block" and free["cap_config"]["damage_folds"] == 2
+    with pytest.raises(caproj.CaprojError, match="keep") as e:
+        caproj.compress(net, _batches(None), keep=0.7, allocation="auto", **KW)
+    assert e.value.param == "allocation"
     named = caproj.compress(net, _batches(None), target_macs=0.6, preset="calibration",
                             **KW).report  # by name, no budget given: it trains nothing either
     assert named["budget"]["images"] == 0 and "finetune" not in named
@@ -229,3 +239,18 @@ def test_the_deep_recipe_is_what_its_cells_ran(name):
     for path in p.measured.json:
         spec = parse_method(json.loads((ROOT / path).read_text())["method"])
         assert spec.name == "cp" and spec.cap == want, path
+
+
+@pytest.mark.parametrize("name", ["label-free"])
+def test_the_label_free_recipe_is_what_its_cells_ran(name):
+    """The cells behind the label-free preset's row (benchmarks/defaults.py through
+    `caproj.compress`) ran its CaP, fine-tuning and allocation settings, whatever the preset
+    was when they ran: the JSON records the settings as run."""
+    p = PRESETS[name]
+    for path in p.measured.json:
+        d = json.loads((ROOT / path).read_text())
+        assert d["preset"]["name"] == name, path
+        assert {k: d["cap_config"][k] for k, _ in p.cap} == dict(p.cap), path
+        assert {k: d["finetune_config"][k] for k, _ in p.finetune} == dict(p.finetune), path
+        ran = d.get("allocation") or d["options"].get("allocation", "uniform")
+        assert ran == dict(p.compress)["allocation"], path

@@ -545,18 +545,24 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            cap=(("steps", 0), ("refit_target", "block"), ("damping", 1.0),
                 ("damage_folds", 2)),
            compress=(("allocation", "auto"),), trains=False),
-    Preset("label-free", f"unlabeled data, at most {SMALL_SET:,} images: calibration "
-           "(no steps), rescaled, then CaP's share of the budget distils from the original "
-           "(lr 0.005, KD + the consumers' reconstruction, batches shifted and flipped)", "cap",
-           Measured("resnet20", 0.5, 0, False, 1000, 81.61, None, (0,), 88.25,
+    Preset("label-free", f"unlabeled data, at most {SMALL_SET:,} images: the calibration "
+           "preset's start (widths by measured output damage, out of sample; least squares "
+           "toward the block outputs, held near W P where samples are few), rescaled, then "
+           "CaP's share of the budget distils from the original (lr 0.005, KD + the "
+           "consumers' reconstruction, batches shifted and flipped)", "cap",
+           Measured("resnet20", 0.5, 0, False, 1000, 84.18, 0.10, (0, 1, 2), 88.25,
                     "python benchmarks/defaults.py --arch resnet20 --target 0.5 --images 1000 "
-                    "--seed 0 --set 'finetune={\"epochs\": 0, \"feature_weight\": 1.0, "
-                    "\"augment\": true}' --out benchmarks/out/defaults/"
-                    "r20-label-free-1000-s0-fw1-augment.json",
-                    ("benchmarks/out/defaults/r20-label-free-1000-s0-fw1-augment.json",),
-                    "bare tensors; CaP's 600 steps on them: 78.73; KD alone: 79.41; ResNet-56 "
-                    "with KD alone on augmented batches: 86.82 ± 0.29"),
-           cap=(("steps", 0), ("match_scale", True)),
+                    "--seed S --set refit_target='\"block\"' --set damping=1.0 --set "
+                    "allocation='\"auto\"' --set damage_folds=2 --out benchmarks/out/"
+                    "defaults/r20-label-free-1000-sS-calibstart.json",
+                    tuple(f"benchmarks/out/defaults/r20-label-free-1000-s{s}-calibstart.json"
+                          for s in (0, 1, 2)),
+                    "bare tensors; with the plain calibration start (uniform widths, layer "
+                    "targets; the preset until session 28): 81.96 ± 0.31, the same run "
+                    "(-s{0,1,2}-now.json); CaP's 600 steps on them: 78.73"),
+           cap=(("steps", 0), ("match_scale", True), ("refit_target", "block"),
+                ("damping", 1.0), ("damage_folds", 2)),
+           compress=(("allocation", "auto"),),
            finetune=(("kd_weight", 1.0), ("feature_weight", 1.0), ("augment", True))),
     Preset("data-free", "no data (synthetic=N): CaP's 600 steps on the synthesised images "
            "at lr 3e-4 / 1e-4", "cap",

@@ -179,9 +179,13 @@ class Where:
     latency_spec: L.Spec | None = None
 
     def with_preset(self, preset: Preset) -> Where:
+        """The preset's allocation and stream projection where the user set none; a preset's
+        automatic widths spread a budget, so they yield to the user's keep or widths."""
         extra = dict(preset.compress)
+        fixed = self.keep is not None or self.widths is not None
         return dataclasses.replace(
-            self, allocation=self.allocation or extra.get("allocation", "uniform"),
+            self, allocation=self.allocation or ("uniform" if fixed else
+                                                 extra.get("allocation", "uniform")),
             stream_projection=(self.stream_projection if self.stream_projection is not None
                                else extra.get("stream_projection", False)))
 

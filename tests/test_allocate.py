@@ -65,8 +65,14 @@ def test_budget_goes_to_the_sensitive_site():
     widths = allocate(mm, sites, [curve, curve], [10.0, 1.0], 0.5, multiple=8)
     assert widths[0] > widths[1]
     assert predict_macs(mm, sites, widths) <= 2000
+    # below what the sites' steps of 8 can reach, the uniform widths (single channels) take
+    # over, as allocation="uniform" would; below single channels too, it is refused
+    from caproj.budget import widths_for_macs
+
+    assert allocate(mm, sites, [curve, curve], [1.0, 1.0], 0.1, multiple=8) == \
+        widths_for_macs(mm, sites, 0.1, 8)
     with pytest.raises(CaprojError, match="unreachable"):
-        allocate(mm, sites, [curve, curve], [1.0, 1.0], 0.1, multiple=8)
+        allocate(mm, sites, [curve, curve], [1.0, 1.0], 0.01, multiple=8)
 
 
 def test_cli_auto_allocation_prints_and_stores_widths(trained, tmp_path):

@@ -34,6 +34,7 @@ from caproj import dist, projection, refit
 from caproj.budget import MacModel, predict_macs, site_steps, site_units, solve
 from caproj.config import CapConfig
 from caproj.errors import CaprojError
+from caproj.losses import OutputTransform, outputs_of
 from caproj.sites import Site
 from caproj.utils import run_with_hooks
 
@@ -69,8 +70,10 @@ class Damage:
     KLs are averaged over all the parts' images (at most `images` in all)."""
 
     def __init__(self, model: nn.Module, sites: list[Site], calib: list[torch.Tensor],
-                 images: int, refit_with: Refit | None) -> None:
-        self.model, self.mods, self.refit_with = model, dict(model.named_modules()), refit_with
+                 images: int, refit_with: Refit | None,
+                 output_transform: OutputTransform | None = None) -> None:
+        self.mods, self.refit_with = dict(model.named_modules()), refit_with
+        self.model = lambda x: outputs_of(model, x, output_transform)
         k = refit_with.folds if refit_with is not None else 1
         if k > len(calib):
             log.info("damage: %d calibration batches cannot make %d folds; measured in sample",
@@ -83,7 +86,7 @@ class Damage:
         part = [consumer_grams(model, sites, p) if refit_with is not None else {} for p in parts]
         self.folds = [self.Fold(first_images(parts[i], images),
                                 part[0] if k == 1 else summed([g for j, g in enumerate(part)
-                                                               if j != i]), model)
+                                                               if j != i]), self.model)
                       for i in range(k)]
         self.n = sum(f.n for f in self.folds)
 
@@ -92,7 +95,7 @@ class Damage:
         Gram matrices the refit solves from."""
 
         def __init__(self, xs: list[torch.Tensor], grams: dict[str, tuple[torch.Tensor, int]],
-                     model: nn.Module) -> None:
+                     model: Callable[[torch.Tensor], torch.Tensor]) -> None:
             self.xs, self.grams, self.n = xs, grams, sum(len(x) for x in xs)
             self.ref = [F.log_softmax(model(x).float(), 1) for x in xs]
 
@@ -199,7 +202,8 @@ def refitted_weight(m: nn.Module, gram: torch.Tensor, rows: int, keep: torch.Ten
 
 @torch.no_grad()
 def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor],
-                  sensitivity_images: int = 500, refit_with: Refit | None = None
+                  sensitivity_images: int = 500, refit_with: Refit | None = None,
+                  output_transform: OutputTransform | None = None
                   ) -> tuple[list[torch.Tensor], list[float]]:
     """Per site: its damage curve (k = 0..c, from 1 to 0) and scale (the sensitivity); with
     `refit_with`, damage as CaP's least-squares refit leaves it (`Damage`)."""
@@ -208,7 +212,7 @@ def site_profiles(model: nn.Module, sites: list[Site], calib: list[torch.Tensor]
     weights = dict(model.named_parameters())
     scores = [projection.selection_scores(st, weights, s) for s, st in zip(sites, stats,
                                                                            strict=True)]
-    damage = Damage(model, sites, calib, sensitivity_images, refit_with)
+    damage = Damage(model, sites, calib, sensitivity_images, refit_with, output_transform)
     curves, sens = [], []
     for s, score in zip(sites, scores, strict=True):
         kept = torch.cat([score.new_zeros(1).double(),
@@ -274,6 +278,12 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
         gain = sens[i] * (curves[i][k] - curves[i][nk]).item()
         return gain / max(new - cur, eps) if new - cur > 0 else 1e30 + gain
 
+    if cost(list(steps)) > target * total:  # a small network: its sites' narrowest steps
+        log.warning("automatic allocation: the narrowest widths in steps of %s already cost "
+                    "%.3f of the %s; uniform widths instead", steps, cost(list(steps)) / total,
+                    "MACs" if what == "target_macs" else "cost")
+        return solve(full, cost, target * total, steps=steps, units=units,
+                     what=f"{what} {target if shown is None else shown:g}")
     widths = solve(full, cost, target * total, steps=steps, start=list(steps), value=value,
                    trades=True, what=f"{what} {target if shown is None else shown:g}",
                    units=units)

@@ -275,7 +275,7 @@ def _plan_and_settle(model: nn.Module, inputs: S.Inputs, shape: tuple[int, ...],
                                                                            ()):
         plan = S.plan_job(model, shape, where.with_preset(settings.preset))
     if getattr(settings.method, "uses_widths", True):
-        plan.resolve(model, calib, Refit.of(settings.cap))
+        plan.resolve(model, calib, Refit.of(settings.cap), eval_kw["output_transform"])
         log.info("%d sites; widths %s; predicted MACs %.2f M (%.3f of %.2f M)",
                  len(plan.sites), plan.widths, plan.predicted_macs() / 1e6,
                  plan.predicted_macs() / plan.mm.total, plan.mm.total / 1e6)

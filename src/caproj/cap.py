@@ -225,7 +225,7 @@ class CaP(Resumable):
         calib = B.fit_chunks(self.orig, B.take(batches, self.cfg.calib_images,
                                                 self.device))
         self.calib = calib[dist.rank()::dist.world()]  # torchrun: statistics are all-reduced
-        self.plan.resolve(self.orig, self.calib, Refit.of(self._config))
+        self.plan.resolve(self.orig, self.calib, Refit.of(self._config), self.output_transform)
         self._resolve()
         self.timings["calibrate_s"] = time.perf_counter() - t0
         if self._pending is not None:  # resumed: P and weights come from the saved state

@@ -35,6 +35,7 @@ from caproj.budget import (
 )
 from caproj.config import CHANNEL_MULTIPLE, LATENCY_CHECKS, LATENCY_MARGIN, TARGET_MACS
 from caproj.errors import CaprojError
+from caproj.losses import OutputTransform
 from caproj.sites import Site, find_sites, require_sites, traced_on
 from caproj.utils import check_input_shape
 
@@ -131,11 +132,13 @@ class Plan:
         return widths
 
     def resolve(self, model: nn.Module, calib: list[torch.Tensor],
-                refit_with: Refit | None = None) -> list[int]:
+                refit_with: Refit | None = None,
+                output_transform: OutputTransform | None = None) -> list[int]:
         """The widths, computing the automatic allocation on `calib` if it is still open
         (`refit_with`: the damage measured after the consumers' least-squares refit)."""
         if self.widths is None:
-            self._profiles = site_profiles(model, self.sites, calib, refit_with=refit_with)
+            self._profiles = site_profiles(model, self.sites, calib, refit_with=refit_with,
+                                           output_transform=output_transform)
             if self.latency is not None:
                 self.widths = self._first_latency_widths(model)
                 self._verify_latency(model)

@@ -278,7 +278,8 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
         gain = sens[i] * (curves[i][k] - curves[i][nk]).item()
         return gain / max(new - cur, eps) if new - cur > 0 else 1e30 + gain
 
-    if cost(list(steps)) > target * total:  # a small network: its sites' narrowest steps
+    if cost(list(steps)) > target * total >= cost(list(units)):  # a small network: single
+        # channels reach the target where the sites' narrowest steps do not
         log.warning("automatic allocation: the narrowest widths in steps of %s already cost "
                     "%.3f of the %s; uniform widths instead", steps, cost(list(steps)) / total,
                     "MACs" if what == "target_macs" else "cost")

@@ -278,10 +278,11 @@ def allocate(mm: MacModel, sites: list[Site], curves: list[torch.Tensor], sens: 
         gain = sens[i] * (curves[i][k] - curves[i][nk]).item()
         return gain / max(new - cur, eps) if new - cur > 0 else 1e30 + gain
 
-    if cost(list(steps)) > target * total >= cost(list(units)):  # a small network: single
-        # channels reach the target where the sites' narrowest steps do not
+    floor = cost(list(steps))
+    if floor > target * total >= cost(list(units)):  # a small network: single channels
+        # reach the target where the sites' narrowest steps do not
         log.warning("automatic allocation: the narrowest widths in steps of %s already cost "
-                    "%.3f of the %s; uniform widths instead", steps, cost(list(steps)) / total,
+                    "%.3f of the %s; uniform widths instead", steps, floor / total,
                     "MACs" if what == "target_macs" else "cost")
         return solve(full, cost, target * total, steps=steps, units=units,
                      what=f"{what} {target if shown is None else shown:g}")
